@@ -1,0 +1,252 @@
+"""build-engines: preset -> checkpoint -> ONNX graphs -> engines -> bundle, with progress and timing per stage.
+
+Everything is written into a staging folder beside the output and renamed into place at the end, so an
+interrupted build never leaves a folder that looks like a complete bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from lcmtrt.engines.preset import Preset
+from lcmtrt.runtime.bundle import MANIFEST, Bundle, EngineSpec, SchedulerConfig, TextConfig, file_digest
+from lcmtrt.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("text", "denoise", "vae_decode")
+EXAMPLE_BATCH = 2  # trace with batch 2 so no reshape is specialised to batch 1
+
+
+class Progress:
+    """Numbered, timed log lines for each stage of a long build."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    @contextmanager
+    def stage(self, what: str) -> Iterator[None]:
+        self.done += 1
+        log.info("[%d/%d] %s ...", self.done, self.total, what)
+        start = time.perf_counter()
+        yield
+        log.info("[%d/%d] %s done in %.1f s", self.done, self.total, what, time.perf_counter() - start)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` picks TensorRT when it and a GPU are present, otherwise ONNX Runtime."""
+    from lcmtrt.engines.tensorrt_build import tensorrt_available
+
+    if backend == "auto":
+        return "tensorrt" if tensorrt_available() else "onnxruntime"
+    if backend == "tensorrt" and not tensorrt_available():
+        raise UserError("--backend tensorrt needs the tensorrt and cuda-python packages and a CUDA GPU "
+                        "(pip install 'lcmtrt[tensorrt]'); use --backend onnxruntime on this host")
+    return backend
+
+
+def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
+    known = {f.name for f in fields(SchedulerConfig)}
+    config = SchedulerConfig(**{k: v for k, v in raw.items() if k in known})
+    for flag in ("thresholding", "clip_sample", "rescale_betas_zero_snr"):
+        if raw.get(flag):
+            raise UserError(f"scheduler option {flag}=true is not supported by lcmtrt's fused LCM step")
+    return config
+
+
+def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from lcmtrt.runtime.scheduler import step_plan
+
+    generator = torch.Generator().manual_seed(0)
+    b = EXAMPLE_BATCH
+    channels = checkpoint.unet.config.in_channels
+    latent = (b, channels, preset.height // checkpoint.vae_scale_factor, preset.width // checkpoint.vae_scale_factor)
+    max_length = checkpoint.tokenizer.model_max_length if checkpoint.tokenizer.model_max_length < 1e6 else 77
+    vocab = checkpoint.text_encoder.config.vocab_size
+    hidden = checkpoint.text_encoder.config.hidden_size
+    coeffs = torch.from_numpy(step_plan(scheduler, 4).coeffs[1].copy())
+    return {
+        "text": {"input_ids": torch.randint(0, vocab, (b, max_length), generator=generator, dtype=torch.int32)},
+        "denoise": {
+            "latents": torch.randn(latent, generator=generator),
+            "coeffs": coeffs,
+            "noise": torch.randn(latent, generator=generator),
+            "guidance_scale": torch.tensor([8.0, 1.5]),
+            "prompt_embeds": torch.randn((b, max_length, hidden), generator=generator),
+        },
+        "vae_decode": {"latents": torch.randn(latent, generator=generator)},
+    }
+
+
+def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig) -> dict[str, tuple[Any, list[str]]]:
+    from lcmtrt.export.graphs import DenoiseStage, TextStage, VaeDecodeStage
+
+    return {
+        "text": (TextStage(checkpoint.text_encoder, precision), ["prompt_embeds"]),
+        "denoise": (DenoiseStage(checkpoint.unet, precision, scheduler.prediction_type), ["next_latents", "denoised"]),
+        "vae_decode": (
+            VaeDecodeStage(checkpoint.vae, precision, checkpoint.vae.config.scaling_factor),
+            ["images"],
+        ),
+    }
+
+
+def _source_info(checkpoint: Any) -> dict[str, Any]:
+    """Ids, revision and hashes of the files the checkpoint came from (hub snapshot or local folder)."""
+    folder = Path(checkpoint.path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(checkpoint.path, revision=checkpoint.revision, local_files_only=True))
+    files = {
+        str(p.relative_to(folder)): file_digest(p)["sha256"]
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        for p in sorted((folder / sub).glob("*"))
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")
+    }
+    return {
+        "model": checkpoint.source,
+        "revision": checkpoint.revision or (folder.name if folder.parent.name == "snapshots" else None),
+        "files": files,
+    }
+
+
+def build_bundle(
+    preset: Preset,
+    out: Path,
+    backend: str = "auto",
+    precision: str | None = None,
+    workspace_gb: float | None = None,
+) -> Bundle:
+    """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists)."""
+    from lcmtrt.engines import onnxruntime_build
+    from lcmtrt.export.clip_tokenizer import export_tokenizer
+    from lcmtrt.export.models import load_checkpoint
+    from lcmtrt.export.onnx_export import export_graph
+
+    backend = resolve_backend(backend)
+    ort_device = "cpu"
+    if backend == "onnxruntime":
+        ort_device = "cuda" if onnxruntime_build.cuda_usable() else "cpu"
+    precision = precision or ("fp32" if backend == "onnxruntime" and ort_device == "cpu" else "fp16")
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"unknown precision {precision!r}; choose fp16 or fp32")
+    if backend == "tensorrt" and precision != "fp16":
+        raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
+
+    progress = Progress(total=2 + len(STAGES) * 2)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with progress.stage(f"load model {preset.model}"):
+            checkpoint = load_checkpoint(preset.model, preset.revision)
+        scale = checkpoint.vae_scale_factor
+        preset = preset.validate(multiple=8 * max(1, scale // 8))
+        scheduler = scheduler_config(checkpoint.scheduler_config)
+        (staging / "onnx").mkdir()
+        (staging / "tokenizer").mkdir()
+        tokenizer_file, pad_id, max_length = export_tokenizer(checkpoint.tokenizer, staging / "tokenizer")
+        examples = _example_inputs(checkpoint, preset, scheduler)
+        modules = _stage_modules(checkpoint, precision, scheduler)
+        graphs = {}
+        for name in STAGES:
+            with progress.stage(f"export {name} to ONNX ({precision})"):
+                module, output_names = modules[name]
+                unbatched = {"coeffs"} if name == "denoise" else set()
+                graphs[name] = export_graph(name, module, examples[name], output_names, unbatched, staging / "onnx")
+                error = graphs[name].max_abs_error
+                log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
+        artifacts: dict[str, str] = {}
+        build_info: dict[str, Any] = {"backend": backend}
+        if backend == "tensorrt":
+            from lcmtrt.engines.tensorrt_build import build_plan, device_info
+
+            (staging / "trt").mkdir()
+            build_info.update(device_info())
+            workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
+            for name, graph in graphs.items():
+                with progress.stage(f"build TensorRT plan for {name}"):
+                    profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in preset.batch_sizes]
+                    plan = staging / "trt" / f"{name}.plan"
+                    build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache")
+                    artifacts[name] = f"trt/{name}.plan"
+        else:
+            import onnxruntime
+
+            (staging / "ort").mkdir()
+            build_info.update({"onnxruntime_version": onnxruntime.__version__, "ort_device": ort_device})
+            for name, graph in graphs.items():
+                with progress.stage(f"optimize {name} for ONNX Runtime ({ort_device})"):
+                    onnxruntime_build.optimize_graph(graph.path, staging / "ort" / f"{name}.onnx", ort_device)
+                    artifacts[name] = f"ort/{name}.onnx"
+        with progress.stage("write bundle.json"):
+            build_info.update({
+                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(),
+                "duration_s": round(progress.elapsed, 1),
+                "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
+            })
+            bundle = Bundle(
+                root=out,
+                family=checkpoint.family,
+                precision=precision,
+                backend=backend,
+                guidance_mode="embedding",
+                height=preset.height,
+                width=preset.width,
+                batch_sizes=tuple(preset.batch_sizes),
+                latent_channels=checkpoint.unet.config.in_channels,
+                vae_scale_factor=scale,
+                vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
+                default_steps=preset.steps,
+                default_guidance_scale=preset.guidance_scale,
+                scheduler=scheduler,
+                text=TextConfig((f"tokenizer/{tokenizer_file}",), (pad_id,), max_length),
+                engines={
+                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs) for n, g in graphs.items()
+                },
+                sources={"preset": preset.name, **_source_info(checkpoint)},
+                build=build_info,
+                files={
+                    str(p.relative_to(staging)): file_digest(p)
+                    for p in sorted(staging.rglob("*"))
+                    if p.is_file()
+                },
+            )
+            (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+        _replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
+    return bundle
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to `out`, replacing an older bundle only once the new one is complete."""
+    if out.exists():
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not an lcmtrt bundle; choose another --out")
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

@@ -1,0 +1,74 @@
+"""Presets: TOML files in configs/ (or any file passed with --config) describing what to build."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lcmtrt.runtime.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str  # hub id, local diffusers folder, or a tiny model name
+    height: int
+    width: int
+    batch_sizes: tuple[int, ...] = (1,)
+    steps: int = 4
+    guidance_scale: float = 8.0
+    revision: str | None = None
+    description: str = ""
+
+    def validate(self, multiple: int = 8) -> Preset:
+        for label, value in (("height", self.height), ("width", self.width)):
+            if value <= 0 or value % multiple:
+                raise UserError(f"{label} {value} is not a positive multiple of {multiple}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise UserError(f"batch sizes {list(self.batch_sizes)} must be distinct positive integers")
+        if self.steps < 1:
+            raise UserError(f"steps {self.steps} must be at least 1")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> Preset:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("lcmtrt.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def _from_toml(name: str, text: str, origin: str) -> Preset:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{origin} is not valid TOML: {e}") from None
+    known = {f.name for f in fields(Preset)} - {"name"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for required in ("model", "height", "width"):
+        if required not in data:
+            raise UserError(f"{origin}: missing required setting {required!r}")
+    if "batch_sizes" in data:
+        data["batch_sizes"] = tuple(data["batch_sizes"])
+    try:
+        return Preset(name=name, **data).validate()
+    except TypeError as e:
+        raise UserError(f"{origin}: {e}") from None
+
+
+def load_preset(name: str | None = None, config: str | Path | None = None) -> Preset:
+    """A built-in preset by name, or a TOML file by path."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        return _from_toml(path.stem, path.read_text(), str(path))
+    if name not in preset_names():
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    text = resources.files("lcmtrt.configs").joinpath(f"{name}.toml").read_text()
+    return _from_toml(name, text, f"preset {name}")

@@ -1,0 +1,188 @@
+"""ONNX -> TensorRT plan with the raw TensorRT 10/11 API, plus the host facts a plan is tied to.
+
+`tensorrt` and `cuda.bindings` are imported inside functions so that this module (and `check_compatibility`, which
+the runtime and CPU tests use) imports on hosts without them.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from lcmtrt.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REBUILD = "rebuild them with `lcmtrt build-engines`"
+
+
+def tensorrt_available() -> bool:
+    """True when tensorrt and cuda-python import and at least one CUDA device is visible; never raises."""
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime as cudart
+
+        err, count = cudart.cudaGetDeviceCount()
+        return err == cudart.cudaError_t.cudaSuccess and count >= 1
+    except Exception:  # missing modules, missing driver libraries: all mean "not available"
+        return False
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA encodes 12.4 as 12040
+
+
+def device_info() -> dict[str, Any]:
+    """What a plan is tied to, for device 0: recorded into bundle.build at build time, compared at load time."""
+    import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+
+    def call(fn: Any, *args: Any) -> Any:
+        err, value = fn(*args)
+        if err != cudart.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"{fn.__name__} failed: {cudart.cudaGetErrorName(err)[1].decode()}")
+        return value
+
+    props = call(cudart.cudaGetDeviceProperties, 0)
+    return {
+        "tensorrt_version": trt.__version__,
+        "gpu_name": props.name.decode(errors="replace").rstrip("\x00"),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": int(props.totalGlobalMem),
+        "cuda_runtime_version": _cuda_version(call(cudart.cudaRuntimeGetVersion)),
+        "cuda_driver_version": _cuda_version(call(cudart.cudaDriverGetVersion)),
+    }
+
+
+def check_compatibility(build: dict[str, Any], host: dict[str, Any], root: str | Path | None = None) -> None:
+    """Refuse plans built by another TensorRT version or for another GPU architecture (they cannot load)."""
+    keys = ("tensorrt_version", "compute_capability")
+    if all(build.get(k) is not None and str(build[k]) == str(host.get(k)) for k in keys):
+        return
+    where = f"engines in {root}" if root is not None else "these engines"
+    raise UserError(
+        f"{where} were built with TensorRT {build.get('tensorrt_version', 'unknown')} for compute capability "
+        f"{build.get('compute_capability', 'unknown')} ({build.get('gpu_name', 'unknown GPU')}); this host has "
+        f"TensorRT {host.get('tensorrt_version')} and compute capability {host.get('compute_capability')} "
+        f"({host.get('gpu_name')}): {REBUILD}"
+    )
+
+
+@functools.cache
+def trt_logger() -> Any:
+    """The process-wide TensorRT logger (TensorRT keeps the first one it is given): routes to `logging`, keeps
+    the recent errors so that failures can say why."""
+    import tensorrt as trt
+
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.INFO,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: collections.deque[str] = collections.deque(maxlen=8)
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = levels.get(severity, logging.INFO)
+            if level >= logging.ERROR:
+                self.errors.append(msg.strip())
+            if log.isEnabledFor(level):  # skip formatting the build's many verbose lines
+                log.log(level, "TensorRT: %s", msg)
+
+        def recent_errors(self) -> str:
+            return " | ".join(self.errors) or "no error was logged"
+
+    return _Logger()
+
+
+def parser_errors(errors: Iterable[Any]) -> str:
+    """One line per ONNX parser error: the failing node, its operator, and the parser's description."""
+    parts = []
+    for e in errors:
+        node = f"node {e.node()}" if e.node() >= 0 else "graph"
+        name, op = e.node_name(), e.node_operator()
+        if name or op:
+            node += f" {name!r} ({op or '?'})"
+        parts.append(f"{node}: {e.desc()}")
+    return "; ".join(parts) or "no parser error was reported"
+
+
+def write_atomic(path: Path, data: Any) -> None:
+    """Write bytes-like `data` to a temporary name beside `path`, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_plan(
+    onnx_path: Path,
+    plan_path: Path,
+    profiles: list[dict[str, tuple[int, ...]]],
+    workspace_bytes: int | None = None,
+    timing_cache: Path | None = None,
+    optimization_level: int | None = None,
+) -> None:
+    """Build a strongly typed plan with one static optimization profile per dict ({input name: shape})."""
+    import tensorrt as trt
+
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise UserError(f"cannot build {plan_path.name}: ONNX graph {onnx_path} does not exist")
+    if not profiles:
+        raise ValueError("build_plan needs at least one optimization profile")
+    logger = trt_logger()
+    logger.errors.clear()
+    builder = trt.Builder(logger)
+    # TensorRT 11 builds every network strongly typed; on 10.x the flag makes the ONNX dtypes and Casts authoritative
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)  # owns the weights: must live until the build returns
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = parser_errors(parser.get_error(i) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if optimization_level is not None:
+        config.builder_optimization_level = optimization_level
+    cache_blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    if not config.set_timing_cache(config.create_timing_cache(cache_blob), ignore_mismatch=False):
+        log.warning("timing cache %s was made on a different device; starting an empty one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    for k, shapes in enumerate(profiles):
+        missing, extra = set(inputs) - set(shapes), set(shapes) - set(inputs)
+        if missing or extra:
+            raise ValueError(f"profile {k} for {onnx_path.name}: missing {sorted(missing)}, unknown {sorted(extra)}")
+        profile = builder.create_optimization_profile()
+        for name in inputs:
+            shape = tuple(shapes[name])
+            profile.set_shape(name, shape, shape, shape)
+        if config.add_optimization_profile(profile) < 0:
+            raise ValueError(f"profile {k} for {onnx_path.name} is invalid: {shapes}")
+
+    start = time.perf_counter()
+    log.info("building %s from %s (%d profiles)", plan_path.name, onnx_path, len(profiles))
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"TensorRT failed to build {plan_path.name} from {onnx_path}: {logger.recent_errors()}")
+    write_atomic(plan_path, plan)
+    if timing_cache is not None:
+        write_atomic(timing_cache, config.get_timing_cache().serialize())
+    log.info("built %s (%.1f MiB) in %.0f s", plan_path, plan.nbytes / 2**20, time.perf_counter() - start)

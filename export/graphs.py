@@ -1,0 +1,121 @@
+"""The torch modules exported as engines: one forward per stage, with all LCM step math inside `denoise`.
+
+Inter-engine tensors are float32 (token ids int32, images uint8); an fp16 graph casts to fp16 at its entry and
+back at its exit, so the runtime is precision-agnostic and the scheduler arithmetic always runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class Fp32Norm(nn.Module):
+    """Runs a GroupNorm/LayerNorm in fp32 inside an fp16 graph: strongly typed TensorRT computes norms in their
+    input type, and fp16 variance overflows."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+def to_precision(module: nn.Module, precision: str) -> nn.Module:
+    """Cast weights to the precision; under fp16 keep every norm in fp32 (see Fp32Norm)."""
+    dtype = PRECISIONS[precision]
+    module = module.to(dtype)
+    if dtype == torch.float32:
+        return module
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (nn.GroupNorm, nn.LayerNorm)):
+                setattr(parent, child_name, Fp32Norm(child))
+    return module
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' get_guidance_scale_embedding of w = guidance_scale - 1, in fp32, sin half first."""
+    w = (guidance_scale - 1.0) * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class TextStage(nn.Module):
+    """Token ids -> prompt embeddings (the CLIP encoder's last hidden state after its final LayerNorm)."""
+
+    def __init__(self, text_encoder: nn.Module, precision: str):
+        super().__init__()
+        self.text_encoder = to_precision(text_encoder, precision)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(torch.int64))[0].float()
+
+
+class DenoiseStage(nn.Module):
+    """One whole LCM step: UNet (guidance through its embedding), x0, boundary condition, next-step noise.
+
+    `coeffs` is one row of the runtime's step plan: timestep, c_skip, c_out, sqrt(a_t), sqrt(1-a_t),
+    sqrt(a_prev), sqrt(1-a_prev) (1 and 0 on the last step, so the output is exactly `denoised` there).
+    """
+
+    def __init__(self, unet: nn.Module, precision: str, prediction_type: str):
+        super().__init__()
+        if unet.config.time_cond_proj_dim is None:
+            raise ValueError("this UNet has no guidance embedding (time_cond_proj_dim); it needs CFG")
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = to_precision(unet, precision)
+        self.dtype = PRECISIONS[precision]
+        self.prediction_type = prediction_type
+        self.embedding_dim = unet.config.time_cond_proj_dim
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        coeffs: torch.Tensor,
+        noise: torch.Tensor,
+        guidance_scale: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        timestep = coeffs[0:1]
+        c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev = (coeffs[i] for i in range(1, 7))
+        cond = guidance_embedding(guidance_scale, self.embedding_dim).to(self.dtype)
+        model_output = self.unet(
+            latents.to(self.dtype), timestep, prompt_embeds.to(self.dtype), timestep_cond=cond
+        ).sample.float()
+        if self.prediction_type == "epsilon":
+            x0 = (latents - sqrt_beta * model_output) / sqrt_alpha
+        elif self.prediction_type == "sample":
+            x0 = model_output
+        else:
+            x0 = sqrt_alpha * latents - sqrt_beta * model_output
+        denoised = c_out * x0 + c_skip * latents
+        next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * noise
+        return next_latents, denoised
+
+
+class VaeDecodeStage(nn.Module):
+    """Denoised latents -> uint8 NHWC images, with diffusers' scaling and postprocessing inside."""
+
+    def __init__(self, vae: nn.Module, precision: str, scaling_factor: float):
+        super().__init__()
+        self.vae = to_precision(vae, precision)
+        self.dtype = PRECISIONS[precision]
+        self.scaling_factor = scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        # diffusers rounds half to even in numpy; ONNX Round does the same.
+        return torch.round(image * 255.0).clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,95 @@
+"""Load a diffusers checkpoint (hub id, local folder, or a built-in tiny model) into the parts the exporter needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcmtrt.export.tiny import TINY_MODELS, tiny_checkpoint
+from lcmtrt.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where tiny checkpoints are written: $LCMTRT_CACHE, else ~/.cache/lcmtrt."""
+    return Path(os.environ.get("LCMTRT_CACHE", Path.home() / ".cache" / "lcmtrt"))
+
+
+@dataclass
+class Checkpoint:
+    source: str  # what the user named: hub id, folder or tiny model name
+    path: str  # what diffusers loads from
+    revision: str | None
+    family: str  # sd15 | sdxl
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def family_of(unet_config: Any) -> str:
+    """SDXL-class UNets (SDXL, SSD-1B) condition on pooled text and time ids; SD1.5-class ones do not."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def quiet_libraries() -> None:
+    """Keep the build log to our own stage lines: no per-file progress bars or library chatter."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def resolve_model(model: str) -> str:
+    """A tiny model name becomes its offline folder; hub ids and local folders pass through."""
+    if model in TINY_MODELS:
+        return str(tiny_checkpoint(model, cache_dir() / "tiny"))
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise UserError(f"model folder {model} does not exist")
+    return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+
+
+def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
+    """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    path = resolve_model(model)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kwargs)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
+        scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {model!r}: {first_line}") from None
+    family = family_of(unet.config)
+    if family != "sd15":
+        raise UserError(f"model {model!r} is an SDXL-class checkpoint; this version of lcmtrt builds SD1.5-class ones")
+    return Checkpoint(
+        source=model,
+        path=path,
+        revision=revision,
+        family=family,
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler_config=dict(scheduler.config),
+    )

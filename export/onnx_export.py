@@ -1,0 +1,128 @@
+"""Export one stage module to ONNX, check the graph, and compare it with the torch module on the same inputs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcmtrt.runtime.bundle import TensorSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is one op from 17; TensorRT 10/11 and ONNX Runtime parse it
+PROTOBUF_LIMIT = 2**31 - 1  # above this a graph's weights go to one external-data file
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    name: str
+    path: Path
+    files: tuple[Path, ...]  # the graph and its external-data file, if any
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_abs_error: float | None  # vs torch on the example inputs; None when ONNX Runtime on this host cannot run it
+
+
+def _spec(name: str, tensor: torch.Tensor, batched: bool) -> TensorSpec:
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    shape = tuple(tensor.shape)
+    return TensorSpec(name, dtype, (("batch",) + shape[1:]) if batched else shape)
+
+
+def export_graph(
+    name: str,
+    module: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    output_names: list[str],
+    unbatched: set[str],
+    dest_dir: Path,
+) -> ExportedGraph:
+    """Export `module(**inputs)` as dest_dir/<name>.onnx with a dynamic batch axis on every tensor not in `unbatched`."""
+    module = module.eval()
+    args = tuple(inputs.values())
+    with torch.no_grad():
+        expected = module(*args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    dynamic_axes = {n: {0: "batch"} for n in list(inputs) + output_names if n not in unbatched}
+    dest = dest_dir / f"{name}.onnx"
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f".{name}-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=list(inputs),
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        files = _finalize(raw, dest)
+    error = _compare(dest, inputs, output_names, expected)
+    specs_in = tuple(_spec(n, t, n not in unbatched) for n, t in inputs.items())
+    specs_out = tuple(_spec(n, t, n not in unbatched) for n, t in zip(output_names, expected))
+    return ExportedGraph(name, dest, files, specs_in, specs_out, error)
+
+
+def _finalize(raw: Path, dest: Path) -> tuple[Path, ...]:
+    """Check the graph, infer shapes, and save it (weights in one external file when over protobuf's limit)."""
+    import onnx
+
+    model = onnx.load(str(raw))
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    data_name = dest.name + ".data"
+    staging = dest.with_name(f".{dest.name}.partial")
+    staging_data = dest.with_name(data_name + ".partial")
+    if large:
+        onnx.save_model(model, str(staging), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name + ".partial")
+        onnx.checker.check_model(str(staging))
+        onnx.shape_inference.infer_shapes_path(str(staging), str(staging))
+        # Rewrite the location to the final data name before the renames, so the graph never points at a temp file.
+        model = onnx.load(str(staging), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        onnx.save_model(model, str(staging))
+        staging_data.replace(dest.with_name(data_name))
+        staging.replace(dest)
+        return dest, dest.with_name(data_name)
+    onnx.checker.check_model(model, full_check=True)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    onnx.save_model(model, str(staging))
+    staging.replace(dest)
+    return (dest,)
+
+
+def _compare(path: Path, inputs: dict[str, torch.Tensor], output_names: list[str], expected: tuple) -> float | None:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's CPU provider lacks some fp16 kernels
+        log.info("skipped the numeric check of %s: ONNX Runtime cannot run it here (%s)", path.name, str(e)[:120])
+        return None
+    feeds = {n: t.numpy() for n, t in inputs.items()}
+    got = session.run(output_names, feeds)
+    errors = [
+        float(np.max(np.abs(g.astype(np.float64) - e.numpy().astype(np.float64)))) if g.size else 0.0
+        for g, e in zip(got, expected)
+    ]
+    return max(errors)
+
+
+def remove_graph(dest_dir: Path, name: str) -> None:
+    for path in (dest_dir / f"{name}.onnx", dest_dir / f"{name}.onnx.data"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(dest_dir / f".{name}-", ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Tiny, deterministic, randomly initialised diffusers checkpoints for offline tests and the demo preset.
+
+They are written with `save_pretrained` in the hub's folder layout, so tiny and real models share all loading code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny-sd15",)
+CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
+
+
+def _tiny_text_encoder():
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _tiny_lcm_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+        time_cond_proj_dim=32,
+    ).eval()
+
+
+def _tiny_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    ).eval()
+
+
+def write_tiny_sd15(dest: Path) -> Path:
+    """A tiny SD1.5-like LCM pipeline (UNet with time_cond_proj_dim) in diffusers format."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = write_clip_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        pipe = LatentConsistencyModelPipeline(
+            vae=_tiny_vae(),
+            text_encoder=_tiny_text_encoder(),
+            tokenizer=tokenizer,
+            unet=_tiny_lcm_unet(),
+            scheduler=LCMScheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+_WRITERS = {"tiny-sd15": write_tiny_sd15}
+
+
+def tiny_checkpoint(name: str, cache_dir: Path) -> Path:
+    """Path of tiny model `name` under cache_dir, written on first use (atomically: temp folder, then rename)."""
+    dest = cache_dir / name
+    if (dest / "model_index.json").is_file():
+        return dest
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    try:
+        _WRITERS[name](staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("wrote tiny checkpoint %s to %s", name, dest)
+    return dest

@@ -1,0 +1,3 @@
+"""lcmtrt: a TensorRT-compiled runtime for Latent Consistency Models."""
+
+__version__ = "0.1.0"

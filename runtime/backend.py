@@ -1,0 +1,66 @@
+"""The backend interface the pipeline drives: buffers, bindings (an engine with its buffers bound once), a stream.
+
+A pipeline allocates every buffer and creates every binding before its first request; a request then only writes
+host inputs, enqueues `Binding.run()` calls (or one captured graph of them) and reads the outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from lcmtrt.runtime.bundle import Bundle
+from lcmtrt.runtime.errors import UserError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class Buffer(Protocol):
+    """A fixed allocation on the backend's device (host memory for ONNX Runtime on CPU)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def write(self, host: np.ndarray) -> None:
+        """Enqueue a copy of `host` (same shape and dtype) into the buffer."""
+
+    def read(self) -> np.ndarray:
+        """Wait for the stream, then return the buffer's contents as a host array (valid until the next read)."""
+
+    def row(self, index: int) -> Buffer:
+        """A view of `self[index]` that aliases this buffer's memory (no copy)."""
+
+
+class Binding(Protocol):
+    """One engine at one batch size with every input and output bound to a Buffer."""
+
+    def run(self) -> None:
+        """Enqueue one execution; returns without waiting on the device."""
+
+
+class Backend(Protocol):
+    name: str
+    device: str  # human-readable: "CPU (onnxruntime)", "NVIDIA H100 80GB HBM3"
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> Buffer: ...
+
+    def bind(self, engine: str, batch: int, tensors: dict[str, Buffer]) -> Binding: ...
+
+    def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
+        """Return a callable that enqueues the same work as `launch` (as one CUDA graph where supported)."""
+
+    def synchronize(self) -> None: ...
+
+
+def open_backend(bundle: Bundle, device: str = "auto") -> Backend:
+    """The backend the bundle was built for; `device` picks ONNX Runtime's provider (auto | cpu | cuda)."""
+    if bundle.backend == "tensorrt":
+        from lcmtrt.runtime.backend_trt import TensorRTBackend
+
+        return TensorRTBackend(bundle)
+    if bundle.backend == "onnxruntime":
+        from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, device)
+    raise UserError(f"bundle {bundle.root} names unknown backend {bundle.backend!r}; rebuild it")

@@ -1,0 +1,186 @@
+"""The `lcmtrt` command: build-engines, infer, presets. User mistakes print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from lcmtrt.runtime.errors import UserError
+
+log = logging.getLogger("lcmtrt")
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _batch_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes comma-separated integers, got {text!r}") from None
+    return sizes
+
+
+def _seeds(text: str) -> int | list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes an integer or comma-separated integers, got {text!r}") from None
+    return seeds[0] if len(seeds) == 1 else seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lcmtrt", description="TensorRT-compiled Latent Consistency Models")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    build = commands.add_parser("build-engines", help="export a model and build its engine bundle")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a built-in preset (see `lcmtrt presets`)")
+    source.add_argument("--config", help="a preset TOML file")
+    build.add_argument("--model", help="hub id or local diffusers folder replacing the preset's model")
+    build.add_argument("--out", type=Path, help="bundle folder (default: artifacts/<preset>)")
+    build.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto")
+    build.add_argument("--precision", choices=("fp16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
+    build.add_argument("--height", type=int)
+    build.add_argument("--width", type=int)
+    build.add_argument("--batch", type=_batch_list, help="batch sizes to build, e.g. 1,4")
+    build.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit")
+
+    infer = commands.add_parser("infer", help="generate images from a bundle")
+    infer.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
+    infer.add_argument("prompt", nargs="+", help="one image per prompt (times --num-images)")
+    infer.add_argument("--negative-prompt", default="")
+    infer.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    infer.add_argument("--seed", type=_seeds, help="one seed for the batch, or one per image (comma-separated)")
+    infer.add_argument("--steps", type=int)
+    infer.add_argument("--guidance-scale", type=float)
+    infer.add_argument("--original-inference-steps", type=int)
+    infer.add_argument("--output", type=Path, default=Path("output.png"),
+                       help="image path; several images get -0, -1, ... before the suffix")
+    infer.add_argument("--grid", action="store_true", help="save all images as one grid")
+    infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+
+    commands.add_parser("presets", help="list the built-in presets")
+    return parser
+
+
+def _output_paths(output: Path, count: int, grid: bool) -> list[Path]:
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--output {output}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise UserError(f"--output {output}: not writable")
+    if count == 1 or grid:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _save(image, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written image on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def grid_image(images):
+    """Images side by side in rows of up to four, like diffusers' make_image_grid."""
+    from PIL import Image
+
+    count, height, width = len(images), images.shape[1], images.shape[2]
+    cols = min(count, 4)
+    rows = -(-count // cols)
+    grid = Image.new("RGB", (cols * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(Image.fromarray(image), ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+
+    preset = load_preset(args.preset, args.config)
+    preset = preset.with_overrides(model=args.model, height=args.height, width=args.width, batch_sizes=args.batch)
+    out = args.out or Path("artifacts") / preset.name
+    build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb)
+    print(out)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from lcmtrt.runtime.pipeline import Pipeline
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images {args.num_images} must be at least 1")
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    paths = _output_paths(args.output, len(prompts), args.grid)
+    start = time.perf_counter()
+    pipeline = Pipeline.load(args.engines, args.device)
+    loaded = time.perf_counter()
+    result = pipeline.generate(
+        prompts,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        original_inference_steps=args.original_inference_steps,
+        negative_prompts=[args.negative_prompt] if args.negative_prompt else None,
+    )
+    done = time.perf_counter()
+    images = [grid_image(result.images)] if args.grid else [Image.fromarray(i) for i in result.images]
+    for image, path in zip(images, paths):
+        _save(image, path)
+        print(path)
+    log.info("%d image(s) %dx%d, seed %s, timesteps %s, noise from %s; load %.2f s, generate %.2f s",
+             len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds, result.timesteps,
+             result.noise, loaded - start, done - loaded)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from lcmtrt.engines.preset import load_preset, preset_names
+
+    for name in preset_names():
+        print(f"{name:24s} {load_preset(name).description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("lcmtrt")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    root.propagate = False
+    commands = {"build-engines": cmd_build, "infer": cmd_infer, "presets": cmd_presets}
+    try:
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"lcmtrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lcmtrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Text-to-image over any backend: buffers and bindings made once per (batch, plan), a request only writes its
+inputs, launches text -> N x denoise -> vae_decode, and reads the images."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lcmtrt.runtime import noise as noise_source
+from lcmtrt.runtime.backend import Backend, Binding, Buffer, open_backend
+from lcmtrt.runtime.bundle import Bundle, load_bundle
+from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, step_plan
+from lcmtrt.runtime.tokenizer import load_tokenizers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # uint8 [rows, H, W, 3]
+    latents: np.ndarray  # float32 [rows, C, h, w]: the last step's denoised latents, as decoded
+    seeds: int | list[int]
+    timesteps: list[int]
+    noise: str  # "torch" (diffusers-identical) or "numpy"
+
+
+@dataclass
+class _BatchBuffers:
+    """Everything one batch size needs, allocated once."""
+
+    input_ids: Buffer
+    prompt_embeds: Buffer
+    latents: tuple[Buffer, Buffer]  # ping-pong: step i reads latents[i % 2] and writes latents[(i + 1) % 2]
+    denoised: Buffer
+    guidance_scale: Buffer
+    images: Buffer
+    text: Binding
+    vae_decode: Binding
+
+
+@dataclass
+class _Program:
+    """One (batch, plan): the step table on the device and the captured launch of the whole generation."""
+
+    plan: StepPlan
+    noise: Buffer  # [steps, batch, C, h, w]
+    launch: Callable[[], None]
+    bindings: list[Binding] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend: Backend):
+        self.bundle, self.backend = bundle, backend
+        (self.tokenizer,) = load_tokenizers(bundle)  # SD1.5-class bundles have one tokenizer
+        self.hidden = bundle.engines["text"].outputs[0].shape[-1]
+        self._batches: dict[int, _BatchBuffers] = {}
+        self._coeffs: dict[StepPlan, Buffer] = {}
+        self._programs: dict[tuple[int, StepPlan], _Program] = {}
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str = "auto") -> Pipeline:
+        bundle = load_bundle(bundle_dir)
+        return cls(bundle, open_backend(bundle, device))
+
+    def _buffers(self, batch: int) -> _BatchBuffers:
+        if batch not in self._batches:
+            b, alloc = self.bundle, self.backend.alloc
+            latent = (batch, *b.latent_shape)
+            buffers = dict(
+                input_ids=alloc((batch, b.text.max_length), np.int32),
+                prompt_embeds=alloc((batch, b.text.max_length, self.hidden), np.float32),
+                latents=(alloc(latent, np.float32), alloc(latent, np.float32)),
+                denoised=alloc(latent, np.float32),
+                guidance_scale=alloc((batch,), np.float32),
+                images=alloc((batch, b.height, b.width, 3), np.uint8),
+            )
+            text = self.backend.bind("text", batch, {"input_ids": buffers["input_ids"],
+                                                     "prompt_embeds": buffers["prompt_embeds"]})
+            vae = self.backend.bind("vae_decode", batch, {"latents": buffers["denoised"], "images": buffers["images"]})
+            self._batches[batch] = _BatchBuffers(**buffers, text=text, vae_decode=vae)
+        return self._batches[batch]
+
+    def _program(self, batch: int, plan: StepPlan) -> _Program:
+        key = (batch, plan)
+        if key not in self._programs:
+            buffers = self._buffers(batch)
+            if plan not in self._coeffs:
+                self._coeffs[plan] = self.backend.alloc((plan.steps, len(COEFF_COLUMNS)), np.float32)
+                self._coeffs[plan].write(plan.coeffs)
+            coeffs = self._coeffs[plan]
+            step_noise = self.backend.alloc((plan.steps, batch, *self.bundle.latent_shape), np.float32)
+            bindings = [
+                self.backend.bind("denoise", batch, {
+                    "latents": buffers.latents[i % 2],
+                    "coeffs": coeffs.row(i),
+                    "noise": step_noise.row(i),
+                    "guidance_scale": buffers.guidance_scale,
+                    "prompt_embeds": buffers.prompt_embeds,
+                    "next_latents": buffers.latents[(i + 1) % 2],
+                    "denoised": buffers.denoised,
+                })
+                for i in range(plan.steps)
+            ]
+
+            def launch() -> None:
+                buffers.text.run()
+                for step in bindings:
+                    step.run()
+                buffers.vae_decode.run()
+
+            self._programs[key] = _Program(plan, step_noise, self.backend.capture(launch), bindings)
+        return self._programs[key]
+
+    def _chunks(self, rows: int) -> list[tuple[int, int]]:
+        """(row count, engine batch size) pieces covering `rows`, largest built batch first; the last may be padded."""
+        sizes = sorted(self.bundle.batch_sizes, reverse=True)
+        chunks, left = [], rows
+        while left:
+            fitting = [s for s in sizes if s <= left]
+            size = fitting[0] if fitting else min(sizes)
+            chunks.append((min(size, left), size))
+            left -= chunks[-1][0]
+        return chunks
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seed: int | Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
+        original_inference_steps: int | None = None,
+        negative_prompts: Sequence[str] | None = None,
+    ) -> Generation:
+        """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
+        per row (like a list of generators)."""
+        prompts = list(prompts)
+        rows = len(prompts)
+        if rows == 0:
+            raise UserError("no prompt given")
+        if negative_prompts and any(negative_prompts):
+            log.warning("warning: negative prompts are ignored: this LCM-distilled model takes guidance through its "
+                        "embedding and never runs classifier-free guidance (diffusers ignores them too)")
+        steps = self.bundle.default_steps if steps is None else steps
+        plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=original_inference_steps)
+        scales = guidance_scale if guidance_scale is not None else self.bundle.default_guidance_scale
+        scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
+        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
+            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        if isinstance(seeds, list) and len(seeds) != rows:
+            raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
+        use_torch = noise_source.torch_available()
+        latents, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, plan.steps, use_torch)
+        ids = self.tokenizer.encode(prompts)
+        images = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
+        final = np.empty_like(latents)
+        start = 0
+        for count, batch in self._chunks(rows):
+            pad = lambda a, axis=0: _pad_rows(a[(slice(None),) * axis + (slice(start, start + count),)], batch, axis)
+            program = self._program(batch, plan)
+            buffers = self._buffers(batch)
+            buffers.input_ids.write(pad(ids))
+            buffers.guidance_scale.write(pad(scales))
+            buffers.latents[0].write(pad(latents))
+            program.noise.write(pad(step_noise, 1))
+            program.launch()
+            images[start:start + count] = buffers.images.read()[:count]
+            final[start:start + count] = buffers.denoised.read()[:count]
+            start += count
+        return Generation(images, final, seeds, plan.timesteps.tolist(), "torch" if use_torch else "numpy")
+
+
+def _pad_rows(array: np.ndarray, batch: int, axis: int = 0) -> np.ndarray:
+    """Repeat the last row up to the engine's batch size (the extra rows are computed and dropped)."""
+    missing = batch - array.shape[axis]
+    if missing == 0:
+        return np.ascontiguousarray(array)
+    last = np.take(array, [-1] * missing, axis=axis)
+    return np.concatenate([array, last], axis=axis)

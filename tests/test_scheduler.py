@@ -1,0 +1,243 @@
+"""The numpy scheduler against diffusers' LCMScheduler, run here: schedules, coefficients and whole loops, bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LCMScheduler
+
+from lcmtrt.runtime.bundle import SchedulerConfig
+from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.scheduler import (
+    COEFF_COLUMNS,
+    StepPlan,
+    alphas_cumprod,
+    apply_step,
+    lcm_timesteps,
+    step_plan,
+)
+
+SHAPE = (2, 4, 8, 8)
+# (steps, original_inference_steps, strength)
+SETTINGS = [(n, orig, 1.0) for orig in (50, 25) for n in range(1, 9)] + [
+    (n, 50, s) for s in (0.5, 0.6, 0.8) for n in (2, 4)
+]
+CONFIGS = [
+    SchedulerConfig(),
+    SchedulerConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, set_alpha_to_one=False),
+    SchedulerConfig(num_train_timesteps=999, beta_start=0.001, beta_end=0.02, timestep_scaling=7.3),
+]
+
+
+def diffusers_scheduler(config: SchedulerConfig) -> LCMScheduler:
+    return LCMScheduler(**asdict(config))
+
+
+def set_lcm(sch: LCMScheduler, steps: int, orig: int, strength: float) -> LCMScheduler:
+    sch.set_timesteps(num_inference_steps=steps, original_inference_steps=orig, strength=strength)
+    return sch
+
+
+def torch_sqrt(x: torch.Tensor) -> torch.Tensor:
+    return x.sqrt()
+
+
+def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt; torch's CPU sqrt (MKL VML) is 1 ulp off for ~1% of inputs."""
+    return torch.tensor(np.sqrt(x.numpy()))
+
+
+def expected_coeffs(
+    sch: LCMScheduler, timesteps: torch.Tensor, sqrt: Callable[[torch.Tensor], torch.Tensor] = torch_sqrt
+) -> np.ndarray:
+    """Each coefficient from the scheduler's own tensors, in the ops of its `step` and boundary scalings."""
+    rows = []
+    for i, t in enumerate(timesteps):
+        last = i == len(timesteps) - 1
+        prev = t if last else timesteps[i + 1]
+        c_skip, _ = sch.get_scalings_for_boundary_condition_discrete(t)
+        s = t * sch.config.timestep_scaling
+        c_out = s / sqrt(s**2 + sch.sigma_data**2)
+        a_t = sch.alphas_cumprod[t]
+        a_prev = sch.alphas_cumprod[prev] if prev >= 0 else sch.final_alpha_cumprod
+        tail = [1.0, 0.0] if last else [sqrt(a_prev), sqrt(1 - a_prev)]
+        rows.append([float(t), c_skip, c_out, sqrt(a_t), sqrt(1 - a_t), *tail, 0.0])
+    return np.array([[float(v) for v in row] for row in rows], dtype=np.float32)
+
+
+def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    np.testing.assert_array_equal(actual, expected)
+
+
+def assert_coeffs_match(sch: LCMScheduler, plan: StepPlan) -> None:
+    """Bit-exact given a correctly rounded sqrt; within 2 ulp of diffusers' own (MKL) sqrt."""
+    assert_bits_equal(plan.coeffs, expected_coeffs(sch, sch.timesteps, ieee_sqrt))
+    diffusers = expected_coeffs(sch, sch.timesteps)
+    np.testing.assert_array_max_ulp(plan.coeffs, diffusers, maxulp=2)
+    exact = [COEFF_COLUMNS.index(c) for c in ("timestep", "c_skip", "reserved")]  # no sqrt in these
+    assert_bits_equal(plan.coeffs[:, exact], diffusers[:, exact])
+
+
+def test_diffusers_check_uses_the_same_boundary_scalings() -> None:
+    """expected_coeffs rebuilds c_out to swap its sqrt; with torch's sqrt it must equal diffusers' method."""
+    sch = LCMScheduler(timestep_scaling=7.3)
+    for t in torch.arange(1000):
+        _, c_out = sch.get_scalings_for_boundary_condition_discrete(t)
+        assert c_out.item() == expected_coeffs(sch, t[None])[0, 2]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_alphas_cumprod_bit_exact(config: SchedulerConfig) -> None:
+    assert_bits_equal(alphas_cumprod(config), diffusers_scheduler(config).alphas_cumprod.numpy())
+
+
+def test_unknown_beta_schedule() -> None:
+    with pytest.raises(UserError, match="squaredcos_cap_v2"):
+        alphas_cumprod(SchedulerConfig(beta_schedule="squaredcos_cap_v2"))
+
+
+@pytest.mark.parametrize("steps,orig,strength", SETTINGS)
+def test_timesteps_match_diffusers(steps: int, orig: int, strength: float) -> None:
+    sch = set_lcm(LCMScheduler(), steps, orig, strength)
+    ts = lcm_timesteps(SchedulerConfig(), steps, strength, original_inference_steps=orig)
+    assert_bits_equal(ts, sch.timesteps.numpy())
+
+
+@pytest.mark.parametrize(
+    "steps,strength,table",
+    [
+        (1, 1.0, [999]),
+        (3, 1.0, [999, 679, 339]),
+        (8, 1.0, [999, 879, 759, 639, 499, 379, 259, 139]),
+        (4, 0.5, [499, 379, 259, 139]),
+        (4, 0.6, [599, 459, 299, 159]),
+        (2, 0.8, [799, 399]),
+    ],
+)
+def test_timesteps_semantics_table(steps: int, strength: float, table: list[int]) -> None:
+    assert lcm_timesteps(SchedulerConfig(), steps, strength).tolist() == table
+
+
+def test_original_inference_steps_defaults_to_config() -> None:
+    config = SchedulerConfig(original_inference_steps=25)
+    assert_bits_equal(lcm_timesteps(config, 4), lcm_timesteps(SchedulerConfig(), 4, original_inference_steps=25))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("steps,orig,strength", SETTINGS)
+def test_coefficients_match_diffusers(config: SchedulerConfig, steps: int, orig: int, strength: float) -> None:
+    sch = set_lcm(diffusers_scheduler(config), steps, orig, strength)
+    plan = step_plan(config, steps, strength, orig)
+    assert plan.steps == steps and plan.coeffs.shape == (steps, len(COEFF_COLUMNS))
+    assert_bits_equal(plan.timesteps, sch.timesteps.numpy())
+    assert_coeffs_match(sch, plan)
+
+
+def test_plan_is_cached_and_read_only() -> None:
+    plan = step_plan(SchedulerConfig(), 4)
+    assert step_plan(SchedulerConfig(), 4) is plan
+    with pytest.raises(ValueError):
+        plan.coeffs[0, 0] = 1.0
+
+
+def run_diffusers(
+    sch: LCMScheduler, timesteps: torch.Tensor, x: torch.Tensor, eps: list[torch.Tensor], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    for t, e in zip(timesteps, eps):
+        x, denoised = sch.step(e, t, x, generator=g, return_dict=False)
+    return x.numpy(), denoised.numpy()
+
+
+def run_plan(
+    plan: StepPlan, prediction_type: str, x: torch.Tensor, eps: list[torch.Tensor], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    sample = x.numpy()
+    for i, e in enumerate(eps):
+        last = i == plan.steps - 1
+        noise = np.zeros(SHAPE, np.float32) if last else torch.randn(SHAPE, generator=g).numpy()  # diffusers' draw order
+        sample, denoised = apply_step(plan.coeffs[i], prediction_type, sample, e.numpy(), noise)
+    return sample, denoised
+
+
+def assert_loop_matches(plan: StepPlan, sch: LCMScheduler, timesteps: torch.Tensor, prediction_type: str) -> None:
+    """A whole loop on random inputs: bit-exact where the plan's coefficients equal diffusers' own, else
+    within rtol 1e-6 (there torch's MKL sqrt was 1 ulp off)."""
+    g = torch.Generator().manual_seed(1234)
+    x, eps = torch.randn(SHAPE, generator=g), [torch.randn(SHAPE, generator=g) for _ in timesteps]
+    expected = run_diffusers(sch, timesteps, x, eps, seed=7)
+    actual = run_plan(plan, prediction_type, x, eps, seed=7)
+    exact = np.array_equal(plan.coeffs, expected_coeffs(sch, timesteps))
+    for a, e in zip(actual, expected):
+        if exact:
+            assert_bits_equal(a, e)
+        else:
+            np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+# (3, 25): t=359 is one of the timesteps where torch's sqrt(1 - a_t) is 1 ulp off
+@pytest.mark.parametrize("steps,orig,strength", [(1, 50, 1.0), (4, 50, 1.0), (8, 25, 1.0), (3, 25, 1.0), (4, 50, 0.6)])
+def test_loop_matches_diffusers(prediction_type: str, steps: int, orig: int, strength: float) -> None:
+    config = SchedulerConfig(prediction_type=prediction_type)
+    sch = set_lcm(diffusers_scheduler(config), steps, orig, strength)
+    assert_loop_matches(step_plan(config, steps, strength, orig), sch, sch.timesteps, prediction_type)
+
+
+def test_classic_img2img_slice_matches_diffusers() -> None:
+    """StableDiffusionImg2ImgPipeline: full 4-step schedule, first two dropped, `set_begin_index(2)`."""
+    sch = LCMScheduler()
+    sch.set_timesteps(4)
+    sch.set_begin_index(2)
+    sliced = sch.timesteps[2:]
+    plan = step_plan(SchedulerConfig(), 4, timesteps=tuple(sliced.tolist()))
+    assert plan.timesteps.tolist() == [499, 259]
+    assert_loop_matches(plan, sch, sliced, "epsilon")
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_negative_prev_timestep_uses_final_alpha(set_alpha_to_one: bool) -> None:
+    """diffusers' `prev_timestep >= 0 else final_alpha_cumprod` branch, reachable only with custom timesteps."""
+    config = SchedulerConfig(set_alpha_to_one=set_alpha_to_one)
+    sch = diffusers_scheduler(config)
+    sch.set_timesteps(timesteps=[500, -1])
+    plan = step_plan(config, 2, timesteps=(500, -1))
+    assert_coeffs_match(sch, plan)
+    assert_loop_matches(plan, sch, sch.timesteps, "epsilon")
+
+
+@pytest.mark.parametrize(
+    "steps,strength,orig,match",
+    [
+        (9, 1.0, 8, "--steps 9 is more than original_inference_steps 8"),
+        (0, 1.0, None, "--steps 0"),
+        (4, 0.0, None, "--strength 0.0"),
+        (4, 1.5, None, "--strength 1.5"),
+        (4, 0.06, None, "leaves 3"),
+        (4, 1.0, 1001, "original_inference_steps 1001"),
+    ],
+)
+def test_errors(steps: int, strength: float, orig: int | None, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        lcm_timesteps(SchedulerConfig(), steps, strength, orig)
+    with pytest.raises(UserError, match=match):
+        step_plan(SchedulerConfig(), steps, strength, orig)
+
+
+@pytest.mark.parametrize("timesteps", [(), (259, 499), (1000, 500)])
+def test_bad_custom_timesteps(timesteps: tuple[int, ...]) -> None:
+    with pytest.raises(UserError, match="strictly descending"):
+        step_plan(SchedulerConfig(), 4, timesteps=timesteps)
+
+
+def test_unknown_prediction_type() -> None:
+    row = step_plan(SchedulerConfig(), 1).coeffs[0]
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(UserError, match="flow"):
+        apply_step(row, "flow", x, x, x)
