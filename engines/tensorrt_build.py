@@ -95,9 +95,9 @@ def trt_logger() -> Any:
         def log(self, severity: Any, msg: str) -> None:
             level = levels.get(severity, logging.INFO)
             if level >= logging.ERROR:
-                self.errors.append(msg.strip())
+                self.errors.append(" ".join(msg.split()))  # one line: it ends up in a UserError
             if log.isEnabledFor(level):  # skip formatting the build's many verbose lines
-                log.log(level, "TensorRT: %s", msg)
+                log.log(level, "TensorRT: %s", msg.rstrip())
 
         def recent_errors(self) -> str:
             return " | ".join(self.errors) or "no error was logged"
@@ -113,7 +113,7 @@ def parser_errors(errors: Iterable[Any]) -> str:
         name, op = e.node_name(), e.node_operator()
         if name or op:
             node += f" {name!r} ({op or '?'})"
-        parts.append(f"{node}: {e.desc()}")
+        parts.append(f"{node}: {' '.join(e.desc().split())}")
     return "; ".join(parts) or "no parser error was reported"
 
 

@@ -29,11 +29,15 @@ H2D = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
 D2H = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
 
 
+def _error_name(err: Any) -> str:
+    return cudart.cudaGetErrorName(err)[1].decode()
+
+
 def _cuda(fn: Callable[..., tuple[Any, ...]], *args: Any) -> Any:
     """Call a cudart function (which returns (error, *outputs)), raise on error, return its output if any."""
     err, *out = fn(*args)
     if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"{fn.__name__} failed: {cudart.cudaGetErrorName(err)[1].decode()}")
+        raise RuntimeError(f"{fn.__name__} failed: {_error_name(err)}")
     return out[0] if out else None
 
 
@@ -44,6 +48,7 @@ class CudaBuffer:
         self.shape = shape
         self.dtype = host.dtype
         self.ptr = ptr
+        self.nbytes = host.nbytes
         self._backend = backend
         self._host = host
         self._event = event  # recorded after each copy out of the staging memory this buffer shares
@@ -89,19 +94,16 @@ class TrtBinding:
             want = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
             if buf.dtype != want:
                 raise ValueError(f"engine {name}: tensor {n} is {want}, its buffer is {buf.dtype}")
-            if buf.ptr % TENSOR_ALIGNMENT:
-                raise ValueError(
-                    f"engine {name}: tensor {n} would start at a row offset that is not {TENSOR_ALIGNMENT}-byte "
-                    "aligned, which TensorRT requires; give it its own buffer"
-                )
-
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        misaligned = [n for n, buf in tensors.items() if buf.ptr % TENSOR_ALIGNMENT]
+        if misaligned:  # e.g. a row view of small rows: allocate such tensors as buffers of their own
+            raise ValueError(f"engine {name}: tensors {misaligned} are not {TENSOR_ALIGNMENT}-byte aligned")
         ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is None:
             raise RuntimeError(f"TensorRT cannot create a context for {name}: {backend.logger.recent_errors()}")
         ctx.set_device_memory(*backend.scratch)  # shared: contexts only ever run one after another on one stream
         ctx.set_optimization_profile_async(profile, backend.stream_handle)
         backend.synchronize()  # the profile switch is enqueued work
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         for n in inputs:
             if not ctx.set_input_shape(n, tensors[n].shape):
                 expected = tuple(engine.get_tensor_profile_shape(n, profile)[0])
@@ -120,6 +122,7 @@ class TrtBinding:
     def run(self) -> None:
         if self.context is None:
             raise RuntimeError(f"engine {self.name}: the backend is closed")
+        self._backend.logger.errors.clear()  # so that a failure reports this run's errors only
         if not self.context.execute_async_v3(self._backend.stream_handle):
             raise RuntimeError(f"TensorRT failed to run {self.name}: {self._backend.logger.recent_errors()}")
 
@@ -151,7 +154,7 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(self.logger)
         self.engines = {name: self._load(spec) for name, spec in bundle.engines.items()}
         size = max([e.device_memory_size_v2 for e in self.engines.values()] + [SCRATCH_ALIGNMENT])
-        base = self._malloc(size + SCRATCH_ALIGNMENT)
+        base = self.malloc(size + SCRATCH_ALIGNMENT)
         self.scratch = (-(-base // SCRATCH_ALIGNMENT) * SCRATCH_ALIGNMENT, size)  # (aligned pointer, size)
 
     def _load(self, spec: EngineSpec) -> Any:
@@ -171,7 +174,8 @@ class TensorRTBackend:
             )
         return engine
 
-    def _malloc(self, nbytes: int) -> int:
+    def malloc(self, nbytes: int) -> int:
+        """Raw device memory, freed by close()."""
         ptr = _cuda(cudart.cudaMalloc, nbytes)
         self._device_ptrs.append(ptr)
         return ptr
@@ -180,7 +184,7 @@ class TensorRTBackend:
         shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
         count = math.prod(shape)
         nbytes = max(count * dtype.itemsize, 1)
-        ptr = self._malloc(nbytes)
+        ptr = self.malloc(nbytes)
         host_ptr = _cuda(cudart.cudaMallocHost, nbytes)
         self._host_ptrs.append(host_ptr)
         event = _cuda(cudart.cudaEventCreateWithFlags, cudart.cudaEventDisableTiming)
@@ -206,7 +210,10 @@ class TensorRTBackend:
         function that replays it; where capture fails, return `launch` itself."""
         launch()
         self.synchronize()  # the first run applies profile switches and lazy setup, which must not be captured
-        _cuda(cudart.cudaStreamBeginCapture, self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads' CUDA calls stay legal
+        (err,) = cudart.cudaStreamBeginCapture(self.stream, mode)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return self._eager(launch, f"cudaStreamBeginCapture failed: {_error_name(err)}")
         self.capturing = True
         try:
             launch()
@@ -221,7 +228,7 @@ class TensorRTBackend:
         err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
         if err != cudart.cudaError_t.cudaSuccess:
             self._destroy_graph(graph)
-            return self._eager(launch, f"cudaGraphInstantiate failed: {cudart.cudaGetErrorName(err)[1].decode()}")
+            return self._eager(launch, f"cudaGraphInstantiate failed: {_error_name(err)}")
         self._graphs.append((graph_exec, graph))
 
         def replay() -> None:

@@ -49,7 +49,7 @@ class _Program:
     """One (batch, plan): the step table on the device and the captured launch of the whole generation."""
 
     plan: StepPlan
-    noise: Buffer  # [steps, batch, C, h, w]
+    noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
     launch: Callable[[], None]
     bindings: list[Binding] = field(default_factory=list)
 
@@ -60,7 +60,7 @@ class Pipeline:
         (self.tokenizer,) = load_tokenizers(bundle)  # SD1.5-class bundles have one tokenizer
         self.hidden = bundle.engines["text"].outputs[0].shape[-1]
         self._batches: dict[int, _BatchBuffers] = {}
-        self._coeffs: dict[StepPlan, Buffer] = {}
+        self._coeffs: dict[StepPlan, list[Buffer]] = {}
         self._programs: dict[tuple[int, StepPlan], _Program] = {}
 
     @classmethod
@@ -91,15 +91,16 @@ class Pipeline:
         if key not in self._programs:
             buffers = self._buffers(batch)
             if plan not in self._coeffs:
-                self._coeffs[plan] = self.backend.alloc((plan.steps, len(COEFF_COLUMNS)), np.float32)
-                self._coeffs[plan].write(plan.coeffs)
+                self._coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
+                for buffer, row in zip(self._coeffs[plan], plan.coeffs):
+                    buffer.write(row)
             coeffs = self._coeffs[plan]
-            step_noise = self.backend.alloc((plan.steps, batch, *self.bundle.latent_shape), np.float32)
+            step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
             bindings = [
                 self.backend.bind("denoise", batch, {
                     "latents": buffers.latents[i % 2],
-                    "coeffs": coeffs.row(i),
-                    "noise": step_noise.row(i),
+                    "coeffs": coeffs[i],
+                    "noise": step_noise[i],
                     "guidance_scale": buffers.guidance_scale,
                     "prompt_embeds": buffers.prompt_embeds,
                     "next_latents": buffers.latents[(i + 1) % 2],
@@ -161,13 +162,14 @@ class Pipeline:
         final = np.empty_like(latents)
         start = 0
         for count, batch in self._chunks(rows):
-            pad = lambda a, axis=0: _pad_rows(a[(slice(None),) * axis + (slice(start, start + count),)], batch, axis)
+            pad = lambda array: _pad_rows(array[start:start + count], batch)
             program = self._program(batch, plan)
             buffers = self._buffers(batch)
             buffers.input_ids.write(pad(ids))
             buffers.guidance_scale.write(pad(scales))
             buffers.latents[0].write(pad(latents))
-            program.noise.write(pad(step_noise, 1))
+            for buffer, noise in zip(program.noise, step_noise):
+                buffer.write(pad(noise))
             program.launch()
             images[start:start + count] = buffers.images.read()[:count]
             final[start:start + count] = buffers.denoised.read()[:count]
@@ -175,10 +177,7 @@ class Pipeline:
         return Generation(images, final, seeds, plan.timesteps.tolist(), "torch" if use_torch else "numpy")
 
 
-def _pad_rows(array: np.ndarray, batch: int, axis: int = 0) -> np.ndarray:
+def _pad_rows(array: np.ndarray, batch: int) -> np.ndarray:
     """Repeat the last row up to the engine's batch size (the extra rows are computed and dropped)."""
-    missing = batch - array.shape[axis]
-    if missing == 0:
-        return np.ascontiguousarray(array)
-    last = np.take(array, [-1] * missing, axis=axis)
-    return np.concatenate([array, last], axis=axis)
+    missing = batch - len(array)
+    return array if missing == 0 else np.concatenate([array, array[[-1] * missing]])

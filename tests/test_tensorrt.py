@@ -88,7 +88,7 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path: Path) -> None:
 
 # ---- GPU: a real plan built from a tiny ONNX graph -------------------------------------------------------------
 
-WIDTH = 64  # float32 rows of 256 bytes, so row views are aligned as TensorRT requires
+WIDTH = 8  # 32-byte float32 rows: row views past the first are not 256-byte aligned
 
 
 def _affine_onnx(path: Path) -> None:
@@ -143,13 +143,18 @@ def test_plan_runs_and_matches_numpy(trt_backend) -> None:
 
 
 @pytest.mark.gpu
-def test_row_views_bind_at_batch_one(trt_backend) -> None:
-    x, y = trt_backend.alloc((2, 1, WIDTH), "float32"), trt_backend.alloc((2, 1, WIDTH), "float32")
-    binding = trt_backend.bind("affine", 1, {"x": x.row(1), "y": y.row(0)})
+def test_row_views_bind_only_when_aligned(trt_backend) -> None:
+    x, y = trt_backend.alloc((2, 1, WIDTH), "float32"), trt_backend.alloc((3, 1, WIDTH), "float32")
+    with pytest.raises(ValueError, match="aligned"):
+        trt_backend.bind("affine", 1, {"x": x.row(1), "y": y.row(1)})
+    binding = trt_backend.bind("affine", 1, {"x": x.row(0), "y": y.row(0)})  # row 0 starts the allocation
     data = np.arange(2 * WIDTH, dtype=np.float32).reshape(2, 1, WIDTH)
+    y.write(np.zeros((3, 1, WIDTH), np.float32))
     x.write(data)
     binding.run()
-    np.testing.assert_allclose(y.row(0).read(), data[1] * 2 + 1)
+    out = y.read()
+    np.testing.assert_allclose(out[0], data[0] * 2 + 1)
+    np.testing.assert_allclose(out[1:], 0.0)  # neighbouring rows untouched
 
 
 @pytest.mark.gpu

@@ -1,0 +1,46 @@
+"""The runtime needs numpy, pillow, tokenizers and one backend: no torch, diffusers or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BLOCK_HEAVY = """
+import sys
+for name in ("torch", "diffusers", "transformers", "onnx"):
+    sys.modules[name] = None  # any import of them now raises ImportError
+from lcmtrt.runtime.cli import main
+code = main(sys.argv[1:])
+leaked = [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx")
+          and sys.modules[m] is not None]
+assert not leaked, leaked
+sys.exit(code)
+"""
+
+
+def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "light.png"
+    argv = ["infer", "--engines", str(tiny_sd15_bundle), "a cat", "--seed", "7", "--output", str(out)]
+    done = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "noise from numpy" in done.stderr
+    first = np.asarray(Image.open(out))
+    assert first.shape == (64, 64, 3)
+    # numpy noise is still deterministic per seed
+    done = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), first)
+
+
+def test_runtime_modules_import_nothing_heavy() -> None:
+    code = ("import sys\n"
+            "import lcmtrt.runtime.cli, lcmtrt.runtime.pipeline, lcmtrt.runtime.backend_ort, lcmtrt.runtime.scheduler\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'onnx'})\n"
+            "print(','.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
