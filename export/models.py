@@ -63,7 +63,6 @@ def resolve_model(model: str) -> str:
 
 def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
     """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout."""
-    import torch
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -71,9 +70,9 @@ def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
     path = resolve_model(model)
     kwargs = {"revision": revision} if revision else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **kwargs)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
         scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:

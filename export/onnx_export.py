@@ -78,8 +78,13 @@ def _finalize(raw: Path, dest: Path) -> tuple[Path, ...]:
     """Check the graph, infer shapes, and save it (weights in one external file when over protobuf's limit)."""
     import onnx
 
-    model = onnx.load(str(raw))
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    # The exporter already moved weights out of a graph over protobuf's limit (which cannot even be measured
+    # in memory); a graph that fits is small enough to inline.
+    model = onnx.load(str(raw), load_external_data=False)
+    large = raw.stat().st_size > PROTOBUF_LIMIT or any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if large:
+        model = onnx.load(str(raw))
     data_name = dest.name + ".data"
     staging = dest.with_name(f".{dest.name}.partial")
     staging_data = dest.with_name(data_name + ".partial")

@@ -14,7 +14,7 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15",)
+TINY_MODELS = ("tiny-sd15", "sd15-random")
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
 
 
@@ -73,8 +73,28 @@ def _tiny_vae():
     ).eval()
 
 
-def write_tiny_sd15(dest: Path) -> Path:
-    """A tiny SD1.5-like LCM pipeline (UNet with time_cond_proj_dim) in diffusers format."""
+def _sd15_random_parts() -> tuple:
+    """SD1.5's exact architecture (LCM_Dreamshaper_v7's UNet config) with random weights: real-size benchmarks
+    offline. Default diffusers configs are SD1.5's; only what differs is set."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )).eval()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, time_cond_proj_dim=256).eval()
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    ).eval()
+    return vae, text_encoder, unet
+
+
+def _write_lcm_pipeline(dest: Path, vae, text_encoder, unet) -> Path:
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
     from transformers import CLIPTokenizer
 
@@ -82,10 +102,10 @@ def write_tiny_sd15(dest: Path) -> Path:
         tokenizer_dir = write_clip_tokenizer(Path(tmp) / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         pipe = LatentConsistencyModelPipeline(
-            vae=_tiny_vae(),
-            text_encoder=_tiny_text_encoder(),
+            vae=vae,
+            text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=_tiny_lcm_unet(),
+            unet=unet,
             scheduler=LCMScheduler(),
             safety_checker=None,
             feature_extractor=None,
@@ -95,7 +115,16 @@ def write_tiny_sd15(dest: Path) -> Path:
     return dest
 
 
-_WRITERS = {"tiny-sd15": write_tiny_sd15}
+def write_tiny_sd15(dest: Path) -> Path:
+    """A tiny SD1.5-like LCM pipeline (UNet with time_cond_proj_dim) in diffusers format."""
+    return _write_lcm_pipeline(dest, _tiny_vae(), _tiny_text_encoder(), _tiny_lcm_unet())
+
+
+def write_sd15_random(dest: Path) -> Path:
+    return _write_lcm_pipeline(dest, *_sd15_random_parts())
+
+
+_WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random}
 
 
 def tiny_checkpoint(name: str, cache_dir: Path) -> Path:

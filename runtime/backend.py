@@ -52,6 +52,9 @@ class Backend(Protocol):
 
     def synchronize(self) -> None: ...
 
+    def timed(self, run: Callable[[], None]) -> float:
+        """Seconds the device spends on `run` (CUDA events on a GPU, the wall clock on a CPU)."""
+
 
 def open_backend(bundle: Bundle, device: str = "auto") -> Backend:
     """The backend the bundle was built for; `device` picks ONNX Runtime's provider (auto | cpu | cuda)."""

@@ -34,11 +34,11 @@ def _error_name(err: Any) -> str:
 
 
 def _cuda(fn: Callable[..., tuple[Any, ...]], *args: Any) -> Any:
-    """Call a cudart function (which returns (error, *outputs)), raise on error, return its output if any."""
+    """Call a cudart function (which returns (error, *outputs)), raise on error, return its output(s) if any."""
     err, *out = fn(*args)
     if err != cudart.cudaError_t.cudaSuccess:
         raise RuntimeError(f"{fn.__name__} failed: {_error_name(err)}")
-    return out[0] if out else None
+    return None if not out else out[0] if len(out) == 1 else tuple(out)
 
 
 class CudaBuffer:
@@ -253,6 +253,24 @@ class TensorRTBackend:
 
     def synchronize(self) -> None:
         _cuda(cudart.cudaStreamSynchronize, self.stream)
+
+    def timed(self, run: Callable[[], None]) -> float:
+        """Device time of `run` between two CUDA events on the stream."""
+        start, end = (_cuda(cudart.cudaEventCreate) for _ in range(2))
+        try:
+            _cuda(cudart.cudaEventRecord, start, self.stream)
+            run()
+            _cuda(cudart.cudaEventRecord, end, self.stream)
+            _cuda(cudart.cudaEventSynchronize, end)
+            return _cuda(cudart.cudaEventElapsedTime, start, end) / 1000.0
+        finally:
+            cudart.cudaEventDestroy(start)
+            cudart.cudaEventDestroy(end)
+
+    def memory_in_use(self) -> int:
+        """Device bytes in use on this GPU (all processes), for the benchmark's peak-memory figure."""
+        free, total = _cuda(cudart.cudaMemGetInfo)
+        return total - free
 
     def close(self) -> None:
         """Free every engine, context, graph and allocation; buffers and arrays from `read()` become invalid."""

@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--grid", action="store_true", help="save all images as one grid")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
 
+    bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
+    bench.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
+    bench.add_argument("--batch", type=_batch_list, help="batch sizes to measure (default: all built)")
+    bench.add_argument("--steps", type=_batch_list, help="step counts to measure, e.g. 1,2,4 (default: preset's)")
+    bench.add_argument("--iterations", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--json", type=Path, help="also write the report as JSON")
+    bench.add_argument("--compare", choices=("diffusers",), help="run the diffusers reference in the same run")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+
     commands.add_parser("presets", help="list the built-in presets")
     return parser
 
@@ -93,6 +103,9 @@ def _save(image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the image the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,6 +168,32 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lcmtrt.runtime.bench import BenchSettings, bench_diffusers, bench_lcmtrt, format_report, speedups
+    from lcmtrt.runtime.bundle import load_bundle
+
+    if args.iterations < 1 or args.warmup < 0:
+        raise UserError("--iterations must be at least 1 and --warmup at least 0")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    bundle = load_bundle(args.engines)
+    settings = BenchSettings(args.batch or bundle.batch_sizes, args.steps or (bundle.default_steps,),
+                             args.iterations, args.warmup)
+    log.info("benchmarking %s: batches %s, steps %s, %d iterations", args.engines, list(settings.batches),
+             list(settings.steps), settings.iterations)
+    report = {"lcmtrt": bench_lcmtrt(str(args.engines), args.device, settings)}
+    if args.compare == "diffusers":
+        log.info("running the diffusers reference ...")
+        report["diffusers"] = bench_diffusers(str(args.engines), settings)
+        report["speedup"] = speedups(report["lcmtrt"], report["diffusers"])
+    print(format_report(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lcmtrt.engines.preset import load_preset, preset_names
 
@@ -171,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root.propagate = False
-    commands = {"build-engines": cmd_build, "infer": cmd_infer, "presets": cmd_presets}
+    commands = {"build-engines": cmd_build, "infer": cmd_infer, "bench": cmd_bench, "presets": cmd_presets}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -177,6 +177,17 @@ class Pipeline:
         return Generation(images, final, seeds, plan.timesteps.tolist(), "torch" if use_torch else "numpy")
 
 
+    def stage_times(self, batch: int, steps: int) -> dict[str, float]:
+        """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
+        plan = step_plan(self.bundle.scheduler, steps)
+        program, buffers = self._program(batch, plan), self._buffers(batch)
+        timed = self.backend.timed
+        times = {"text": timed(buffers.text.run)}
+        times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})
+        times["vae_decode"] = timed(buffers.vae_decode.run)
+        return times
+
+
 def _pad_rows(array: np.ndarray, batch: int) -> np.ndarray:
     """Repeat the last row up to the engine's batch size (the extra rows are computed and dropped)."""
     missing = batch - len(array)

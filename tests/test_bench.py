@@ -1,0 +1,56 @@
+"""Benchmark command and the hot-path guarantees it measures: after the first request, a request allocates and
+binds nothing, writes its inputs before the first launch and reads only after the last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcmtrt.runtime import backend_ort
+from lcmtrt.runtime.cli import main
+from lcmtrt.runtime.pipeline import Pipeline
+
+
+def test_requests_do_no_per_step_work(tiny_sd15_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = Pipeline.load(tiny_sd15_bundle)
+    pipeline.generate(["warm up"], seed=0, steps=4)
+    events: list[str] = []
+    for name in ("alloc", "bind"):
+        original = getattr(pipeline.backend, name)
+        monkeypatch.setattr(pipeline.backend, name, lambda *a, _o=original, _n=name, **k: (events.append(_n), _o(*a, **k))[1])
+    for cls, method in ((backend_ort.OrtBinding, "run"), (backend_ort.OrtBuffer, "write"), (backend_ort.OrtBuffer, "read")):
+        original = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, *a, _o=original, _m=method: (events.append(_m), _o(self, *a))[1])
+    pipeline.generate(["a second request"], seed=1, steps=4)
+    assert "alloc" not in events and "bind" not in events
+    runs = [i for i, e in enumerate(events) if e == "run"]
+    assert len(runs) == 1 + 4 + 1  # text, four denoise steps, decode: one launch each
+    assert events[runs[0]:runs[-1] + 1] == ["run"] * len(runs)  # nothing on the host between launches
+    assert events.count("write") == 3 + 4  # token ids, guidance, latents, one noise per step
+    assert events[runs[-1] + 1:] == ["read", "read"]  # images and final latents
+
+
+def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
+    report_path = tmp_path / "bench.json"
+    code = main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--batch", "1", "--steps", "1,2",
+                 "--iterations", "2", "--warmup", "0", "--compare", "diffusers", "--json", str(report_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "speedup" in out and "batch1-steps2" in out
+    report = json.loads(report_path.read_text())
+    assert set(report) == {"lcmtrt", "diffusers", "speedup"}
+    ours = report["lcmtrt"]["results"]["batch1-steps2"]
+    assert ours["images_per_s"] > 0 and ours["end_to_end"]["p50_ms"] <= ours["end_to_end"]["p99_ms"]
+    assert set(ours["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
+    assert report["lcmtrt"]["environment"]["backend"] == "onnxruntime"
+    assert report["lcmtrt"]["cold_start"]["first_image_s"] >= report["lcmtrt"]["cold_start"]["load_s"]
+    assert set(report["speedup"]["batch1-steps1"]) == {"end_to_end_p50", "images_per_s", "text", "denoise_step",
+                                                      "vae_decode"}
+
+
+def test_bench_refuses_unbuilt_batch(tiny_sd15_bundle: Path, capsys) -> None:
+    assert main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--batch", "3", "--iterations", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not built" in err[0]
