@@ -24,7 +24,7 @@ from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("text", "denoise", "vae_decode")
+STAGES = ("text", "denoise", "vae_decode", "vae_encode")
 EXAMPLE_BATCH = 2  # trace with batch 2 so no reshape is specialised to batch 1
 
 
@@ -71,6 +71,7 @@ def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
 def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig) -> dict[str, dict[str, Any]]:
     import torch
 
+    from lcmtrt.export.graphs import is_tiny_vae
     from lcmtrt.runtime.scheduler import step_plan
 
     generator = torch.Generator().manual_seed(0)
@@ -91,19 +92,29 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig)
             "prompt_embeds": torch.randn((b, max_length, hidden), generator=generator),
         },
         "vae_decode": {"latents": torch.randn(latent, generator=generator)},
+        "vae_encode": {
+            "images": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
+                                    dtype=torch.uint8),
+            "coeffs": coeffs,
+            "noise": torch.randn(latent, generator=generator),
+            **({} if is_tiny_vae(checkpoint.vae) else {"sample_noise": torch.randn(latent, generator=generator)}),
+        },
     }
 
 
-def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig) -> dict[str, tuple[Any, list[str]]]:
-    from lcmtrt.export.graphs import DenoiseStage, TextStage, VaeDecodeStage
+def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig,
+                   img2img: bool) -> dict[str, tuple[Any, list[str]]]:
+    import copy
 
-    return {
+    from lcmtrt.export.graphs import DenoiseStage, TextStage, VaeDecodeStage, VaeEncodeStage
+
+    scaling = checkpoint.vae.config.scaling_factor
+    # each stage casts its own copy: the fp16 conversion replaces norm modules in place
+    encode = {"vae_encode": (VaeEncodeStage(copy.deepcopy(checkpoint.vae), precision, scaling), ["latents"])}
+    return {**(encode if img2img else {}),
         "text": (TextStage(checkpoint.text_encoder, precision), ["prompt_embeds"]),
         "denoise": (DenoiseStage(checkpoint.unet, precision, scheduler.prediction_type), ["next_latents", "denoised"]),
-        "vae_decode": (
-            VaeDecodeStage(checkpoint.vae, precision, checkpoint.vae.config.scaling_factor),
-            ["images"],
-        ),
+        "vae_decode": (VaeDecodeStage(checkpoint.vae, precision, scaling), ["images"]),
     }
 
 
@@ -150,13 +161,14 @@ def build_bundle(
     if backend == "tensorrt" and precision != "fp16":
         raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
 
-    progress = Progress(total=2 + len(STAGES) * 2)
+    stages = STAGES if preset.img2img else STAGES[:-1]
+    progress = Progress(total=2 + len(stages) * 2)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with progress.stage(f"load model {preset.model}"):
-            checkpoint = load_checkpoint(preset.model, preset.revision)
+            checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae)
         scale = checkpoint.vae_scale_factor
         preset = preset.validate(multiple=8 * max(1, scale // 8))
         scheduler = scheduler_config(checkpoint.scheduler_config)
@@ -164,12 +176,12 @@ def build_bundle(
         (staging / "tokenizer").mkdir()
         tokenizer_file, pad_id, max_length = export_tokenizer(checkpoint.tokenizer, staging / "tokenizer")
         examples = _example_inputs(checkpoint, preset, scheduler)
-        modules = _stage_modules(checkpoint, precision, scheduler)
+        modules = _stage_modules(checkpoint, precision, scheduler, preset.img2img)
         graphs = {}
-        for name in STAGES:
+        for name in stages:
             with progress.stage(f"export {name} to ONNX ({precision})"):
                 module, output_names = modules[name]
-                unbatched = {"coeffs"} if name == "denoise" else set()
+                unbatched = {"coeffs"}
                 graphs[name] = export_graph(name, module, examples[name], output_names, unbatched, staging / "onnx")
                 error = graphs[name].max_abs_error
                 log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
@@ -222,7 +234,8 @@ def build_bundle(
                 engines={
                     n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs) for n, g in graphs.items()
                 },
-                sources={"preset": preset.name, **_source_info(checkpoint)},
+                sources={"preset": preset.name, **_source_info(checkpoint),
+                         **{k: v for k, v in checkpoint.extra.items() if v}},
                 build=build_info,
                 files={
                     str(p.relative_to(staging)): file_digest(p)

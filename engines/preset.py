@@ -21,6 +21,9 @@ class Preset:
     steps: int = 4
     guidance_scale: float = 8.0
     revision: str | None = None
+    unet: str | None = None  # replaces the model's UNet (e.g. an LCM-distilled UNet on its base pipeline)
+    vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
+    img2img: bool = True  # also build the vae_encode engine
     description: str = ""
 
     def validate(self, multiple: int = 8) -> Preset:

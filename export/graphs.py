@@ -51,6 +51,11 @@ def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
     return emb
 
 
+def is_tiny_vae(vae: nn.Module) -> bool:
+    """AutoencoderTiny (TAESD) encodes deterministically: no latent distribution, no sample draw."""
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
 class TextStage(nn.Module):
     """Token ids -> prompt embeddings (the CLIP encoder's last hidden state after its final LayerNorm)."""
 
@@ -119,3 +124,28 @@ class VaeDecodeStage(nn.Module):
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         # diffusers rounds half to even in numpy; ONNX Round does the same.
         return torch.round(image * 255.0).clamp(0, 255).to(torch.uint8)
+
+
+class VaeEncodeStage(nn.Module):
+    """uint8 NHWC images -> noised initial latents: diffusers' preprocessing, VAE encoding and sampling
+    (mean + std * sample_noise; AutoencoderTiny encodes deterministically and takes no sample noise), the scaling
+    factor, then add_noise at the first timestep with `coeffs` = that step's plan row (sqrt(a_t), sqrt(1-a_t))."""
+
+    def __init__(self, vae: nn.Module, precision: str, scaling_factor: float):
+        super().__init__()
+        self.vae = to_precision(vae, precision)
+        self.dtype = PRECISIONS[precision]
+        self.scaling_factor = scaling_factor
+        self.deterministic = is_tiny_vae(vae)
+
+    def encode(self, images: torch.Tensor, sample_noise: torch.Tensor | None) -> torch.Tensor:
+        pixels = images.permute(0, 3, 1, 2).float() / 255.0
+        pixels = (2.0 * pixels - 1.0).to(self.dtype)
+        if self.deterministic:
+            return self.scaling_factor * self.vae.encode(pixels).latents.float()
+        dist = self.vae.encode(pixels).latent_dist
+        return self.scaling_factor * (dist.mean.float() + dist.std.float() * sample_noise)
+
+    def forward(self, images: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor,
+                sample_noise: torch.Tensor | None = None) -> torch.Tensor:
+        return coeffs[3] * self.encode(images, sample_noise) + coeffs[4] * noise

@@ -61,24 +61,55 @@ def resolve_model(model: str) -> str:
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
 
 
-def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
-    """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout."""
-    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+VAE_ALIASES = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_unet(source: str, revision: str | None) -> Any:
+    """A UNet from a pipeline repo's unet/ folder, or from a bare UNet repo (like latent-consistency/lcm-sdxl)."""
+    from diffusers import UNet2DConditionModel
+
+    path = resolve_model(source)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+    except (OSError, ValueError):
+        return UNet2DConditionModel.from_pretrained(path, **kwargs)
+
+
+def _load_vae(source: str) -> Any:
+    """A bare VAE repo or folder: AutoencoderKL, or AutoencoderTiny (TAESD) as its config names it."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    path = resolve_model(VAE_ALIASES.get(source, source))
+    config = AutoencoderKL.load_config(path)
+    cls = AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    return cls.from_pretrained(path)
+
+
+def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
+                    vae: str | None = None) -> Checkpoint:
+    """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
+    and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE)."""
+    from diffusers import AutoencoderKL, LCMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     quiet_libraries()
     path = resolve_model(model)
     kwargs = {"revision": revision} if revision else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        unet_model = _load_unet(unet, None) if unet else _load_unet(path, revision)
+        vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
+        # LCMScheduler.from_config semantics: a base model's other scheduler config keeps only the shared settings
         scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {model!r}: {first_line}") from None
-    family = family_of(unet.config)
+        raise UserError(f"could not load model {model!r}: {_first_line(e)}") from None
+    family = family_of(unet_model.config)
     if family != "sd15":
         raise UserError(f"model {model!r} is an SDXL-class checkpoint; this version of lcmtrt builds SD1.5-class ones")
     return Checkpoint(
@@ -86,9 +117,10 @@ def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
         path=path,
         revision=revision,
         family=family,
-        unet=unet.eval(),
-        vae=vae.eval(),
+        unet=unet_model.eval(),
+        vae=vae_model.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
+        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None},
     )

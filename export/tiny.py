@@ -14,7 +14,7 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "sd15-random")
+TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd")
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
 
 
@@ -73,6 +73,19 @@ def _tiny_vae():
     ).eval()
 
 
+def write_tiny_taesd(dest: Path) -> Path:
+    """A tiny AutoencoderTiny (TAESD) with the tiny UNet's latent size (factor 2), as a bare diffusers model folder."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+    ).eval().save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
 def _sd15_random_parts() -> tuple:
     """SD1.5's exact architecture (LCM_Dreamshaper_v7's UNet config) with random weights: real-size benchmarks
     offline. Default diffusers configs are SD1.5's; only what differs is set."""
@@ -124,13 +137,13 @@ def write_sd15_random(dest: Path) -> Path:
     return _write_lcm_pipeline(dest, *_sd15_random_parts())
 
 
-_WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random}
+_WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd}
 
 
 def tiny_checkpoint(name: str, cache_dir: Path) -> Path:
     """Path of tiny model `name` under cache_dir, written on first use (atomically: temp folder, then rename)."""
     dest = cache_dir / name
-    if (dest / "model_index.json").is_file():
+    if (dest / "model_index.json").is_file() or (dest / "config.json").is_file():
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))

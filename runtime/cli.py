@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--original-inference-steps", type=int)
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
-    infer.add_argument("--grid", action="store_true", help="save all images as one grid")
+    infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
+    infer.add_argument("--image", action="append", type=Path,
+                       help="image-to-image input: once for all prompts, or once per image")
+    infer.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    infer.add_argument("--img2img-mode", choices=("classic", "lcm"), default="classic",
+                       help="classic: drop the first steps (AutoPipelineForImage2Image); lcm: all steps, shorter "
+                            "schedule (LatentConsistencyModelImg2ImgPipeline)")
+    infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
+                       help="how an input image of another size is fitted (stretch: as diffusers)")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
 
     bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
@@ -116,7 +124,7 @@ def grid_image(images):
     """Images side by side in rows of up to four, like diffusers' make_image_grid."""
     from PIL import Image
 
-    count, height, width = len(images), images.shape[1], images.shape[2]
+    count, height, width = len(images), images[0].shape[0], images[0].shape[1]
     cols = min(count, 4)
     rows = -(-count // cols)
     grid = Image.new("RGB", (cols * width, rows * height))
@@ -144,11 +152,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise UserError(f"--num-images {args.num_images} must be at least 1")
+    from lcmtrt.runtime.images import fit_image, load_image
+
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     paths = _output_paths(args.output, len(prompts), args.grid)
+    if args.image and len(args.image) not in (1, len(prompts)):
+        raise UserError(f"{len(args.image)} --image inputs for {len(prompts)} images; give one or one per image")
+    sources = [load_image(path) for path in args.image or []]
     start = time.perf_counter()
     pipeline = Pipeline.load(args.engines, args.device)
     loaded = time.perf_counter()
+    inputs = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height, args.fit) for image in sources]
     result = pipeline.generate(
         prompts,
         seed=args.seed,
@@ -156,9 +170,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         original_inference_steps=args.original_inference_steps,
         negative_prompts=[args.negative_prompt] if args.negative_prompt else None,
+        images=inputs or None,
+        strength=args.strength,
+        img2img_mode=args.img2img_mode,
     )
     done = time.perf_counter()
-    images = [grid_image(result.images)] if args.grid else [Image.fromarray(i) for i in result.images]
+    if args.grid:
+        images = [grid_image(inputs + list(result.images))]
+    else:
+        images = [Image.fromarray(i) for i in result.images]
     for image, path in zip(images, paths):
         _save(image, path)
         print(path)

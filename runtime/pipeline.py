@@ -1,5 +1,5 @@
-"""Text-to-image over any backend: buffers and bindings made once per (batch, plan), a request only writes its
-inputs, launches text -> N x denoise -> vae_decode, and reads the images."""
+"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan); a
+request only writes its inputs, launches [vae_encode ->] text -> N x denoise -> vae_decode, and reads the images."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backend import Backend, Binding, Buffer, open_backend
 from lcmtrt.runtime.bundle import Bundle, load_bundle
 from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, step_plan
+from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,23 @@ class _BatchBuffers:
 
 
 @dataclass
+class _Encoder:
+    """Image-to-image inputs of one (batch, plan): the source images and the encode stage's noises."""
+
+    images: Buffer
+    noises: list[Buffer]  # in draw order: [sample_noise,] noise
+    binding: Binding
+
+
+@dataclass
 class _Program:
-    """One (batch, plan): the step table on the device and the captured launch of the whole generation."""
+    """One (batch, plan[, img2img]): per-step buffers and the captured launch of the whole generation."""
 
     plan: StepPlan
     noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
     launch: Callable[[], None]
     bindings: list[Binding] = field(default_factory=list)
+    encoder: _Encoder | None = None
 
 
 class Pipeline:
@@ -59,9 +69,15 @@ class Pipeline:
         self.bundle, self.backend = bundle, backend
         (self.tokenizer,) = load_tokenizers(bundle)  # SD1.5-class bundles have one tokenizer
         self.hidden = bundle.engines["text"].outputs[0].shape[-1]
+        encode = bundle.engines.get("vae_encode")
+        # AutoencoderTiny encodes deterministically: its graph takes no sample noise and diffusers draws none
+        names = {t.name for t in encode.inputs} if encode else set()
+        self.encode_noises = [n for n in ("sample_noise", "noise") if n in names]  # diffusers' draw order
         self._batches: dict[int, _BatchBuffers] = {}
         self._coeffs: dict[StepPlan, list[Buffer]] = {}
-        self._programs: dict[tuple[int, StepPlan], _Program] = {}
+        self._programs: dict[tuple[int, StepPlan, bool], _Program] = {}
+        self.use_torch = noise_source.torch_available()
+        noise_source.prepare(self.use_torch)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "auto") -> Pipeline:
@@ -86,16 +102,28 @@ class Pipeline:
             self._batches[batch] = _BatchBuffers(**buffers, text=text, vae_decode=vae)
         return self._batches[batch]
 
-    def _program(self, batch: int, plan: StepPlan) -> _Program:
-        key = (batch, plan)
+    def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
+        if plan not in self._coeffs:
+            self._coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
+            for buffer, row in zip(self._coeffs[plan], plan.coeffs):
+                buffer.write(row)
+        return self._coeffs[plan]
+
+    def _encoder(self, batch: int, coeffs: Buffer, latents: Buffer) -> _Encoder:
+        b, alloc = self.bundle, self.backend.alloc
+        images = alloc((batch, b.height, b.width, 3), np.uint8)
+        noises = {name: alloc((batch, *b.latent_shape), np.float32) for name in self.encode_noises}
+        binding = self.backend.bind("vae_encode", batch, {"images": images, "coeffs": coeffs, "latents": latents,
+                                                          **noises})
+        return _Encoder(images, list(noises.values()), binding)
+
+    def _program(self, batch: int, plan: StepPlan, img2img: bool) -> _Program:
+        key = (batch, plan, img2img)
         if key not in self._programs:
             buffers = self._buffers(batch)
-            if plan not in self._coeffs:
-                self._coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
-                for buffer, row in zip(self._coeffs[plan], plan.coeffs):
-                    buffer.write(row)
-            coeffs = self._coeffs[plan]
+            coeffs = self._step_coeffs(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
+            encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
             bindings = [
                 self.backend.bind("denoise", batch, {
                     "latents": buffers.latents[i % 2],
@@ -108,14 +136,16 @@ class Pipeline:
                 })
                 for i in range(plan.steps)
             ]
+            first = [encoder.binding, buffers.text] if encoder else [buffers.text]
 
             def launch() -> None:
-                buffers.text.run()
+                for binding in first:
+                    binding.run()
                 for step in bindings:
                     step.run()
                 buffers.vae_decode.run()
 
-            self._programs[key] = _Program(plan, step_noise, self.backend.capture(launch), bindings)
+            self._programs[key] = _Program(plan, step_noise, self.backend.capture(launch), bindings, encoder)
         return self._programs[key]
 
     def _chunks(self, rows: int) -> list[tuple[int, int]]:
@@ -137,9 +167,13 @@ class Pipeline:
         guidance_scale: float | Sequence[float] | None = None,
         original_inference_steps: int | None = None,
         negative_prompts: Sequence[str] | None = None,
+        images: Sequence[np.ndarray] | None = None,
+        strength: float = 0.8,
+        img2img_mode: str = "classic",
     ) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
-        per row (like a list of generators)."""
+        per row (like a list of generators). `images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one
+        per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm)."""
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
@@ -148,39 +182,58 @@ class Pipeline:
             log.warning("warning: negative prompts are ignored: this LCM-distilled model takes guidance through its "
                         "embedding and never runs classifier-free guidance (diffusers ignores them too)")
         steps = self.bundle.default_steps if steps is None else steps
-        plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=original_inference_steps)
+        shared_image = images is not None and len(images) == 1
+        if images is None:
+            plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=original_inference_steps)
+            leading: tuple[int, ...] = (rows,)  # the initial latents
+        else:
+            if "vae_encode" not in self.bundle.engines:
+                raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
+            if len(images) not in (1, rows):
+                raise UserError(f"{len(images)} input images for {rows} prompts; give one image or one per prompt")
+            shape = (self.bundle.height, self.bundle.width, 3)
+            if any(np.shape(image) != shape for image in images):
+                raise ValueError(f"input images must be uint8 arrays of shape {shape}")
+            plan = img2img_plan(self.bundle.scheduler, steps, strength, img2img_mode, original_inference_steps)
+            # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
+            leading = tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
         scales = guidance_scale if guidance_scale is not None else self.bundle.default_guidance_scale
         scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
         seeds: int | list[int] = random.randrange(2**31) if seed is None else (
             int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
         if isinstance(seeds, list) and len(seeds) != rows:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
-        use_torch = noise_source.torch_available()
-        latents, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, plan.steps, use_torch)
+        firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
+                                               self.use_torch)
+        sources = None if images is None else np.stack([images[0]] * rows if shared_image else list(images))
         ids = self.tokenizer.encode(prompts)
-        images = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
-        final = np.empty_like(latents)
+        out = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
+        final = np.empty((rows, *self.bundle.latent_shape), np.float32)
         start = 0
         for count, batch in self._chunks(rows):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._program(batch, plan)
+            program = self._program(batch, plan, sources is not None)
             buffers = self._buffers(batch)
             buffers.input_ids.write(pad(ids))
             buffers.guidance_scale.write(pad(scales))
-            buffers.latents[0].write(pad(latents))
+            if program.encoder is None:
+                buffers.latents[0].write(pad(firsts[0]))
+            else:
+                program.encoder.images.write(pad(sources))
+                for buffer, drawn in zip(program.encoder.noises, firsts):
+                    buffer.write(pad(drawn))
             for buffer, noise in zip(program.noise, step_noise):
                 buffer.write(pad(noise))
             program.launch()
-            images[start:start + count] = buffers.images.read()[:count]
+            out[start:start + count] = buffers.images.read()[:count]
             final[start:start + count] = buffers.denoised.read()[:count]
             start += count
-        return Generation(images, final, seeds, plan.timesteps.tolist(), "torch" if use_torch else "numpy")
-
+        return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy")
 
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         plan = step_plan(self.bundle.scheduler, steps)
-        program, buffers = self._program(batch, plan), self._buffers(batch)
+        program, buffers = self._program(batch, plan, False), self._buffers(batch)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})

@@ -158,3 +158,24 @@ def apply_step(
         raise UserError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     denoised = c_out * x0 + c_skip * sample
     return sqrt_alpha_prev * denoised + sqrt_beta_prev * noise, denoised
+
+
+IMG2IMG_MODES = ("classic", "lcm")
+
+
+def img2img_plan(config: SchedulerConfig, steps: int, strength: float, mode: str = "classic",
+                 original_inference_steps: int | None = None) -> StepPlan:
+    """`lcm`: LatentConsistencyModelImg2ImgPipeline shortens the origin schedule and runs all N steps.
+    `classic`: StableDiffusion(XL)Img2ImgPipeline keeps the N-step schedule and drops its first N - int(N*s) steps."""
+    if mode not in IMG2IMG_MODES:
+        raise UserError(f"--img2img-mode {mode!r}: choose one of {', '.join(IMG2IMG_MODES)}")
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength {strength} must be in (0, 1]")
+    if mode == "lcm":
+        return step_plan(config, steps, strength, original_inference_steps)
+    full = lcm_timesteps(config, steps, 1.0, original_inference_steps)
+    kept = min(int(steps * strength), steps)
+    if kept == 0:
+        raise UserError(f"--strength {strength} with --steps {steps} leaves no step to run "
+                        f"(int({steps} x {strength}) = 0); raise --strength or --steps")
+    return step_plan(config, kept, timesteps=tuple(int(t) for t in full[steps - kept:]))

@@ -138,7 +138,7 @@ def test_build_engines_reports_stages(tiny_sd15_dir: Path, tmp_path: Path, capsy
     assert main(["build-engines", "--preset", "tiny-sd15", "--batch", "1", "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     assert stdout.strip() == str(out)
-    assert "[1/8] load model tiny-sd15" in stderr and "[8/8] write bundle.json done in" in stderr
+    assert "[1/10] load model tiny-sd15" in stderr and "[10/10] write bundle.json done in" in stderr
     assert json.loads((out / "bundle.json").read_text())["batch_sizes"] == [1]
 
 
@@ -151,3 +151,39 @@ def test_interrupted_build_leaves_nothing(tiny_sd15_dir: Path, tmp_path: Path, m
     monkeypatch.setattr(onnx_export, "export_graph", interrupted)
     assert main(["build-engines", "--preset", "tiny-sd15", "--out", str(tmp_path / "b")]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_img2img_from_the_command_line(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
+    """Any image Pillow reads: a palette image with transparency, of another size, stretched or cropped."""
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90, 4), dtype=np.uint8), "RGBA").convert("P").save(source)
+    for fit in ("stretch", "crop"):
+        out = tmp_path / f"{fit}.png"
+        code, _, _ = run(capsys, "infer", "--engines", str(tiny_sd15_bundle), "a cat", "--image", str(source),
+                         "--strength", "0.5", "--fit", fit, "--grid", "--output", str(out))
+        assert code == 0 and Image.open(out).size == (2 * 64, 64)  # input and output side by side
+
+
+@pytest.mark.parametrize("strength", ["0", "1.5"])
+def test_bad_strength(tiny_sd15_bundle: Path, tmp_path: Path, capsys, strength: str) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(source)
+    assert_user_error(capsys, ["infer", "--engines", str(tiny_sd15_bundle), "x", "--image", str(source),
+                               "--strength", strength, "--output", str(tmp_path / "o.png")], "--strength")
+
+
+def test_bad_input_images(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
+    args = ["infer", "--engines", str(tiny_sd15_bundle), "x", "--output", str(tmp_path / "o.png"), "--image"]
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert_user_error(capsys, [*args, str(empty)], "cannot read image")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    assert_user_error(capsys, [*args, str(text)], "cannot read image")
+    assert_user_error(capsys, [*args, str(tmp_path / "missing.png")], "does not exist")
+    assert_user_error(capsys, ["infer", "--engines", str(tiny_sd15_bundle), "x", "--image", str(text), "--image",
+                               str(text), "--image", str(text), "--output", str(tmp_path / "o.png")], "one per image")
+    good = tmp_path / "good.png"
+    Image.new("L", (64, 64)).save(good)
+    assert_user_error(capsys, ["infer", "--engines", str(tiny_sd15_bundle), "x", "--image", str(good), "--steps",
+                               "2", "--strength", "0.3", "--output", str(tmp_path / "o.png")], "leaves no step")

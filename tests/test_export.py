@@ -27,7 +27,7 @@ def fp16_bundle(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_fp32_graphs_match_torch(tiny_sd15_bundle: Path) -> None:
     errors = load_bundle(tiny_sd15_bundle).build["export_max_abs_error"]
-    assert errors["text"] < 1e-4 and errors["denoise"] < 1e-4
+    assert errors["text"] < 1e-4 and errors["denoise"] < 1e-4 and errors["vae_encode"] < 1e-4
     assert errors["vae_decode"] <= 1  # uint8 output: at most one rounding step apart
 
 
@@ -37,10 +37,11 @@ def test_engine_io_is_precision_independent(tiny_sd15_bundle: Path, fp16_bundle:
         dtypes = {t.name: t.dtype for e in bundle.engines.values() for t in e.inputs + e.outputs}
         assert dtypes == {"input_ids": "int32", "prompt_embeds": "float32", "latents": "float32",
                           "coeffs": "float32", "noise": "float32", "guidance_scale": "float32",
-                          "next_latents": "float32", "denoised": "float32", "images": "uint8"}
+                          "next_latents": "float32", "denoised": "float32", "images": "uint8",
+                          "sample_noise": "float32"}
 
 
-@pytest.mark.parametrize("stage", ["text", "denoise", "vae_decode"])
+@pytest.mark.parametrize("stage", ["text", "denoise", "vae_decode", "vae_encode"])
 def test_fp16_graphs_keep_norms_in_fp32(fp16_bundle: Path, stage: str) -> None:
     """Strongly typed TensorRT computes a norm in its input's type, so fp16 graphs feed norms fp32."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_bundle / "onnx" / f"{stage}.onnx")))
@@ -72,7 +73,7 @@ def test_external_data_graphs(tiny_sd15_dir: Path, tiny_sd15_bundle: Path, tmp_p
     out = tmp_path / "external"
     build_bundle(load_preset("tiny-sd15").with_overrides(batch_sizes=(1,)), out, "onnxruntime", "fp32")
     manifest = json.loads((out / "bundle.json").read_text())
-    for stage in ("text", "denoise", "vae_decode"):
+    for stage in ("text", "denoise", "vae_decode", "vae_encode"):
         assert f"onnx/{stage}.onnx.data" in manifest["files"]
         assert f"ort/{stage}.onnx.data" in manifest["files"]
     assert not list(out.rglob("*.partial"))

@@ -1,0 +1,46 @@
+"""Input images for image-to-image: read any file Pillow opens, as diffusers' load_image does, and fit it to the
+bundle's size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lcmtrt.runtime.errors import UserError
+
+FITS = ("stretch", "crop")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """RGB, EXIF orientation applied; grayscale, palette and alpha images converted like diffusers' load_image."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input image {path} does not exist")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if image.width == 0 or image.height == 0:
+        raise UserError(f"image {path} is empty ({image.width}x{image.height})")
+    return image
+
+
+def fit_image(image: Image.Image, width: int, height: int, fit: str = "stretch") -> np.ndarray:
+    """uint8 [height, width, 3]. `stretch` resizes like diffusers' default preprocessing (Lanczos); `crop` keeps the
+    aspect ratio, covering the target and cutting the centre."""
+    if fit not in FITS:
+        raise UserError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+    if image.size != (width, height):
+        if fit == "crop":
+            scale = max(width / image.width, height / image.height)
+            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        else:
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,142 @@
+"""Image-to-image on the tiny SD1.5-like LCM vs diffusers run here with the same seed, on a real photograph:
+classic (StableDiffusionImg2ImgPipeline + LCMScheduler) and lcm (LatentConsistencyModelImg2ImgPipeline), and the
+TAESD (AutoencoderTiny) bundle vs the same pipelines with AutoencoderTiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_images_match, to_uint8
+from lcmtrt.engines.build import build_bundle
+from lcmtrt.engines.preset import load_preset
+from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.pipeline import Pipeline
+
+PROMPT = "an astronaut in a garden, watercolor"
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut photograph at the tiny bundle's 64x64 (diffusers' Lanczos resize)."""
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.astronaut()).resize((64, 64), Image.Resampling.LANCZOS))
+
+
+@pytest.fixture(scope="module")
+def coffee() -> np.ndarray:
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize((64, 64), Image.Resampling.LANCZOS))
+
+
+def _pipelines(folder: Path, vae=None) -> dict:
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler, StableDiffusionImg2ImgPipeline
+
+    extra = {"vae": vae} if vae is not None else {}
+    lcm = LatentConsistencyModelImg2ImgPipeline.from_pretrained(folder, safety_checker=None, **extra)
+    classic = StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
+                                                             requires_safety_checker=False, **extra)
+    classic.scheduler = LCMScheduler.from_config(classic.scheduler.config)
+    for pipe in (lcm, classic):
+        pipe.set_progress_bar_config(disable=True)
+    return {"lcm": lcm, "classic": classic}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd15_dir: Path) -> dict:
+    return _pipelines(tiny_sd15_dir)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_sd15_bundle: Path) -> Pipeline:
+    return Pipeline.load(tiny_sd15_bundle)
+
+
+def run_reference(pipe, prompts, images, generator, steps, strength, guidance=8.0):
+    with torch.no_grad():
+        return to_uint8(pipe(prompts, image=[Image.fromarray(i) for i in images], num_inference_steps=steps,
+                             strength=strength, guidance_scale=guidance, generator=generator,
+                             output_type="np").images)
+
+
+def _runs(mode: str, steps: int, strength: float) -> bool:
+    return mode == "lcm" or int(steps * strength) > 0
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("strength", [0.3, 0.5, 0.8, 1.0])
+def test_matches_diffusers(ours, reference, astronaut, mode: str, steps: int, strength: float) -> None:
+    if not _runs(mode, steps, strength):
+        with pytest.raises(UserError, match="leaves no step"):
+            ours.generate([PROMPT], seed=0, steps=steps, images=[astronaut], strength=strength, img2img_mode=mode)
+        return
+    result = ours.generate([PROMPT], seed=0, steps=steps, images=[astronaut], strength=strength, img2img_mode=mode)
+    expected = run_reference(reference[mode], [PROMPT], [astronaut], torch.manual_seed(0), steps, strength)
+    assert_images_match(result.images, expected)
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+def test_timesteps_follow_the_mode(ours, astronaut, mode: str) -> None:
+    result = ours.generate([PROMPT], seed=0, steps=4, images=[astronaut], strength=0.5, img2img_mode=mode)
+    assert result.timesteps == {"classic": [499, 259], "lcm": [499, 379, 259, 139]}[mode]
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+def test_batch_of_two(ours, reference, astronaut, coffee, mode: str) -> None:
+    prompts = [PROMPT, "a cup of coffee, oil painting"]
+    # one image per row and one generator per row
+    result = ours.generate(prompts, seed=[1, 2], steps=4, images=[astronaut, coffee], strength=0.5, img2img_mode=mode)
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]  # manual_seed returns one global
+    expected = run_reference(reference[mode], prompts, [astronaut, coffee], generators, 4, 0.5)
+    assert_images_match(result.images, expected)
+    # one image shared by both rows and one generator: diffusers encodes the image once
+    result = ours.generate(prompts, seed=3, steps=4, images=[astronaut], strength=0.8, img2img_mode=mode)
+    expected = run_reference(reference[mode], prompts, [astronaut], torch.manual_seed(3), 4, 0.8)
+    assert_images_match(result.images, expected)
+
+
+@pytest.fixture(scope="module")
+def taesd_bundle(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("taesd") / "tiny-sd15-taesd"
+    build_bundle(load_preset("tiny-sd15-taesd"), out, "onnxruntime", "fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def taesd_reference(tiny_sd15_dir: Path, taesd_bundle: Path) -> dict:
+    from diffusers import AutoencoderTiny, LatentConsistencyModelPipeline
+
+    from lcmtrt.export.models import resolve_model
+
+    vae = AutoencoderTiny.from_pretrained(resolve_model("tiny-taesd"))
+    pipes = _pipelines(tiny_sd15_dir, vae)
+    pipes["text"] = LatentConsistencyModelPipeline.from_pretrained(tiny_sd15_dir, vae=vae, safety_checker=None)
+    pipes["text"].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def test_taesd_text_to_image(taesd_bundle: Path, taesd_reference: dict) -> None:
+    result = Pipeline.load(taesd_bundle).generate([PROMPT], seed=0, steps=4, guidance_scale=8.0)
+    with torch.no_grad():
+        expected = taesd_reference["text"]([PROMPT], num_inference_steps=4, guidance_scale=8.0,
+                                           generator=torch.manual_seed(0), output_type="np").images
+    assert_images_match(result.images, to_uint8(expected))
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+def test_taesd_image_to_image(taesd_bundle: Path, taesd_reference: dict, astronaut, coffee, mode: str) -> None:
+    """AutoencoderTiny encodes deterministically: no VAE sample draw, so the add_noise draw comes first."""
+    pipeline = Pipeline.load(taesd_bundle)
+    assert pipeline.encode_noises == ["noise"]
+    result = pipeline.generate([PROMPT, "coffee"], seed=[4, 5], steps=4, images=[astronaut, coffee], strength=0.5,
+                               img2img_mode=mode)
+    expected = run_reference(taesd_reference[mode], [PROMPT, "coffee"], [astronaut, coffee],
+                             [torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)], 4, 0.5)
+    assert_images_match(result.images, expected)
