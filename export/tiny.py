@@ -14,7 +14,7 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd")
+TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random")
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
 
 
@@ -86,6 +86,16 @@ def write_tiny_taesd(dest: Path) -> Path:
     return dest
 
 
+def write_taesd_random(dest: Path) -> Path:
+    """TAESD's architecture (AutoencoderTiny's defaults) with random weights, for real-size offline benchmarks."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny().eval().save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
 def _sd15_random_parts() -> tuple:
     """SD1.5's exact architecture (LCM_Dreamshaper_v7's UNet config) with random weights: real-size benchmarks
     offline. Default diffusers configs are SD1.5's; only what differs is set."""
@@ -137,7 +147,8 @@ def write_sd15_random(dest: Path) -> Path:
     return _write_lcm_pipeline(dest, *_sd15_random_parts())
 
 
-_WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd}
+_WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
+            "taesd-random": write_taesd_random}
 
 
 def tiny_checkpoint(name: str, cache_dir: Path) -> Path:

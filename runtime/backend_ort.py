@@ -62,11 +62,12 @@ class OrtBuffer:
 
 
 class OrtBinding:
-    def __init__(self, session: ort.InferenceSession, io: ort.IOBinding, run_options: ort.RunOptions):
-        self.session, self.io, self.run_options = session, io, run_options
+    def __init__(self, session: ort.InferenceSession, io: ort.IOBinding):
+        self.session, self.io = session, io
 
     def run(self) -> None:
-        self.session.run_with_iobinding(self.io, self.run_options)
+        # No RunOptions: reading an unset config entry from them raises and catches an exception on every call.
+        self.session.run_with_iobinding(self.io)
 
 
 class OnnxRuntimeBackend:
@@ -97,7 +98,6 @@ class OnnxRuntimeBackend:
                 raise UserError("this bundle was built for ONNX Runtime's CUDA provider, which does not run on this "
                                 "host; use --device cpu or rebuild the bundle here")
         self.device = "CUDA (onnxruntime)" if self.provider_device == "cuda" else "CPU (onnxruntime)"
-        self.run_options = ort.RunOptions()
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> OrtBuffer:
         return OrtBuffer.allocate(tuple(shape), np.dtype(dtype), self.provider_device)
@@ -118,7 +118,7 @@ class OnnxRuntimeBackend:
                                  f"bound {buffer.dtype}{list(buffer.shape)}")
             bind = io.bind_input if name in inputs else io.bind_output
             bind(name, device_type, 0, buffer.dtype, list(buffer.shape), buffer.ptr)
-        return OrtBinding(session, io, self.run_options)
+        return OrtBinding(session, io)
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
         return launch  # ONNX Runtime records CUDA graphs inside its own sessions, not across them

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +29,7 @@ class Generation:
     seeds: int | list[int]
     timesteps: list[int]
     noise: str  # "torch" (diffusers-identical) or "numpy"
+    engine_seconds: float = 0.0  # from each launch to its outputs being read: the rest of a request is host overhead
 
 
 @dataclass
@@ -209,7 +211,7 @@ class Pipeline:
         ids = self.tokenizer.encode(prompts)
         out = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
         final = np.empty((rows, *self.bundle.latent_shape), np.float32)
-        start = 0
+        start, engine_seconds = 0, 0.0
         for count, batch in self._chunks(rows):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
             program = self._program(batch, plan, sources is not None)
@@ -224,11 +226,14 @@ class Pipeline:
                     buffer.write(pad(drawn))
             for buffer, noise in zip(program.noise, step_noise):
                 buffer.write(pad(noise))
+            launched = time.perf_counter()
             program.launch()
             out[start:start + count] = buffers.images.read()[:count]
             final[start:start + count] = buffers.denoised.read()[:count]
+            engine_seconds += time.perf_counter() - launched
             start += count
-        return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy")
+        return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
+                          engine_seconds)
 
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
