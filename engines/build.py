@@ -68,6 +68,13 @@ def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
     return config
 
 
+def vae_precision(checkpoint: Any, precision: str) -> str:
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): such a VAE runs in fp32 inside an fp16 bundle,
+    as diffusers upcasts it; an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix) keeps fp16."""
+    upcast = checkpoint.family == "sdxl" and getattr(checkpoint.vae.config, "force_upcast", False)
+    return "fp32" if precision == "fp16" and upcast else precision
+
+
 def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig) -> dict[str, dict[str, Any]]:
     import torch
 
@@ -76,45 +83,60 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig)
 
     generator = torch.Generator().manual_seed(0)
     b = EXAMPLE_BATCH
+    randn = lambda *shape: torch.randn(shape, generator=generator)
     channels = checkpoint.unet.config.in_channels
     latent = (b, channels, preset.height // checkpoint.vae_scale_factor, preset.width // checkpoint.vae_scale_factor)
-    max_length = checkpoint.tokenizer.model_max_length if checkpoint.tokenizer.model_max_length < 1e6 else 77
-    vocab = checkpoint.text_encoder.config.vocab_size
-    hidden = checkpoint.text_encoder.config.hidden_size
+    length = max_length(checkpoint.tokenizer)
+    encoders = [checkpoint.text_encoder] + ([checkpoint.text_encoder_2] if checkpoint.text_encoder_2 else [])
+    ids = {name: torch.randint(0, e.config.vocab_size, (b, length), generator=generator, dtype=torch.int32)
+           for name, e in zip(("input_ids", "input_ids_2"), encoders)}
+    hidden = sum(e.config.hidden_size for e in encoders) if checkpoint.family == "sdxl" else encoders[0].config.hidden_size
     coeffs = torch.from_numpy(step_plan(scheduler, 4).coeffs[1].copy())
+    added = {}
+    if checkpoint.family == "sdxl":
+        size = [preset.height, preset.width]
+        added = {"text_embeds": randn(b, checkpoint.text_encoder_2.config.projection_dim),
+                 "time_ids": torch.tensor([size + [0, 0] + size] * b, dtype=torch.float32)}
     return {
-        "text": {"input_ids": torch.randint(0, vocab, (b, max_length), generator=generator, dtype=torch.int32)},
-        "denoise": {
-            "latents": torch.randn(latent, generator=generator),
-            "coeffs": coeffs,
-            "noise": torch.randn(latent, generator=generator),
-            "guidance_scale": torch.tensor([8.0, 1.5]),
-            "prompt_embeds": torch.randn((b, max_length, hidden), generator=generator),
-        },
-        "vae_decode": {"latents": torch.randn(latent, generator=generator)},
+        "text": ids,
+        "denoise": {"latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent),
+                    "guidance_scale": torch.tensor([8.0, 1.5]), "prompt_embeds": randn(b, length, hidden), **added},
+        "vae_decode": {"latents": randn(*latent)},
         "vae_encode": {
             "images": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
                                     dtype=torch.uint8),
             "coeffs": coeffs,
-            "noise": torch.randn(latent, generator=generator),
-            **({} if is_tiny_vae(checkpoint.vae) else {"sample_noise": torch.randn(latent, generator=generator)}),
+            "noise": randn(*latent),
+            **({} if is_tiny_vae(checkpoint.vae) else {"sample_noise": randn(*latent)}),
         },
     }
+
+
+def max_length(tokenizer: Any) -> int:
+    """CLIP's 77; a tokenizer folder without a config reports a huge model_max_length."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 77
 
 
 def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig,
                    img2img: bool) -> dict[str, tuple[Any, list[str]]]:
     import copy
 
-    from lcmtrt.export.graphs import DenoiseStage, TextStage, VaeDecodeStage, VaeEncodeStage
+    from lcmtrt.export.graphs import DenoiseStage, DualTextStage, TextStage, VaeDecodeStage, VaeEncodeStage
 
     scaling = checkpoint.vae.config.scaling_factor
+    vae = vae_precision(checkpoint, precision)
+    if checkpoint.family == "sdxl":
+        text = (DualTextStage(checkpoint.text_encoder, checkpoint.text_encoder_2, precision),
+                ["prompt_embeds", "text_embeds"])
+    else:
+        text = (TextStage(checkpoint.text_encoder, precision), ["prompt_embeds"])
     # each stage casts its own copy: the fp16 conversion replaces norm modules in place
-    encode = {"vae_encode": (VaeEncodeStage(copy.deepcopy(checkpoint.vae), precision, scaling), ["latents"])}
-    return {**(encode if img2img else {}),
-        "text": (TextStage(checkpoint.text_encoder, precision), ["prompt_embeds"]),
+    encode = {"vae_encode": (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])}
+    return {
+        **(encode if img2img else {}),
+        "text": text,
         "denoise": (DenoiseStage(checkpoint.unet, precision, scheduler.prediction_type), ["next_latents", "denoised"]),
-        "vae_decode": (VaeDecodeStage(checkpoint.vae, precision, scaling), ["images"]),
+        "vae_decode": (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"]),
     }
 
 
@@ -173,8 +195,15 @@ def build_bundle(
         preset = preset.validate(multiple=8 * max(1, scale // 8))
         scheduler = scheduler_config(checkpoint.scheduler_config)
         (staging / "onnx").mkdir()
-        (staging / "tokenizer").mkdir()
-        tokenizer_file, pad_id, max_length = export_tokenizer(checkpoint.tokenizer, staging / "tokenizer")
+        tokenizers = [("tokenizer", checkpoint.tokenizer)]
+        if checkpoint.tokenizer_2 is not None:
+            tokenizers.append(("tokenizer_2", checkpoint.tokenizer_2))
+        text_files, pad_ids = [], []
+        for folder, tokenizer in tokenizers:
+            (staging / folder).mkdir(exist_ok=True)
+            filename, pad_id, length = export_tokenizer(tokenizer, staging / folder)
+            text_files.append(f"{folder}/{filename}")
+            pad_ids.append(pad_id)
         examples = _example_inputs(checkpoint, preset, scheduler)
         modules = _stage_modules(checkpoint, precision, scheduler, preset.img2img)
         graphs = {}
@@ -214,6 +243,7 @@ def build_bundle(
                 "host": platform.node(),
                 "duration_s": round(progress.elapsed, 1),
                 "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
+                "vae_precision": vae_precision(checkpoint, precision),
             })
             bundle = Bundle(
                 root=out,
@@ -230,7 +260,7 @@ def build_bundle(
                 default_steps=preset.steps,
                 default_guidance_scale=preset.guidance_scale,
                 scheduler=scheduler,
-                text=TextConfig((f"tokenizer/{tokenizer_file}",), (pad_id,), max_length),
+                text=TextConfig(tuple(text_files), tuple(pad_ids), length),
                 engines={
                     n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs) for n, g in graphs.items()
                 },

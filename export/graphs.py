@@ -67,6 +67,22 @@ class TextStage(nn.Module):
         return self.text_encoder(input_ids.to(torch.int64))[0].float()
 
 
+class DualTextStage(nn.Module):
+    """SDXL's two encoders: the penultimate hidden states of both, concatenated (768 + 1280 for SDXL), and the
+    second encoder's projected pooled embedding (diffusers' `pooled_prompt_embeds`)."""
+
+    def __init__(self, text_encoder: nn.Module, text_encoder_2: nn.Module, precision: str):
+        super().__init__()
+        self.text_encoder = to_precision(text_encoder, precision)
+        self.text_encoder_2 = to_precision(text_encoder_2, precision)
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2.to(torch.int64), output_hidden_states=True)
+        embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return embeds.float(), second.text_embeds.float()
+
+
 class DenoiseStage(nn.Module):
     """One whole LCM step: UNet (guidance through its embedding), x0, boundary condition, next-step noise.
 
@@ -92,12 +108,20 @@ class DenoiseStage(nn.Module):
         noise: torch.Tensor,
         guidance_scale: torch.Tensor,
         prompt_embeds: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`text_embeds` (pooled) and `time_ids` (original size, crop top-left, target size) are SDXL's added
+        conditioning; SD1.5-class graphs have neither input."""
         timestep = coeffs[0:1]
         c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev = (coeffs[i] for i in range(1, 7))
         cond = guidance_embedding(guidance_scale, self.embedding_dim).to(self.dtype)
+        added = None
+        if text_embeds is not None:
+            added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         model_output = self.unet(
-            latents.to(self.dtype), timestep, prompt_embeds.to(self.dtype), timestep_cond=cond
+            latents.to(self.dtype), timestep, prompt_embeds.to(self.dtype), timestep_cond=cond,
+            added_cond_kwargs=added,
         ).sample.float()
         if self.prediction_type == "epsilon":
             x0 = (latents - sqrt_beta * model_output) / sqrt_alpha
@@ -110,17 +134,31 @@ class DenoiseStage(nn.Module):
         return next_latents, denoised
 
 
+def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel latents_mean/latents_std some VAEs configure (diffusers then uses them around scaling)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+
 class VaeDecodeStage(nn.Module):
     """Denoised latents -> uint8 NHWC images, with diffusers' scaling and postprocessing inside."""
 
     def __init__(self, vae: nn.Module, precision: str, scaling_factor: float):
         super().__init__()
+        self.statistics = latent_statistics(vae)
         self.vae = to_precision(vae, precision)
         self.dtype = PRECISIONS[precision]
         self.scaling_factor = scaling_factor
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        image = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        if self.statistics is None:
+            latents = latents / self.scaling_factor
+        else:
+            mean, std = self.statistics
+            latents = latents * std / self.scaling_factor + mean
+        image = self.vae.decode(latents.to(self.dtype)).sample.float()
         image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         # diffusers rounds half to even in numpy; ONNX Round does the same.
         return torch.round(image * 255.0).clamp(0, 255).to(torch.uint8)
@@ -133,18 +171,24 @@ class VaeEncodeStage(nn.Module):
 
     def __init__(self, vae: nn.Module, precision: str, scaling_factor: float):
         super().__init__()
+        self.deterministic = is_tiny_vae(vae)
+        self.statistics = latent_statistics(vae)
         self.vae = to_precision(vae, precision)
         self.dtype = PRECISIONS[precision]
         self.scaling_factor = scaling_factor
-        self.deterministic = is_tiny_vae(vae)
 
     def encode(self, images: torch.Tensor, sample_noise: torch.Tensor | None) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).float() / 255.0
         pixels = (2.0 * pixels - 1.0).to(self.dtype)
         if self.deterministic:
-            return self.scaling_factor * self.vae.encode(pixels).latents.float()
-        dist = self.vae.encode(pixels).latent_dist
-        return self.scaling_factor * (dist.mean.float() + dist.std.float() * sample_noise)
+            latents = self.vae.encode(pixels).latents.float()
+        else:
+            dist = self.vae.encode(pixels).latent_dist
+            latents = dist.mean.float() + dist.std.float() * sample_noise
+        if self.statistics is None:
+            return self.scaling_factor * latents
+        mean, std = self.statistics
+        return (latents - mean) * self.scaling_factor / std
 
     def forward(self, images: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor,
                 sample_noise: torch.Tensor | None = None) -> torch.Tensor:

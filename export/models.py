@@ -30,6 +30,8 @@ class Checkpoint:
     text_encoder: Any
     tokenizer: Any
     scheduler_config: dict[str, Any]
+    text_encoder_2: Any = None  # SDXL-class: CLIPTextModelWithProjection (pooled, projected text embeddings)
+    tokenizer_2: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,7 +97,7 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
     """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
     and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE)."""
     from diffusers import AutoencoderKL, LCMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
     path = resolve_model(model)
@@ -107,11 +109,16 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
         # LCMScheduler.from_config semantics: a base model's other scheduler config keeps only the shared settings
         scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+        family = family_of(unet_model.config)
+        second = {}
+        if family == "sdxl":
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                              **kwargs).eval(),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs),
+            }
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"could not load model {model!r}: {_first_line(e)}") from None
-    family = family_of(unet_model.config)
-    if family != "sd15":
-        raise UserError(f"model {model!r} is an SDXL-class checkpoint; this version of lcmtrt builds SD1.5-class ones")
     return Checkpoint(
         source=model,
         path=path,
@@ -122,5 +129,27 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
+        **second,
         extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None},
     )
+
+
+def reference_pipeline(sources: dict[str, Any], family: str) -> Any:
+    """diffusers' text-to-image pipeline for a bundle's checkpoint with LCMScheduler: what the bundle reproduces."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+
+    quiet_libraries()
+    parts = {}
+    if sources.get("unet"):
+        parts["unet"] = _load_unet(sources["unet"], None)
+    if sources.get("vae"):
+        parts["vae"] = _load_vae(sources["vae"])
+    path = resolve_model(sources["model"])
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **parts)
+    else:
+        pipe = LatentConsistencyModelPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                              **parts)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -14,15 +14,16 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random")
+TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b")
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
 
 
-def _tiny_text_encoder():
+def _tiny_text_encoder(projection: bool = False):
+    """A tiny CLIP text encoder; `projection` gives CLIPTextModelWithProjection, SDXL's second encoder."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
+    torch.manual_seed(1 if projection else 0)
     config = CLIPTextConfig(
         bos_token_id=49406,
         eos_token_id=49407,
@@ -34,8 +35,9 @@ def _tiny_text_encoder():
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=77,
         layer_norm_eps=1e-5,
+        projection_dim=32,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def _tiny_lcm_unet():
@@ -71,6 +73,51 @@ def _tiny_vae():
         latent_channels=4,
         norm_num_groups=2,
     ).eval()
+
+
+def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = None):
+    """An SDXL-like LCM UNet: text_time added conditioning (6 time ids x 8 + 32 pooled = 80), linear projections,
+    cross-attention over both encoders' 32 + 32 features, guidance embedding."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=transformer_layers,
+        reverse_transformer_layers_per_block=reverse_layers, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, time_cond_proj_dim=32,
+    ).eval()
+
+
+def _write_sdxl_pipeline(dest: Path, unet) -> Path:
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    vae = _tiny_vae()
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scaling
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer"))
+        # SDXL's second tokenizer pads with "!" (id 0), not with the end-of-text token
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!"))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_tiny_text_encoder(), text_encoder_2=_tiny_text_encoder(projection=True),
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=LCMScheduler(),
+            add_watermarker=False,
+        )
+        pipe.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def write_tiny_sdxl(dest: Path) -> Path:
+    return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 2)))
+
+
+def write_tiny_ssd1b(dest: Path) -> Path:
+    """SSD-1B-like: a different transformer depth per block and per up-block layer, as SSD-1B's config has."""
+    return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 3), ((3, 2, 1), (1, 1, 1))))
 
 
 def write_tiny_taesd(dest: Path) -> Path:
@@ -148,7 +195,7 @@ def write_sd15_random(dest: Path) -> Path:
 
 
 _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
-            "taesd-random": write_taesd_random}
+            "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b}
 
 
 def tiny_checkpoint(name: str, cache_dir: Path) -> Path:

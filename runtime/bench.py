@@ -109,19 +109,14 @@ def _environment(bundle: Any, device: str) -> dict[str, Any]:
 def bench_diffusers(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
     """The reference: diffusers' LatentConsistencyModelPipeline on the bundle's own checkpoint, timed per stage."""
     import torch
-    from diffusers import LatentConsistencyModelPipeline
 
-    from lcmtrt.export.models import quiet_libraries, resolve_model
+    from lcmtrt.export.models import reference_pipeline
     from lcmtrt.runtime.bundle import load_bundle
 
-    quiet_libraries()
     bundle = load_bundle(bundle_dir, verify_hashes=False)
     gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"
     device, dtype = ("cuda", torch.float16) if gpu and bundle.precision == "fp16" else ("cuda" if gpu else "cpu", torch.float32)
-    pipe = LatentConsistencyModelPipeline.from_pretrained(
-        resolve_model(bundle.sources["model"]), safety_checker=None, requires_safety_checker=False
-    ).to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(bundle.sources, bundle.family).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     current: dict[str, float] = {}
     timings: list[dict[str, float]] = []
@@ -134,12 +129,15 @@ def bench_diffusers(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
             start = time.perf_counter()
             out = original(*args, **kwargs)
             sync()
-            current[label()] = time.perf_counter() - start
+            key = label()
+            current[key] = current.get(key, 0.0) + time.perf_counter() - start  # SDXL: both text encoders
             return out
 
         setattr(module, method, wrapper)
 
-    timed(pipe.text_encoder, lambda: "text")
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            timed(encoder, lambda: "text")
     timed(pipe.unet, lambda: f"denoise[{sum(k.startswith('denoise') for k in current)}]")
     timed(pipe.vae, lambda: "vae_decode", "decode")
 

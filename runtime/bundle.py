@@ -42,6 +42,10 @@ class EngineSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "onnx": self.onnx,

@@ -38,6 +38,14 @@ def _seeds(text: str) -> int | list[int]:
     return seeds[0] if len(seeds) == 1 else seeds
 
 
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated integers like 1024,1024, got {text!r}") from None
+    return first, second
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lcmtrt", description="TensorRT-compiled Latent Consistency Models")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -77,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
                        help="how an input image of another size is fitted (stretch: as diffusers)")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+    infer.add_argument("--original-size", type=_pair, metavar="H,W", help="SDXL micro-conditioning (default: H,W)")
+    infer.add_argument("--crop-top-left", type=_pair, metavar="TOP,LEFT", default=(0, 0),
+                       help="SDXL micro-conditioning (default: 0,0)")
+    infer.add_argument("--target-size", type=_pair, metavar="H,W", help="SDXL micro-conditioning (default: H,W)")
 
     bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
     bench.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
@@ -163,6 +175,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     pipeline = Pipeline.load(args.engines, args.device)
     loaded = time.perf_counter()
     inputs = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height, args.fit) for image in sources]
+    sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (
+        ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
+    if sdxl_flags and pipeline.bundle.family != "sdxl":
+        log.warning("warning: --%s only conditions SDXL-class models; ignored", sdxl_flags[0].replace("_", "-"))
     result = pipeline.generate(
         prompts,
         seed=args.seed,
@@ -173,6 +189,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         images=inputs or None,
         strength=args.strength,
         img2img_mode=args.img2img_mode,
+        original_size=args.original_size,
+        crop_top_left=args.crop_top_left,
+        target_size=args.target_size,
     )
     done = time.perf_counter()
     if args.grid:

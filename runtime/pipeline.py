@@ -34,13 +34,12 @@ class Generation:
 
 @dataclass
 class _BatchBuffers:
-    """Everything one batch size needs, allocated once."""
+    """Everything one batch size needs, allocated once. `shared` holds the tensors engines pass to each other or
+    the host writes once per request, by their engine I/O name (input_ids, prompt_embeds, guidance_scale, ...)."""
 
-    input_ids: Buffer
-    prompt_embeds: Buffer
+    shared: dict[str, Buffer]
     latents: tuple[Buffer, Buffer]  # ping-pong: step i reads latents[i % 2] and writes latents[(i + 1) % 2]
     denoised: Buffer
-    guidance_scale: Buffer
     images: Buffer
     text: Binding
     vae_decode: Binding
@@ -69,8 +68,11 @@ class _Program:
 class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle, self.backend = bundle, backend
-        (self.tokenizer,) = load_tokenizers(bundle)  # SD1.5-class bundles have one tokenizer
-        self.hidden = bundle.engines["text"].outputs[0].shape[-1]
+        self.tokenizers = load_tokenizers(bundle)  # SD1.5: one; SDXL: CLIP ViT-L's and OpenCLIP bigG's
+        self.id_inputs = [t.name for t in bundle.engines["text"].inputs]  # input_ids[, input_ids_2], same order
+        if len(self.id_inputs) != len(self.tokenizers):
+            raise UserError(f"bundle {bundle.root} pairs {len(self.tokenizers)} tokenizers with a text engine taking "
+                            f"{self.id_inputs}; rebuild it")
         encode = bundle.engines.get("vae_encode")
         # AutoencoderTiny encodes deterministically: its graph takes no sample noise and diffusers draws none
         names = {t.name for t in encode.inputs} if encode else set()
@@ -88,20 +90,18 @@ class Pipeline:
 
     def _buffers(self, batch: int) -> _BatchBuffers:
         if batch not in self._batches:
-            b, alloc = self.bundle, self.backend.alloc
-            latent = (batch, *b.latent_shape)
-            buffers = dict(
-                input_ids=alloc((batch, b.text.max_length), np.int32),
-                prompt_embeds=alloc((batch, b.text.max_length, self.hidden), np.float32),
-                latents=(alloc(latent, np.float32), alloc(latent, np.float32)),
-                denoised=alloc(latent, np.float32),
-                guidance_scale=alloc((batch,), np.float32),
-                images=alloc((batch, b.height, b.width, 3), np.uint8),
-            )
-            text = self.backend.bind("text", batch, {"input_ids": buffers["input_ids"],
-                                                     "prompt_embeds": buffers["prompt_embeds"]})
-            vae = self.backend.bind("vae_decode", batch, {"latents": buffers["denoised"], "images": buffers["images"]})
-            self._batches[batch] = _BatchBuffers(**buffers, text=text, vae_decode=vae)
+            alloc, engines = self.backend.alloc, self.bundle.engines
+            latent = (batch, *self.bundle.latent_shape)
+            latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
+            images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
+            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised"}
+            shared = {t.name: alloc(t.concrete(batch), t.dtype)
+                      for t in engines["text"].inputs + engines["text"].outputs + engines["denoise"].inputs
+                      if t.name not in per_step}
+            text = self.backend.bind("text", batch, {t.name: shared[t.name]
+                                                     for t in engines["text"].inputs + engines["text"].outputs})
+            vae = self.backend.bind("vae_decode", batch, {"latents": denoised, "images": images})
+            self._batches[batch] = _BatchBuffers(shared, latents, denoised, images, text, vae)
         return self._batches[batch]
 
     def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
@@ -126,13 +126,14 @@ class Pipeline:
             coeffs = self._step_coeffs(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
             encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
+            conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines["denoise"].inputs
+                            if t.name in buffers.shared}
             bindings = [
                 self.backend.bind("denoise", batch, {
+                    **conditioning,
                     "latents": buffers.latents[i % 2],
                     "coeffs": coeffs[i],
                     "noise": step_noise[i],
-                    "guidance_scale": buffers.guidance_scale,
-                    "prompt_embeds": buffers.prompt_embeds,
                     "next_latents": buffers.latents[(i + 1) % 2],
                     "denoised": buffers.denoised,
                 })
@@ -172,10 +173,14 @@ class Pipeline:
         images: Sequence[np.ndarray] | None = None,
         strength: float = 0.8,
         img2img_mode: str = "classic",
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
         per row (like a list of generators). `images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one
-        per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm)."""
+        per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class
+        bundles take diffusers' micro-conditioning: original_size and target_size default to (height, width)."""
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
@@ -208,7 +213,12 @@ class Pipeline:
         firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
                                                self.use_torch)
         sources = None if images is None else np.stack([images[0]] * rows if shared_image else list(images))
-        ids = self.tokenizer.encode(prompts)
+        host_inputs = {name: tokenizer.encode(prompts) for name, tokenizer in zip(self.id_inputs, self.tokenizers)}
+        host_inputs["guidance_scale"] = scales
+        if "time_ids" in self.bundle.engines["denoise"].input_names:
+            size = (self.bundle.height, self.bundle.width)
+            row = [*(original_size or size), *crop_top_left, *(target_size or size)]
+            host_inputs["time_ids"] = np.tile(np.asarray(row, np.float32), (rows, 1))
         out = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
         final = np.empty((rows, *self.bundle.latent_shape), np.float32)
         start, engine_seconds = 0, 0.0
@@ -216,8 +226,8 @@ class Pipeline:
             pad = lambda array: _pad_rows(array[start:start + count], batch)
             program = self._program(batch, plan, sources is not None)
             buffers = self._buffers(batch)
-            buffers.input_ids.write(pad(ids))
-            buffers.guidance_scale.write(pad(scales))
+            for name, array in host_inputs.items():
+                buffers.shared[name].write(pad(array))
             if program.encoder is None:
                 buffers.latents[0].write(pad(firsts[0]))
             else:
