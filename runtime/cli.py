@@ -149,8 +149,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     from lcmtrt.engines.build import build_bundle
     from lcmtrt.engines.preset import load_preset
 
+    from dataclasses import replace
+
     preset = load_preset(args.preset, args.config)
-    preset = preset.with_overrides(model=args.model, height=args.height, width=args.width, batch_sizes=args.batch)
+    if args.model:  # a whole checkpoint of the user's: its own UNet and VAE, not the preset's replacements
+        preset = replace(preset, model=args.model, unet=None, vae=None)
+    preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb)
     print(out)

@@ -187,3 +187,15 @@ def test_bad_input_images(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> Non
     Image.new("L", (64, 64)).save(good)
     assert_user_error(capsys, ["infer", "--engines", str(tiny_sd15_bundle), "x", "--image", str(good), "--steps",
                                "2", "--strength", "0.3", "--output", str(tmp_path / "o.png")], "leaves no step")
+
+
+def test_model_flag_replaces_the_whole_checkpoint(lcmtrt_cache: Path, tmp_path: Path, capsys) -> None:
+    """--model takes a full pipeline folder (its own UNet and VAE); the family comes from its configs."""
+    from lcmtrt.export.models import resolve_model
+
+    out = tmp_path / "swapped"
+    assert main(["-q", "build-engines", "--preset", "tiny-sd15-taesd", "--model", resolve_model("tiny-sdxl"),
+                 "--batch", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["family"] == "sdxl" and "vae" not in manifest["sources"]
+    assert [t["name"] for t in manifest["engines"]["text"]["inputs"]] == ["input_ids", "input_ids_2"]
