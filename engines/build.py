@@ -24,23 +24,23 @@ from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("text", "denoise", "vae_decode", "vae_encode")
 EXAMPLE_BATCH = 2  # trace with batch 2 so no reshape is specialised to batch 1
 
 
 class Progress:
     """Numbered, timed log lines for each stage of a long build."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int | None = None):
         self.total, self.done, self.started = total, 0, time.perf_counter()
 
     @contextmanager
     def stage(self, what: str) -> Iterator[None]:
         self.done += 1
-        log.info("[%d/%d] %s ...", self.done, self.total, what)
+        number = f"[{self.done}/{self.total}]" if self.total else f"[{self.done}]"
+        log.info("%s %s ...", number, what)
         start = time.perf_counter()
         yield
-        log.info("[%d/%d] %s done in %.1f s", self.done, self.total, what, time.perf_counter() - start)
+        log.info("%s %s done in %.1f s", number, what, time.perf_counter() - start)
 
     @property
     def elapsed(self) -> float:
@@ -75,7 +75,16 @@ def vae_precision(checkpoint: Any, precision: str) -> str:
     return "fp32" if precision == "fp16" and upcast else precision
 
 
-def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig) -> dict[str, dict[str, Any]]:
+def guidance_mode(checkpoint: Any, preset: Preset) -> str:
+    """embedding: LCM-distilled UNet; cfg: a base UNet (LCM-LoRA) built for classifier-free guidance; none: one
+    without, which runs at guidance <= 1 only."""
+    if checkpoint.unet.config.time_cond_proj_dim is not None:
+        return "embedding"
+    return "cfg" if preset.cfg else "none"
+
+
+def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
+                    modules: dict[str, tuple[Any, list[str]]]) -> dict[str, dict[str, Any]]:
     import torch
 
     from lcmtrt.export.graphs import is_tiny_vae
@@ -92,15 +101,20 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig)
            for name, e in zip(("input_ids", "input_ids_2"), encoders)}
     hidden = sum(e.config.hidden_size for e in encoders) if checkpoint.family == "sdxl" else encoders[0].config.hidden_size
     coeffs = torch.from_numpy(step_plan(scheduler, 4).coeffs[1].copy())
-    added = {}
-    if checkpoint.family == "sdxl":
-        size = [preset.height, preset.width]
-        added = {"text_embeds": randn(b, checkpoint.text_encoder_2.config.projection_dim),
-                 "time_ids": torch.tensor([size + [0, 0] + size] * b, dtype=torch.float32)}
-    return {
+    size = [preset.height, preset.width]
+
+    def denoise_inputs(names: list[str], rows: int) -> dict[str, Any]:
+        pool = {
+            "latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent),
+            "prompt_embeds": randn(rows, length, hidden), "guidance_scale": torch.tensor([8.0, 1.5]),
+            "uncond_mask": torch.tensor([1.0, 0.0]),
+            "text_embeds": randn(rows, checkpoint.text_encoder_2.config.projection_dim) if checkpoint.text_encoder_2 else None,
+            "time_ids": torch.tensor([size + [0, 0] + size] * rows, dtype=torch.float32),
+        }
+        return {name: pool[name] for name in names}
+
+    examples = {
         "text": ids,
-        "denoise": {"latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent),
-                    "guidance_scale": torch.tensor([8.0, 1.5]), "prompt_embeds": randn(b, length, hidden), **added},
         "vae_decode": {"latents": randn(*latent)},
         "vae_encode": {
             "images": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
@@ -110,6 +124,26 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig)
             **({} if is_tiny_vae(checkpoint.vae) else {"sample_noise": randn(*latent)}),
         },
     }
+    for name in ("denoise", "denoise_cfg"):
+        if name in modules:
+            examples[name] = denoise_inputs(modules[name][0].input_names, 2 * b if name == "denoise_cfg" else b)
+    return examples
+
+
+def zero_empty_negative(checkpoint: Any) -> bool:
+    """SDXL pipelines' force_zeros_for_empty_prompt (default True), read from the pipeline's model_index.json."""
+    if checkpoint.family != "sdxl":
+        return False
+    index = Path(checkpoint.path) / "model_index.json"
+    if index.is_file():
+        return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(checkpoint.path, "model_index.json", revision=checkpoint.revision)
+    except Exception:  # noqa: BLE001 - an unreadable index means the pipeline's default
+        return True
+    return bool(json.loads(Path(path).read_text()).get("force_zeros_for_empty_prompt", True))
 
 
 def max_length(tokenizer: Any) -> int:
@@ -117,27 +151,40 @@ def max_length(tokenizer: Any) -> int:
     return tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 77
 
 
-def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig,
-                   img2img: bool) -> dict[str, tuple[Any, list[str]]]:
+def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, preset: Preset,
+                   mode: str) -> dict[str, tuple[Any, list[str]]]:
+    """The stage modules to export, in export order, with their output names."""
     import copy
 
     from lcmtrt.export.graphs import DenoiseStage, DualTextStage, TextStage, VaeDecodeStage, VaeEncodeStage
 
     scaling = checkpoint.vae.config.scaling_factor
     vae = vae_precision(checkpoint, precision)
-    if checkpoint.family == "sdxl":
+    sdxl = checkpoint.family == "sdxl"
+    if sdxl:
         text = (DualTextStage(checkpoint.text_encoder, checkpoint.text_encoder_2, precision),
                 ["prompt_embeds", "text_embeds"])
     else:
         text = (TextStage(checkpoint.text_encoder, precision), ["prompt_embeds"])
-    # each stage casts its own copy: the fp16 conversion replaces norm modules in place
-    encode = {"vae_encode": (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])}
-    return {
-        **(encode if img2img else {}),
-        "text": text,
-        "denoise": (DenoiseStage(checkpoint.unet, precision, scheduler.prediction_type), ["next_latents", "denoised"]),
-        "vae_decode": (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"]),
-    }
+    steps = ["next_latents", "denoised"]
+    prediction = scheduler.prediction_type
+    modules = {"text": text}
+    if mode == "cfg":  # one graph without guidance for guidance <= 1, one with the doubled batch for > 1
+        modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl), steps)
+        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl), steps)
+    else:
+        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl), steps)
+    if preset.img2img:  # its own copy: the fp16 conversion replaces norm modules in place
+        modules["vae_encode"] = (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])
+    modules["vae_decode"] = (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"])
+    return modules
+
+
+BATCH_AXES = {
+    "denoise": {"coeffs": None},
+    "denoise_cfg": {"coeffs": None, "prompt_embeds": "2*batch", "text_embeds": "2*batch", "time_ids": "2*batch"},
+    "vae_encode": {"coeffs": None},
+}
 
 
 def _source_info(checkpoint: Any) -> dict[str, Any]:
@@ -183,8 +230,7 @@ def build_bundle(
     if backend == "tensorrt" and precision != "fp16":
         raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
 
-    stages = STAGES if preset.img2img else STAGES[:-1]
-    progress = Progress(total=2 + len(stages) * 2)
+    progress = Progress()  # the stage count is known once the checkpoint says which engines it needs
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -204,14 +250,22 @@ def build_bundle(
             filename, pad_id, length = export_tokenizer(tokenizer, staging / folder)
             text_files.append(f"{folder}/{filename}")
             pad_ids.append(pad_id)
-        examples = _example_inputs(checkpoint, preset, scheduler)
-        modules = _stage_modules(checkpoint, precision, scheduler, preset.img2img)
+        mode = guidance_mode(checkpoint, preset)
+        if preset.cfg and mode == "embedding":
+            log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
+                        "and diffusers never runs classifier-free guidance with it")
+        modules = _stage_modules(checkpoint, precision, scheduler, preset, mode)
+        progress.total = 1 + 2 * len(modules) + 1  # load, export and build each engine, write the manifest
+        examples = _example_inputs(checkpoint, preset, scheduler, modules)
+        cfg_batches = tuple(sorted(set(preset.batch_sizes) | {2 * b for b in preset.batch_sizes}))
+        engine_batches = {name: cfg_batches if name == "text" and mode == "cfg" else tuple(preset.batch_sizes)
+                          for name in modules}
         graphs = {}
-        for name in stages:
+        for name in modules:
             with progress.stage(f"export {name} to ONNX ({precision})"):
                 module, output_names = modules[name]
-                unbatched = {"coeffs"}
-                graphs[name] = export_graph(name, module, examples[name], output_names, unbatched, staging / "onnx")
+                graphs[name] = export_graph(name, module, examples[name], output_names, BATCH_AXES.get(name, {}),
+                                            staging / "onnx")
                 error = graphs[name].max_abs_error
                 log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
         artifacts: dict[str, str] = {}
@@ -224,7 +278,7 @@ def build_bundle(
             workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
             for name, graph in graphs.items():
                 with progress.stage(f"build TensorRT plan for {name}"):
-                    profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in preset.batch_sizes]
+                    profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in engine_batches[name]]
                     plan = staging / "trt" / f"{name}.plan"
                     build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache")
                     artifacts[name] = f"trt/{name}.plan"
@@ -250,7 +304,7 @@ def build_bundle(
                 family=checkpoint.family,
                 precision=precision,
                 backend=backend,
-                guidance_mode="embedding",
+                guidance_mode=mode,
                 height=preset.height,
                 width=preset.width,
                 batch_sizes=tuple(preset.batch_sizes),
@@ -260,9 +314,10 @@ def build_bundle(
                 default_steps=preset.steps,
                 default_guidance_scale=preset.guidance_scale,
                 scheduler=scheduler,
-                text=TextConfig(tuple(text_files), tuple(pad_ids), length),
+                text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
                 engines={
-                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs) for n, g in graphs.items()
+                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs, engine_batches[n])
+                    for n, g in graphs.items()
                 },
                 sources={"preset": preset.name, **_source_info(checkpoint),
                          **{k: v for k, v in checkpoint.extra.items() if v}},

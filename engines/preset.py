@@ -24,6 +24,7 @@ class Preset:
     unet: str | None = None  # replaces the model's UNet (e.g. an LCM-distilled UNet on its base pipeline)
     vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
     img2img: bool = True  # also build the vae_encode engine
+    cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
     description: str = ""
 
     def validate(self, multiple: int = 8) -> Preset:

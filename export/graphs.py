@@ -84,45 +84,56 @@ class DualTextStage(nn.Module):
 
 
 class DenoiseStage(nn.Module):
-    """One whole LCM step: UNet (guidance through its embedding), x0, boundary condition, next-step noise.
+    """One whole LCM step: UNet, guidance, x0, boundary condition, next-step noise.
 
     `coeffs` is one row of the runtime's step plan: timestep, c_skip, c_out, sqrt(a_t), sqrt(1-a_t),
     sqrt(a_prev), sqrt(1-a_prev) (1 and 0 on the last step, so the output is exactly `denoised` there).
+    Guidance is one of three `modes`: "embedding" (LCM-distilled UNet: guidance_scale goes through its
+    time_cond_proj_dim embedding), "cfg" (classifier-free guidance: prompt_embeds/text_embeds/time_ids hold
+    [negative; positive] rows, uncond_mask zeroes the negative embeddings per row as SDXL's
+    force_zeros_for_empty_prompt does) or "none" (a UNet without embedding at guidance <= 1: no guidance input).
+    SDXL-class graphs also take text_embeds (pooled) and time_ids.
     """
 
-    def __init__(self, unet: nn.Module, precision: str, prediction_type: str):
+    def __init__(self, unet: nn.Module, precision: str, prediction_type: str, mode: str, sdxl: bool):
         super().__init__()
-        if unet.config.time_cond_proj_dim is None:
-            raise ValueError("this UNet has no guidance embedding (time_cond_proj_dim); it needs CFG")
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        if (mode == "embedding") != (unet.config.time_cond_proj_dim is not None):
+            raise ValueError(f"guidance mode {mode!r} does not fit this UNet's time_cond_proj_dim")
         self.unet = to_precision(unet, precision)
         self.dtype = PRECISIONS[precision]
-        self.prediction_type = prediction_type
+        self.prediction_type, self.mode = prediction_type, mode
         self.embedding_dim = unet.config.time_cond_proj_dim
+        self.input_names = ["latents", "coeffs", "noise", "prompt_embeds"]
+        self.input_names += {"embedding": ["guidance_scale"], "cfg": ["guidance_scale", "uncond_mask"], "none": []}[mode]
+        self.input_names += ["text_embeds", "time_ids"] if sdxl else []
 
-    def forward(
-        self,
-        latents: torch.Tensor,
-        coeffs: torch.Tensor,
-        noise: torch.Tensor,
-        guidance_scale: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`text_embeds` (pooled) and `time_ids` (original size, crop top-left, target size) are SDXL's added
-        conditioning; SD1.5-class graphs have neither input."""
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = dict(zip(self.input_names, tensors))
+        latents, coeffs = x["latents"], x["coeffs"]
         timestep = coeffs[0:1]
         c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev = (coeffs[i] for i in range(1, 7))
-        cond = guidance_embedding(guidance_scale, self.embedding_dim).to(self.dtype)
+        embeds, pooled = x["prompt_embeds"], x.get("text_embeds")
+        cond, sample = None, latents
+        if self.mode == "embedding":
+            cond = guidance_embedding(x["guidance_scale"], self.embedding_dim).to(self.dtype)
+        elif self.mode == "cfg":
+            keep = x["uncond_mask"][:, None, None]
+            rows = latents.shape[0]
+            embeds = torch.cat([embeds[:rows] * keep, embeds[rows:]])
+            if pooled is not None:
+                pooled = torch.cat([pooled[:rows] * keep[:, :, 0], pooled[rows:]])
+            sample = torch.cat([latents, latents])
         added = None
-        if text_embeds is not None:
-            added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
+        if pooled is not None:
+            added = {"text_embeds": pooled.to(self.dtype), "time_ids": x["time_ids"].to(self.dtype)}
         model_output = self.unet(
-            latents.to(self.dtype), timestep, prompt_embeds.to(self.dtype), timestep_cond=cond,
-            added_cond_kwargs=added,
+            sample.to(self.dtype), timestep, embeds.to(self.dtype), timestep_cond=cond, added_cond_kwargs=added,
         ).sample.float()
+        if self.mode == "cfg":
+            uncond, text = model_output.chunk(2)
+            model_output = uncond + x["guidance_scale"][:, None, None, None] * (text - uncond)
         if self.prediction_type == "epsilon":
             x0 = (latents - sqrt_beta * model_output) / sqrt_alpha
         elif self.prediction_type == "sample":
@@ -130,7 +141,7 @@ class DenoiseStage(nn.Module):
         else:
             x0 = sqrt_alpha * latents - sqrt_beta * model_output
         denoised = c_out * x0 + c_skip * latents
-        next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * noise
+        next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * x["noise"]
         return next_latents, denoised
 
 

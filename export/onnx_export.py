@@ -30,10 +30,13 @@ class ExportedGraph:
     max_abs_error: float | None  # vs torch on the example inputs; None when ONNX Runtime on this host cannot run it
 
 
-def _spec(name: str, tensor: torch.Tensor, batched: bool) -> TensorSpec:
+ONNX_BATCH_DIMS = {"batch": "batch", "2*batch": "batch_x2"}  # distinct names: TensorRT equates same-named dims
+
+
+def _spec(name: str, tensor: torch.Tensor, axis: str | None) -> TensorSpec:
     dtype = str(tensor.dtype).removeprefix("torch.")
     shape = tuple(tensor.shape)
-    return TensorSpec(name, dtype, (("batch",) + shape[1:]) if batched else shape)
+    return TensorSpec(name, dtype, ((axis,) + shape[1:]) if axis else shape)
 
 
 def export_graph(
@@ -41,16 +44,18 @@ def export_graph(
     module: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
     output_names: list[str],
-    unbatched: set[str],
+    batch_axes: dict[str, str | None],
     dest_dir: Path,
 ) -> ExportedGraph:
-    """Export `module(**inputs)` as dest_dir/<name>.onnx with a dynamic batch axis on every tensor not in `unbatched`."""
+    """Export `module(*inputs.values())` as dest_dir/<name>.onnx. Axis 0 of every tensor is a dynamic "batch" axis
+    unless `batch_axes` says "2*batch" (CFG's doubled rows) or None (no batch axis)."""
     module = module.eval()
     args = tuple(inputs.values())
     with torch.no_grad():
         expected = module(*args)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    dynamic_axes = {n: {0: "batch"} for n in list(inputs) + output_names if n not in unbatched}
+    axes = {n: batch_axes.get(n, "batch") for n in list(inputs) + output_names}
+    dynamic_axes = {n: {0: ONNX_BATCH_DIMS[a]} for n, a in axes.items() if a}
     dest = dest_dir / f"{name}.onnx"
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=f".{name}-") as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -69,8 +74,8 @@ def export_graph(
             )
         files = _finalize(raw, dest)
     error = _compare(dest, inputs, output_names, expected)
-    specs_in = tuple(_spec(n, t, n not in unbatched) for n, t in inputs.items())
-    specs_out = tuple(_spec(n, t, n not in unbatched) for n, t in zip(output_names, expected))
+    specs_in = tuple(_spec(n, t, axes[n]) for n, t in inputs.items())
+    specs_out = tuple(_spec(n, t, axes[n]) for n, t in zip(output_names, expected))
     return ExportedGraph(name, dest, files, specs_in, specs_out, error)
 
 

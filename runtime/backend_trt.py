@@ -167,10 +167,10 @@ class TensorRTBackend:
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise UserError(f"TensorRT cannot load {path} ({self.logger.recent_errors()}); {REBUILD}")
-        if engine.num_optimization_profiles != len(self.bundle.batch_sizes):
+        if engine.num_optimization_profiles != len(spec.batch_sizes):
             raise UserError(
                 f"{path} has {engine.num_optimization_profiles} optimization profiles but the bundle lists batch "
-                f"sizes {list(self.bundle.batch_sizes)}; {REBUILD}"
+                f"sizes {list(spec.batch_sizes)} for it; {REBUILD}"
             )
         return engine
 
@@ -195,9 +195,10 @@ class TensorRTBackend:
     def bind(self, engine: str, batch: int, tensors: dict[str, Buffer]) -> TrtBinding:
         if engine not in self.engines:
             raise ValueError(f"unknown engine {engine!r}; the bundle has {sorted(self.engines)}")
-        if batch not in self.bundle.batch_sizes:
-            raise ValueError(f"batch size {batch} was not built; the bundle has {list(self.bundle.batch_sizes)}")
-        binding = TrtBinding(self, engine, self.bundle.batch_sizes.index(batch), tensors)
+        profiles = self.bundle.engines[engine].batch_sizes
+        if batch not in profiles:
+            raise ValueError(f"batch size {batch} was not built for {engine}; it has {list(profiles)}")
+        binding = TrtBinding(self, engine, profiles.index(batch), tensors)
         self._bindings.append(binding)
         return binding
 

@@ -19,10 +19,10 @@ HASHED_FILE_LIMIT = 64 << 20  # files up to this size have their sha256 checked 
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: float32, float16, int32, uint8
-    shape: tuple[int | str, ...]  # "batch" marks the axis that takes the batch size (or 2x under CFG)
+    shape: tuple[int | str, ...]  # "batch" takes the batch size; "2*batch" twice it (CFG's [negative; positive])
 
     def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "batch" else int(d) for d in self.shape)
+        return tuple(batch if d == "batch" else 2 * batch if d == "2*batch" else int(d) for d in self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -41,6 +41,7 @@ class EngineSpec:
     artifact: str  # ORT-optimized graph or TensorRT plan, relative to the bundle
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    batch_sizes: tuple[int, ...]  # the batch sizes it runs at: one static TensorRT optimization profile each, in order
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -52,6 +53,7 @@ class EngineSpec:
             "artifact": self.artifact,
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
+            "batch_sizes": list(self.batch_sizes),
         }
 
     @classmethod
@@ -62,6 +64,7 @@ class EngineSpec:
             d["artifact"],
             tuple(TensorSpec.from_json(t) for t in d["inputs"]),
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+            tuple(int(b) for b in d["batch_sizes"]),
         )
 
 
@@ -86,6 +89,7 @@ class TextConfig:
     tokenizers: tuple[str, ...]  # tokenizer.json paths relative to the bundle
     pad_ids: tuple[int, ...]
     max_length: int = 77
+    zero_empty_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: CFG without a negative prompt uses zeros
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Bundle:
     family: str  # sd15 | sdxl
     precision: str  # fp32 | fp16
     backend: str  # onnxruntime | tensorrt
-    guidance_mode: str  # embedding | cfg
+    guidance_mode: str  # embedding (LCM-distilled UNet) | cfg (denoise + denoise_cfg engines) | none (guidance <= 1)
     height: int
     width: int
     batch_sizes: tuple[int, ...]
@@ -136,6 +140,7 @@ class Bundle:
                 "tokenizers": list(self.text.tokenizers),
                 "pad_ids": list(self.text.pad_ids),
                 "max_length": self.text.max_length,
+                "zero_empty_negative": self.text.zero_empty_negative,
             },
             "engines": {name: e.to_json() for name, e in self.engines.items()},
             "sources": self.sources,
@@ -169,7 +174,8 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         default_steps=int(d["defaults"]["steps"]),
         default_guidance_scale=float(d["defaults"]["guidance_scale"]),
         scheduler=SchedulerConfig(**d["scheduler"]),
-        text=TextConfig(tuple(text["tokenizers"]), tuple(int(p) for p in text["pad_ids"]), int(text["max_length"])),
+        text=TextConfig(tuple(text["tokenizers"]), tuple(int(p) for p in text["pad_ids"]), int(text["max_length"]),
+                        bool(text["zero_empty_negative"])),
         engines={name: EngineSpec.from_json(name, e) for name, e in d["engines"].items()},
         sources=d.get("sources", {}),
         build=d.get("build", {}),

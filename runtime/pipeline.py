@@ -37,6 +37,7 @@ class _BatchBuffers:
     """Everything one batch size needs, allocated once. `shared` holds the tensors engines pass to each other or
     the host writes once per request, by their engine I/O name (input_ids, prompt_embeds, guidance_scale, ...)."""
 
+    denoise: str  # the engine the steps run: denoise, or denoise_cfg with [negative; positive] text rows
     shared: dict[str, Buffer]
     latents: tuple[Buffer, Buffer]  # ping-pong: step i reads latents[i % 2] and writes latents[(i + 1) % 2]
     denoised: Buffer
@@ -77,9 +78,9 @@ class Pipeline:
         # AutoencoderTiny encodes deterministically: its graph takes no sample noise and diffusers draws none
         names = {t.name for t in encode.inputs} if encode else set()
         self.encode_noises = [n for n in ("sample_noise", "noise") if n in names]  # diffusers' draw order
-        self._batches: dict[int, _BatchBuffers] = {}
+        self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
         self._coeffs: dict[StepPlan, list[Buffer]] = {}
-        self._programs: dict[tuple[int, StepPlan, bool], _Program] = {}
+        self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
         self.use_torch = noise_source.torch_available()
         noise_source.prepare(self.use_torch)
 
@@ -88,21 +89,23 @@ class Pipeline:
         bundle = load_bundle(bundle_dir)
         return cls(bundle, open_backend(bundle, device))
 
-    def _buffers(self, batch: int) -> _BatchBuffers:
-        if batch not in self._batches:
+    def _buffers(self, batch: int, cfg: bool) -> _BatchBuffers:
+        """Under CFG the text engine runs 2 x batch rows ([negative; positive]) into denoise_cfg's inputs."""
+        if (batch, cfg) not in self._batches:
             alloc, engines = self.backend.alloc, self.bundle.engines
+            denoise, text_batch = ("denoise_cfg", 2 * batch) if cfg else ("denoise", batch)
             latent = (batch, *self.bundle.latent_shape)
             latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
             images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
             per_step = {"latents", "coeffs", "noise", "next_latents", "denoised"}
-            shared = {t.name: alloc(t.concrete(batch), t.dtype)
-                      for t in engines["text"].inputs + engines["text"].outputs + engines["denoise"].inputs
-                      if t.name not in per_step}
-            text = self.backend.bind("text", batch, {t.name: shared[t.name]
-                                                     for t in engines["text"].inputs + engines["text"].outputs})
+            text_io = engines["text"].inputs + engines["text"].outputs
+            shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
+            shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
+                           if t.name not in per_step and t.name not in shared})
+            text = self.backend.bind("text", text_batch, {t.name: shared[t.name] for t in text_io})
             vae = self.backend.bind("vae_decode", batch, {"latents": denoised, "images": images})
-            self._batches[batch] = _BatchBuffers(shared, latents, denoised, images, text, vae)
-        return self._batches[batch]
+            self._batches[batch, cfg] = _BatchBuffers(denoise, shared, latents, denoised, images, text, vae)
+        return self._batches[batch, cfg]
 
     def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
         if plan not in self._coeffs:
@@ -119,17 +122,17 @@ class Pipeline:
                                                           **noises})
         return _Encoder(images, list(noises.values()), binding)
 
-    def _program(self, batch: int, plan: StepPlan, img2img: bool) -> _Program:
-        key = (batch, plan, img2img)
+    def _program(self, batch: int, plan: StepPlan, img2img: bool, cfg: bool) -> _Program:
+        key = (batch, plan, img2img, cfg)
         if key not in self._programs:
-            buffers = self._buffers(batch)
+            buffers = self._buffers(batch, cfg)
             coeffs = self._step_coeffs(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
             encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
-            conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines["denoise"].inputs
+            conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
                             if t.name in buffers.shared}
             bindings = [
-                self.backend.bind("denoise", batch, {
+                self.backend.bind(buffers.denoise, batch, {
                     **conditioning,
                     "latents": buffers.latents[i % 2],
                     "coeffs": coeffs[i],
@@ -185,9 +188,9 @@ class Pipeline:
         rows = len(prompts)
         if rows == 0:
             raise UserError("no prompt given")
-        if negative_prompts and any(negative_prompts):
-            log.warning("warning: negative prompts are ignored: this LCM-distilled model takes guidance through its "
-                        "embedding and never runs classifier-free guidance (diffusers ignores them too)")
+        scales = guidance_scale if guidance_scale is not None else self.bundle.default_guidance_scale
+        scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
+        cfg = self._uses_cfg(scales, bool(negative_prompts and any(negative_prompts)))
         steps = self.bundle.default_steps if steps is None else steps
         shared_image = images is not None and len(images) == 1
         if images is None:
@@ -204,8 +207,6 @@ class Pipeline:
             plan = img2img_plan(self.bundle.scheduler, steps, strength, img2img_mode, original_inference_steps)
             # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
             leading = tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
-        scales = guidance_scale if guidance_scale is not None else self.bundle.default_guidance_scale
-        scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
         seeds: int | list[int] = random.randrange(2**31) if seed is None else (
             int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
         if isinstance(seeds, list) and len(seeds) != rows:
@@ -213,21 +214,36 @@ class Pipeline:
         firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
                                                self.use_torch)
         sources = None if images is None else np.stack([images[0]] * rows if shared_image else list(images))
-        host_inputs = {name: tokenizer.encode(prompts) for name, tokenizer in zip(self.id_inputs, self.tokenizers)}
-        host_inputs["guidance_scale"] = scales
-        if "time_ids" in self.bundle.engines["denoise"].input_names:
+        # (array, doubled): doubled arrays are [2, rows, ...], negative rows first, for CFG's [negative; positive]
+        host_inputs: dict[str, tuple[np.ndarray, bool]] = {}
+        negatives = list(negative_prompts or [""])
+        negatives = negatives * rows if len(negatives) == 1 else negatives
+        if cfg and len(negatives) != rows:
+            raise UserError(f"{len(negatives)} negative prompts for {rows} prompts; give one or one per prompt")
+        for name, tokenizer in zip(self.id_inputs, self.tokenizers):
+            ids = tokenizer.encode(prompts)
+            host_inputs[name] = (np.stack([tokenizer.encode(negatives), ids]), True) if cfg else (ids, False)
+        denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
+        if "guidance_scale" in denoise_inputs:
+            host_inputs["guidance_scale"] = (scales, False)
+        if "uncond_mask" in denoise_inputs:
+            # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
+            zeros = not negative_prompts and self.bundle.text.zero_empty_negative
+            host_inputs["uncond_mask"] = (np.full(rows, 0.0 if zeros else 1.0, np.float32), False)
+        if "time_ids" in denoise_inputs:
             size = (self.bundle.height, self.bundle.width)
-            row = [*(original_size or size), *crop_top_left, *(target_size or size)]
-            host_inputs["time_ids"] = np.tile(np.asarray(row, np.float32), (rows, 1))
+            row = np.tile(np.asarray([*(original_size or size), *crop_top_left, *(target_size or size)], np.float32),
+                          (rows, 1))
+            host_inputs["time_ids"] = (np.stack([row, row]), True) if cfg else (row, False)
         out = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
         final = np.empty((rows, *self.bundle.latent_shape), np.float32)
         start, engine_seconds = 0, 0.0
         for count, batch in self._chunks(rows):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._program(batch, plan, sources is not None)
-            buffers = self._buffers(batch)
-            for name, array in host_inputs.items():
-                buffers.shared[name].write(pad(array))
+            program = self._program(batch, plan, sources is not None, cfg)
+            buffers = self._buffers(batch, cfg)
+            for name, (array, doubled) in host_inputs.items():
+                buffers.shared[name].write(np.concatenate([pad(array[0]), pad(array[1])]) if doubled else pad(array))
             if program.encoder is None:
                 buffers.latents[0].write(pad(firsts[0]))
             else:
@@ -245,10 +261,23 @@ class Pipeline:
         return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
                           engine_seconds)
 
+    def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
+        """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
+        mode = self.bundle.guidance_mode
+        cfg = mode != "embedding" and bool(np.any(scales > 1.0))
+        if cfg and mode == "none":
+            raise UserError(f"guidance scale {float(scales.max()):g} needs classifier-free guidance, which bundle "
+                            f"{self.bundle.root} was built without; use --guidance-scale 1 or rebuild it with --cfg")
+        if negative_given and not cfg:
+            why = ("this LCM-distilled model takes guidance through its embedding and never runs classifier-free "
+                   "guidance" if mode == "embedding" else "guidance <= 1 runs no classifier-free guidance")
+            log.warning("warning: negative prompts are ignored: %s (diffusers ignores them too)", why)
+        return cfg
+
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         plan = step_plan(self.bundle.scheduler, steps)
-        program, buffers = self._program(batch, plan, False), self._buffers(batch)
+        program, buffers = self._program(batch, plan, False, False), self._buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})

@@ -138,7 +138,8 @@ def test_build_engines_reports_stages(tiny_sd15_dir: Path, tmp_path: Path, capsy
     assert main(["build-engines", "--preset", "tiny-sd15", "--batch", "1", "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     assert stdout.strip() == str(out)
-    assert "[1/10] load model tiny-sd15" in stderr and "[10/10] write bundle.json done in" in stderr
+    assert "[1] load model tiny-sd15" in stderr and "[10/10] write bundle.json done in" in stderr
+    assert "[2/10] export text to ONNX (fp32) done in" in stderr
     assert json.loads((out / "bundle.json").read_text())["batch_sizes"] == [1]
 
 

@@ -124,7 +124,7 @@ def trt_backend(tmp_path: Path):
         root=tmp_path, family="sd15", precision="fp32", backend="tensorrt", guidance_mode="embedding",
         height=64, width=64, batch_sizes=(1, 2), latent_channels=4, vae_scale_factor=8, vae_scaling_factor=0.18215,
         default_steps=4, default_guidance_scale=8.0, scheduler=SchedulerConfig(), text=TextConfig(("t.json",), (0,)),
-        engines={"affine": EngineSpec("affine", "affine.onnx", "trt/affine.plan", *io)},
+        engines={"affine": EngineSpec("affine", "affine.onnx", "trt/affine.plan", *io, (1, 2))},
         build=tensorrt_build.device_info(),
     )
     backend = TensorRTBackend(bundle)
