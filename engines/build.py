@@ -237,6 +237,12 @@ def build_bundle(
     try:
         with progress.stage(f"load model {preset.model}"):
             checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae)
+        loras = []
+        if preset.loras:
+            from lcmtrt.export.lora import fuse_loras
+
+            with progress.stage(f"fuse {len(preset.loras)} LoRA(s)"):
+                loras = fuse_loras(checkpoint, preset.loras)
         scale = checkpoint.vae_scale_factor
         preset = preset.validate(multiple=8 * max(1, scale // 8))
         scheduler = scheduler_config(checkpoint.scheduler_config)
@@ -255,7 +261,7 @@ def build_bundle(
             log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
                         "and diffusers never runs classifier-free guidance with it")
         modules = _stage_modules(checkpoint, precision, scheduler, preset, mode)
-        progress.total = 1 + 2 * len(modules) + 1  # load, export and build each engine, write the manifest
+        progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
         examples = _example_inputs(checkpoint, preset, scheduler, modules)
         cfg_batches = tuple(sorted(set(preset.batch_sizes) | {2 * b for b in preset.batch_sizes}))
         engine_batches = {name: cfg_batches if name == "text" and mode == "cfg" else tuple(preset.batch_sizes)
@@ -320,7 +326,7 @@ def build_bundle(
                     for n, g in graphs.items()
                 },
                 sources={"preset": preset.name, **_source_info(checkpoint),
-                         **{k: v for k, v in checkpoint.extra.items() if v}},
+                         **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
                 build=build_info,
                 files={
                     str(p.relative_to(staging)): file_digest(p)

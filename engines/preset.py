@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lcmtrt.export.lora import LoraSpec
 from lcmtrt.runtime.errors import UserError
 
 
@@ -25,6 +26,7 @@ class Preset:
     vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
     img2img: bool = True  # also build the vae_encode engine
     cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
+    loras: tuple[LoraSpec, ...] = ()  # fused at export, in order, like diffusers' set_adapters + fuse_lora
     description: str = ""
 
     def validate(self, multiple: int = 8) -> Preset:
@@ -59,6 +61,11 @@ def _from_toml(name: str, text: str, origin: str) -> Preset:
             raise UserError(f"{origin}: missing required setting {required!r}")
     if "batch_sizes" in data:
         data["batch_sizes"] = tuple(data["batch_sizes"])
+    if "loras" in data:
+        try:
+            data["loras"] = tuple(LoraSpec(**entry) for entry in data["loras"])
+        except TypeError as e:
+            raise UserError(f"{origin}: each [[loras]] takes source, weight and weight_name ({e})") from None
     try:
         return Preset(name=name, **data).validate()
     except TypeError as e:

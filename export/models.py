@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.export.tiny import TINY_MODELS, tiny_checkpoint
+from lcmtrt.export.tiny import TINY_LORAS, TINY_MODELS, tiny_checkpoint
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def quiet_libraries() -> None:
 
 def resolve_model(model: str) -> str:
     """A tiny model name becomes its offline folder; hub ids and local folders pass through."""
-    if model in TINY_MODELS:
+    if model in TINY_MODELS or model in TINY_LORAS:
         return str(tiny_checkpoint(model, cache_dir() / "tiny"))
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise UserError(f"model folder {model} does not exist")
@@ -134,9 +134,13 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
     )
 
 
-def reference_pipeline(sources: dict[str, Any], family: str) -> Any:
-    """diffusers' text-to-image pipeline for a bundle's checkpoint with LCMScheduler: what the bundle reproduces."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline
+def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = True) -> Any:
+    """diffusers' text-to-image pipeline for a bundle's checkpoint with LCMScheduler and the bundle's LoRAs fused:
+    what the bundle reproduces. `embedding`: the UNet takes guidance through time_cond_proj_dim (else CFG)."""
+    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
+
+    from lcmtrt.export.lora import LoraSpec, resolve
 
     quiet_libraries()
     parts = {}
@@ -148,8 +152,15 @@ def reference_pipeline(sources: dict[str, Any], family: str) -> Any:
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **parts)
     else:
-        pipe = LatentConsistencyModelPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                              **parts)
+        cls = LatentConsistencyModelPipeline if embedding else StableDiffusionPipeline
+        pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **parts)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    loras = [LoraSpec(**entry) for entry in sources.get("loras", [])]
+    for index, spec in enumerate(loras):
+        location, weight_name = resolve(spec)
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=f"lora_{index}")
+    if loras:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], adapter_weights=[spec.weight for spec in loras])
+        pipe.fuse_lora()
     pipe.set_progress_bar_config(disable=True)
     return pipe

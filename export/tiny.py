@@ -14,7 +14,15 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b")
+TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b",
+               "tiny-sd15-base", "tiny-sdxl-base")
+# tiny LoRA name -> the file its folder holds: PEFT-format (diffusers keys) LCM-LoRAs, Kohya-format style LoRAs
+TINY_LORAS = {
+    "tiny-lcm-lora-sd15": "pytorch_lora_weights.safetensors",
+    "tiny-style-lora-sd15": "style_kohya.safetensors",
+    "tiny-lcm-lora-sdxl": "pytorch_lora_weights.safetensors",
+    "tiny-style-lora-sdxl": "style_kohya.safetensors",
+}
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary, so tokenizer and embedding ids are realistic
 
 
@@ -40,7 +48,8 @@ def _tiny_text_encoder(projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _tiny_lcm_unet():
+def _tiny_lcm_unet(guidance_embedding: bool = True):
+    """The tiny SD1.5-like UNet: LCM-distilled (with time_cond_proj_dim) or a base UNet for LCM-LoRA."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -55,7 +64,7 @@ def _tiny_lcm_unet():
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         norm_num_groups=2,
-        time_cond_proj_dim=32,
+        time_cond_proj_dim=32 if guidance_embedding else None,
     ).eval()
 
 
@@ -75,7 +84,7 @@ def _tiny_vae():
     ).eval()
 
 
-def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = None):
+def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = None, guidance_embedding: bool = True):
     """An SDXL-like LCM UNet: text_time added conditioning (6 time ids x 8 + 32 pooled = 80), linear projections,
     cross-attention over both encoders' 32 + 32 features, guidance embedding."""
     import torch
@@ -88,7 +97,7 @@ def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = No
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=transformer_layers,
         reverse_transformer_layers_per_block=reverse_layers, projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, time_cond_proj_dim=32,
+        cross_attention_dim=64, time_cond_proj_dim=32 if guidance_embedding else None,
     ).eval()
 
 
@@ -118,6 +127,65 @@ def write_tiny_sdxl(dest: Path) -> Path:
 def write_tiny_ssd1b(dest: Path) -> Path:
     """SSD-1B-like: a different transformer depth per block and per up-block layer, as SSD-1B's config has."""
     return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 3), ((3, 2, 1), (1, 1, 1))))
+
+
+def write_tiny_sd15_base(dest: Path) -> Path:
+    """The tiny SD1.5-like pipeline with a base UNet (no guidance embedding): LCM-LoRA's starting point."""
+    return _write_lcm_pipeline(dest, _tiny_vae(), _tiny_text_encoder(), _tiny_lcm_unet(guidance_embedding=False))
+
+
+def write_tiny_sdxl_base(dest: Path) -> Path:
+    return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 2), guidance_embedding=False))
+
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                     "time_emb_proj"]  # attention, feed-forward, ResNet convolutions, time projections
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _random_lora(module, targets: list[str], rank: int, seed: int) -> dict:
+    """A PEFT LoRA with random A and B (PEFT zero-initialises B, which would make the LoRA a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets), module)
+    with torch.no_grad():
+        state = {k: v * 0.5 for k, v in get_peft_model_state_dict(module).items()}
+    return state
+
+
+def _kohya(state: dict, prefix: str, alpha: float) -> dict:
+    """PEFT keys (a.b.lora_A.weight) -> Kohya keys (prefix_a_b.lora_down.weight, .lora_up.weight, .alpha)."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        module, which = key.rsplit(".lora_", 1)
+        name = f"{prefix}_{module.replace('.', '_')}"
+        out[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def _write_loras(dest: Path, sdxl: bool, style: bool) -> Path:
+    """LCM-LoRA stand-in: PEFT format, rank 8, UNet only. Style LoRA: Kohya format, rank 4 with alpha 8, UNet and
+    text encoder(s)."""
+    from safetensors.torch import save_file
+
+    unet = _tiny_sdxl_unet((1, 2), guidance_embedding=False) if sdxl else _tiny_lcm_unet(guidance_embedding=False)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not style:
+        state = _random_lora(unet, UNET_LORA_TARGETS, rank=8, seed=11)
+        save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, dest / "pytorch_lora_weights.safetensors")
+        return dest
+    tensors = _kohya(_random_lora(unet, UNET_LORA_TARGETS, rank=4, seed=12), "lora_unet", alpha=8.0)
+    encoders = [("lora_te1", False), ("lora_te2", True)] if sdxl else [("lora_te", False)]
+    for seed, (prefix, projection) in enumerate(encoders, start=13):
+        state = _random_lora(_tiny_text_encoder(projection), TEXT_LORA_TARGETS, rank=4, seed=seed)
+        tensors.update(_kohya(state, prefix, alpha=8.0))
+    save_file(tensors, dest / "style_kohya.safetensors")
+    return dest
 
 
 def write_tiny_taesd(dest: Path) -> Path:
@@ -195,13 +263,19 @@ def write_sd15_random(dest: Path) -> Path:
 
 
 _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
-            "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b}
+            "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b,
+            "tiny-sd15-base": write_tiny_sd15_base, "tiny-sdxl-base": write_tiny_sdxl_base,
+            "tiny-lcm-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=False),
+            "tiny-style-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=True),
+            "tiny-lcm-lora-sdxl": lambda d: _write_loras(d, sdxl=True, style=False),
+            "tiny-style-lora-sdxl": lambda d: _write_loras(d, sdxl=True, style=True)}
 
 
 def tiny_checkpoint(name: str, cache_dir: Path) -> Path:
     """Path of tiny model `name` under cache_dir, written on first use (atomically: temp folder, then rename)."""
     dest = cache_dir / name
-    if (dest / "model_index.json").is_file() or (dest / "config.json").is_file():
+    markers = ("model_index.json", "config.json", *TINY_LORAS.values())
+    if any((dest / marker).is_file() for marker in markers):
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))

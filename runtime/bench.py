@@ -116,7 +116,8 @@ def bench_diffusers(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
     bundle = load_bundle(bundle_dir, verify_hashes=False)
     gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"
     device, dtype = ("cuda", torch.float16) if gpu and bundle.precision == "fp16" else ("cuda" if gpu else "cpu", torch.float32)
-    pipe = reference_pipeline(bundle.sources, bundle.family).to(device=device, dtype=dtype)
+    embedding = bundle.guidance_mode == "embedding"
+    pipe = reference_pipeline(bundle.sources, bundle.family, embedding).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     current: dict[str, float] = {}
     timings: list[dict[str, float]] = []

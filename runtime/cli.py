@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--width", type=int)
     build.add_argument("--batch", type=_batch_list, help="batch sizes to build, e.g. 1,4")
     build.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit")
+    build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
+                       help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
+    build.add_argument("--cfg", action="store_true",
+                       help="also build classifier-free guidance (UNets without a guidance embedding, e.g. LCM-LoRA)")
 
     infer = commands.add_parser("infer", help="generate images from a bundle")
     infer.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
@@ -154,7 +158,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     preset = load_preset(args.preset, args.config)
     if args.model:  # a whole checkpoint of the user's: its own UNet and VAE, not the preset's replacements
         preset = replace(preset, model=args.model, unet=None, vae=None)
-    preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch)
+    from lcmtrt.export.lora import LoraSpec
+
+    preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,
+                                   loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
+                                   cfg=args.cfg or None)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb)
     print(out)

@@ -1,0 +1,117 @@
+"""LoRAs fused at build time vs diffusers' load_lora_weights + set_adapters + fuse_lora, and classifier-free
+guidance for base UNets (LCM-LoRA) vs StableDiffusion(XL)Pipeline with LCMScheduler, run here with the same seeds.
+The tiny LCM-LoRAs are PEFT-format and the tiny style LoRAs Kohya-format (UNet and text encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_images_match, to_uint8
+from lcmtrt.engines.build import build_bundle
+from lcmtrt.engines.preset import load_preset
+from lcmtrt.export.lora import LoraSpec, resolve
+from lcmtrt.runtime.cli import main
+from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.pipeline import Pipeline
+
+PROMPT = "papercut, a cute fox"
+NEGATIVE = "blurry, low quality"
+
+
+def reference_with_loras(preset_name: str, with_loras: bool = True):
+    """diffusers' pipeline for the preset's model with its LoRAs loaded, weighted and fused the diffusers way."""
+    from lcmtrt.export.models import reference_pipeline
+
+    preset = load_preset(preset_name)
+    sources = {"model": preset.model, "loras": [spec.to_json() for spec in preset.loras] if with_loras else []}
+    return reference_pipeline(sources, "sdxl" if "sdxl" in preset.model else "sd15", embedding=not preset.cfg)
+
+
+@pytest.fixture(scope="module", params=["tiny-sd15-style", "tiny-lcm-lora-sd15", "tiny-lcm-lora-sdxl"])
+def models(request, lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp(request.param) / request.param
+    build_bundle(load_preset(request.param), out, "onnxruntime", "fp32")
+    return request.param, Pipeline.load(out), reference_with_loras(request.param)
+
+
+def size(name: str) -> dict:
+    return {"height": 64, "width": 48} if "sdxl" in name else {"height": 64, "width": 64}
+
+
+# (guidance, negative prompt): LCM-distilled UNets take guidance through the embedding and ignore negatives;
+# LCM-LoRA's recommended guidance is 1.0-2.0, with CFG above 1
+CASES = {
+    "tiny-sd15-style": [(8.0, None), (1.0, None)],
+    "tiny-lcm-lora-sd15": [(1.0, None), (2.0, None), (1.0, NEGATIVE), (2.0, NEGATIVE)],
+    "tiny-lcm-lora-sdxl": [(1.0, None), (2.0, None), (1.0, NEGATIVE), (2.0, NEGATIVE)],
+}
+
+
+def test_matches_diffusers(models) -> None:
+    name, ours, reference = models
+    for guidance, negative in CASES[name]:
+        result = ours.generate([PROMPT], seed=0, steps=4, guidance_scale=guidance,
+                               negative_prompts=[negative] if negative else None)
+        kwargs = {"negative_prompt": [negative]} if negative else {}
+        with torch.no_grad():
+            expected = reference([PROMPT], num_inference_steps=4, guidance_scale=guidance,
+                                 generator=torch.manual_seed(0), output_type="np", **size(name), **kwargs).images
+        assert_images_match(result.images, to_uint8(expected))
+
+
+def test_loras_and_guidance_change_the_image(models) -> None:
+    """The LoRAs are live (the bundle differs from the plain base model) and CFG is live (guidance 2 != 1)."""
+    name, ours, _ = models
+    base = ours.generate([PROMPT], seed=0, steps=2, guidance_scale=1.0).images.astype(int)
+    if name != "tiny-sd15-style":
+        assert np.abs(ours.generate([PROMPT], seed=0, steps=2, guidance_scale=2.0).images - base).max() > 1
+    plain = reference_with_loras(name, with_loras=False)
+    with torch.no_grad():
+        unfused = plain([PROMPT], num_inference_steps=2, guidance_scale=1.0, generator=torch.manual_seed(0),
+                        output_type="np", **size(name)).images
+    assert np.abs(to_uint8(unfused).astype(int) - base).max() > 1
+
+
+def test_batch_with_cfg_equals_separate_calls(models) -> None:
+    name, ours, reference = models
+    if name == "tiny-sd15-style":
+        return  # an LCM-distilled UNet runs no CFG: its batches are covered in test_parity_sd15
+    prompts, seeds = [PROMPT, "a castle, watercolor"], [3, 4]
+    result = ours.generate(prompts, seed=seeds, steps=4, guidance_scale=2.0, negative_prompts=[NEGATIVE])
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        with torch.no_grad():
+            expected = reference([prompt], num_inference_steps=4, guidance_scale=2.0, negative_prompt=[NEGATIVE],
+                                 generator=torch.manual_seed(seed), output_type="np", **size(name)).images
+        assert_images_match(result.images[row:row + 1], to_uint8(expected))
+
+
+def test_guidance_needs_a_cfg_bundle(lcmtrt_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "no-cfg"
+    build_bundle(load_preset("tiny-lcm-lora-sd15").with_overrides(batch_sizes=(1,), cfg=False, img2img=False), out,
+                 "onnxruntime", "fp32")
+    pipeline = Pipeline.load(out)
+    assert pipeline.bundle.guidance_mode == "none" and "denoise_cfg" not in pipeline.bundle.engines
+    pipeline.generate([PROMPT], seed=0, steps=2, guidance_scale=1.0)
+    with pytest.raises(UserError, match="rebuild it with --cfg"):
+        pipeline.generate([PROMPT], seed=0, steps=2, guidance_scale=1.5)
+
+
+def test_lora_arguments(tmp_path: Path, capsys) -> None:
+    assert LoraSpec.parse("latent-consistency/lcm-lora-sdv1-5") == LoraSpec("latent-consistency/lcm-lora-sdv1-5")
+    assert LoraSpec.parse("style.safetensors:0.8") == LoraSpec("style.safetensors", 0.8)
+    assert LoraSpec.parse("C:/loras/a.safetensors") == LoraSpec("C:/loras/a.safetensors")
+    pickle = tmp_path / "style.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    with pytest.raises(UserError, match="pickle"):
+        resolve(LoraSpec(str(pickle)))
+    with pytest.raises(UserError, match="pickle"):
+        resolve(LoraSpec("some/repo", weight_name="lora.bin"))
+    code = main(["-q", "build-engines", "--preset", "tiny-sd15", "--lora", str(tmp_path / "missing.safetensors"),
+                 "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "b").exists()
