@@ -180,6 +180,7 @@ def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, 
     return modules
 
 
+REFITTABLE = ("text", "denoise", "denoise_cfg")  # the engines LoRAs change
 BATCH_AXES = {
     "denoise": {"coeffs": None},
     "denoise_cfg": {"coeffs": None, "prompt_embeds": "2*batch", "text_embeds": "2*batch", "time_ids": "2*batch"},
@@ -213,8 +214,10 @@ def build_bundle(
     backend: str = "auto",
     precision: str | None = None,
     workspace_gb: float | None = None,
+    refittable: bool = False,
 ) -> Bundle:
-    """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists)."""
+    """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists).
+    `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (Pipeline.apply_loras)."""
     from lcmtrt.engines import onnxruntime_build
     from lcmtrt.export.clip_tokenizer import export_tokenizer
     from lcmtrt.export.models import load_checkpoint
@@ -229,6 +232,9 @@ def build_bundle(
         raise UserError(f"unknown precision {precision!r}; choose fp16 or fp32")
     if backend == "tensorrt" and precision != "fp16":
         raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
+    if backend == "tensorrt" and refittable and len(preset.batch_sizes) > 1:
+        raise UserError("TensorRT refittable engines allow one optimization profile: build --refittable bundles "
+                        "with one --batch size")
 
     progress = Progress()  # the stage count is known once the checkpoint says which engines it needs
     out = out.resolve()
@@ -271,7 +277,7 @@ def build_bundle(
             with progress.stage(f"export {name} to ONNX ({precision})"):
                 module, output_names = modules[name]
                 graphs[name] = export_graph(name, module, examples[name], output_names, BATCH_AXES.get(name, {}),
-                                            staging / "onnx")
+                                            staging / "onnx", refittable and name in REFITTABLE)
                 error = graphs[name].max_abs_error
                 log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
         artifacts: dict[str, str] = {}
@@ -286,7 +292,8 @@ def build_bundle(
                 with progress.stage(f"build TensorRT plan for {name}"):
                     profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in engine_batches[name]]
                     plan = staging / "trt" / f"{name}.plan"
-                    build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache")
+                    build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache",
+                               refittable=bool(graph.refit_weights))
                     artifacts[name] = f"trt/{name}.plan"
         else:
             import onnxruntime
@@ -295,6 +302,9 @@ def build_bundle(
             build_info.update({"onnxruntime_version": onnxruntime.__version__, "ort_device": ort_device})
             for name, graph in graphs.items():
                 with progress.stage(f"optimize {name} for ONNX Runtime ({ort_device})"):
+                    if graph.refit_weights:  # overrides must reach the graph before ONNX Runtime folds anything
+                        artifacts[name] = f"onnx/{name}.onnx"
+                        continue
                     onnxruntime_build.optimize_graph(graph.path, staging / "ort" / f"{name}.onnx", ort_device)
                     artifacts[name] = f"ort/{name}.onnx"
         with progress.stage("write bundle.json"):
@@ -322,7 +332,8 @@ def build_bundle(
                 scheduler=scheduler,
                 text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
                 engines={
-                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs, engine_batches[n])
+                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs, engine_batches[n],
+                                  g.refit_weights)
                     for n, g in graphs.items()
                 },
                 sources={"preset": preset.name, **_source_info(checkpoint),

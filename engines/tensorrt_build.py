@@ -136,8 +136,10 @@ def build_plan(
     workspace_bytes: int | None = None,
     timing_cache: Path | None = None,
     optimization_level: int | None = None,
+    refittable: bool = False,
 ) -> None:
-    """Build a strongly typed plan with one static optimization profile per dict ({input name: shape})."""
+    """Build a strongly typed plan with one static optimization profile per dict ({input name: shape});
+    `refittable` plans take new weights by ONNX initializer name (trt.Refitter) for LoRA swaps."""
     import tensorrt as trt
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
@@ -156,6 +158,8 @@ def build_plan(
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
+    if refittable:  # REFIT, not REFIT_IDENTICAL: a swap brings other weights than the build's
+        config.set_flag(trt.BuilderFlag.REFIT)
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if optimization_level is not None:

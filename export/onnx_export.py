@@ -28,6 +28,7 @@ class ExportedGraph:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_abs_error: float | None  # vs torch on the example inputs; None when ONNX Runtime on this host cannot run it
+    refit_weights: tuple[str, ...] = ()  # initializers named by their parameters, replaceable after the build
 
 
 ONNX_BATCH_DIMS = {"batch": "batch", "2*batch": "batch_x2"}  # distinct names: TensorRT equates same-named dims
@@ -46,9 +47,12 @@ def export_graph(
     output_names: list[str],
     batch_axes: dict[str, str | None],
     dest_dir: Path,
+    refittable: bool = False,
 ) -> ExportedGraph:
     """Export `module(*inputs.values())` as dest_dir/<name>.onnx. Axis 0 of every tensor is a dynamic "batch" axis
-    unless `batch_axes` says "2*batch" (CFG's doubled rows) or None (no batch axis)."""
+    unless `batch_axes` says "2*batch" (CFG's doubled rows) or None (no batch axis). `refittable` keeps every
+    Linear/Conv weight an external initializer named by its parameter (no constant folding), so LoRA swaps can
+    replace it (ONNX Runtime's add_external_initializers, TensorRT's Refitter)."""
     module = module.eval()
     args = tuple(inputs.values())
     with torch.no_grad():
@@ -69,24 +73,35 @@ def export_graph(
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
-                do_constant_folding=True,
+                do_constant_folding=not refittable,
                 dynamo=False,
             )
-        files = _finalize(raw, dest)
+        files = _finalize(raw, dest, external=refittable)
     error = _compare(dest, inputs, output_names, expected)
     specs_in = tuple(_spec(n, t, axes[n]) for n, t in inputs.items())
     specs_out = tuple(_spec(n, t, axes[n]) for n, t in zip(output_names, expected))
-    return ExportedGraph(name, dest, files, specs_in, specs_out, error)
+    refit = _refit_weights(dest, module) if refittable else ()
+    return ExportedGraph(name, dest, files, specs_in, specs_out, error, refit)
 
 
-def _finalize(raw: Path, dest: Path) -> tuple[Path, ...]:
-    """Check the graph, infer shapes, and save it (weights in one external file when over protobuf's limit)."""
+def _refit_weights(path: Path, module: torch.nn.Module) -> tuple[str, ...]:
+    """The graph's initializers that are Linear/Conv weights of `module`, under their parameter names."""
+    import onnx
+
+    layers = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    return tuple(sorted(names & layers))
+
+
+def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]:
+    """Check the graph, infer shapes, and save it (weights in one external file when over protobuf's limit, or
+    always when `external`)."""
     import onnx
 
     # The exporter already moved weights out of a graph over protobuf's limit (which cannot even be measured
     # in memory); a graph that fits is small enough to inline.
     model = onnx.load(str(raw), load_external_data=False)
-    large = raw.stat().st_size > PROTOBUF_LIMIT or any(
+    large = external or raw.stat().st_size > PROTOBUF_LIMIT or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     if large:
         model = onnx.load(str(raw))
@@ -95,7 +110,7 @@ def _finalize(raw: Path, dest: Path) -> tuple[Path, ...]:
     staging_data = dest.with_name(data_name + ".partial")
     if large:
         onnx.save_model(model, str(staging), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name + ".partial")
+                        location=data_name + ".partial", size_threshold=0)
         onnx.checker.check_model(str(staging))
         onnx.shape_inference.infer_shapes_path(str(staging), str(staging))
         # Rewrite the location to the final data name before the renames, so the graph never points at a temp file.

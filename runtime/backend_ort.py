@@ -87,17 +87,34 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions: dict[str, ort.InferenceSession] = {}
-        for name, engine in bundle.engines.items():
-            try:
-                self.sessions[name] = ort.InferenceSession(str(bundle.path(engine.artifact)), options, providers=providers)
-            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several private exception types
-                raise UserError(f"ONNX Runtime cannot load engine {name} from {bundle.root}: "
-                                f"{str(e).splitlines()[0]}; rebuild the bundle") from None
-            if self.provider_device == "cuda" and self.sessions[name].get_providers()[0] != "CUDAExecutionProvider":
-                raise UserError("this bundle was built for ONNX Runtime's CUDA provider, which does not run on this "
-                                "host; use --device cpu or rebuild the bundle here")
+        self.options, self.providers = options, providers
+        self.sessions = {name: self._session(name) for name in bundle.engines}
+        self._overrides: dict[str, list] = {}  # replaced weights stay alive as long as their session
         self.device = "CUDA (onnxruntime)" if self.provider_device == "cuda" else "CPU (onnxruntime)"
+
+    def _session(self, name: str, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+        path = self.bundle.path(self.bundle.engines[name].artifact)
+        try:
+            session = ort.InferenceSession(str(path), options or self.options, providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several private exception types
+            raise UserError(f"ONNX Runtime cannot load engine {name} from {self.bundle.root}: "
+                            f"{str(e).splitlines()[0]}; rebuild the bundle") from None
+        if self.provider_device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+            raise UserError("this bundle was built for ONNX Runtime's CUDA provider, which does not run on this "
+                            "host; use --device cpu or rebuild the bundle here")
+        return session
+
+    def refit(self, engine: str, weights: dict[str, np.ndarray]) -> None:
+        """A new session for `engine` with `weights` replacing its external initializers before any graph
+        optimization (so nothing is folded from the file's values); bindings must be made again."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = self.options.graph_optimization_level
+        options.log_severity_level = self.options.log_severity_level
+        options.intra_op_num_threads = self.options.intra_op_num_threads
+        arrays = [np.ascontiguousarray(a) for a in weights.values()]
+        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        self.sessions[engine] = self._session(engine, options)
+        self._overrides[engine] = arrays
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> OrtBuffer:
         return OrtBuffer.allocate(tuple(shape), np.dtype(dtype), self.provider_device)

@@ -268,6 +268,18 @@ class TensorRTBackend:
             cudart.cudaEventDestroy(start)
             cudart.cudaEventDestroy(end)
 
+    def refit(self, engine: str, weights: dict[str, np.ndarray]) -> None:
+        """Replace named weights of a refittable plan in place (trt.Refitter); contexts stay valid, captured
+        graphs do not (the pipeline captures again)."""
+        self.synchronize()  # refitting an engine with enqueued work is undefined
+        refitter = trt.Refitter(self.engines[engine], self.logger)
+        self._refit_arrays = list(weights.values())  # TensorRT reads them during refit_cuda_engine
+        for name, array in weights.items():
+            if not refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(array))):
+                raise UserError(f"TensorRT refused new weights for {name} in {engine}: {self.logger.recent_errors()}")
+        if not refitter.refit_cuda_engine():
+            raise UserError(f"TensorRT could not refit {engine}: {self.logger.recent_errors()}")
+
     def memory_in_use(self) -> int:
         """Device bytes in use on this GPU (all processes), for the benchmark's peak-memory figure."""
         free, total = _cuda(cudart.cudaMemGetInfo)

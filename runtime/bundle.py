@@ -42,6 +42,7 @@ class EngineSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batch_sizes: tuple[int, ...]  # the batch sizes it runs at: one static TensorRT optimization profile each, in order
+    refit_weights: tuple[str, ...] = ()  # weights a LoRA swap may replace (refittable builds), by parameter name
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -54,6 +55,7 @@ class EngineSpec:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "batch_sizes": list(self.batch_sizes),
+            "refit_weights": list(self.refit_weights),
         }
 
     @classmethod
@@ -65,6 +67,7 @@ class EngineSpec:
             tuple(TensorSpec.from_json(t) for t in d["inputs"]),
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             tuple(int(b) for b in d["batch_sizes"]),
+            tuple(d["refit_weights"]),
         )
 
 

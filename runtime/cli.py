@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit")
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
+    build.add_argument("--refittable", action="store_true",
+                       help="keep LoRA-touchable weights replaceable, for `infer --lora` without a rebuild")
     build.add_argument("--cfg", action="store_true",
                        help="also build classifier-free guidance (UNets without a guidance embedding, e.g. LCM-LoRA)")
 
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
                        help="how an input image of another size is fitted (stretch: as diffusers)")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+    infer.add_argument("--lora", action="append", metavar="ID_OR_FILE[:WEIGHT]",
+                       help="use this LoRA set instead of the bundle's (refittable bundles); repeatable; "
+                            "--lora none for the base model")
     infer.add_argument("--original-size", type=_pair, metavar="H,W", help="SDXL micro-conditioning (default: H,W)")
     infer.add_argument("--crop-top-left", type=_pair, metavar="TOP,LEFT", default=(0, 0),
                        help="SDXL micro-conditioning (default: 0,0)")
@@ -164,7 +169,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                    loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
                                    cfg=args.cfg or None)
     out = args.out or Path("artifacts") / preset.name
-    build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb)
+    build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,
+                 refittable=args.refittable)
     print(out)
     return 0
 
@@ -185,6 +191,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     sources = [load_image(path) for path in args.image or []]
     start = time.perf_counter()
     pipeline = Pipeline.load(args.engines, args.device)
+    if args.lora:
+        from lcmtrt.export.lora import LoraSpec
+
+        pipeline.apply_loras([LoraSpec.parse(text) for text in args.lora if text != "none"])
     loaded = time.perf_counter()
     inputs = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height, args.fit) for image in sources]
     sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (

@@ -261,6 +261,24 @@ class Pipeline:
         return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
                           engine_seconds)
 
+    def apply_loras(self, loras: Sequence[object]) -> None:
+        """Replace the bundle's LoRA set with `loras` (LoraSpec: source, weight) without rebuilding; an empty list
+        gives the base model. Needs a bundle built with --refittable and the export extra (torch, diffusers)."""
+        if not any(engine.refit_weights for engine in self.bundle.engines.values()):
+            raise UserError(f"bundle {self.bundle.root} was built without --refittable; rebuild it with "
+                            "`lcmtrt build-engines --refittable` to swap LoRAs")
+        refit = getattr(self.backend, "refit", None)
+        if refit is None:
+            raise UserError(f"the {self.backend.name} backend cannot swap weights")
+        try:
+            from lcmtrt.export.lora import fused_weights
+        except ImportError:
+            raise UserError("swapping LoRAs needs the export extra: pip install 'lcmtrt[export]'") from None
+        for engine, weights in fused_weights(self.bundle, tuple(loras)).items():
+            refit(engine, weights)
+        self._batches.clear()  # bindings belong to the replaced sessions; the next request binds again
+        self._programs.clear()
+
     def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
         """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
         mode = self.bundle.guidance_mode

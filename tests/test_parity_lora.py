@@ -115,3 +115,37 @@ def test_lora_arguments(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_lora_swap_without_rebuild(lcmtrt_cache: Path, tmp_path: Path) -> None:
+    """A refittable bundle swaps A -> B -> A on one loaded pipeline: A again is bit-identical to A, and A and B
+    match fresh builds of A and B."""
+    from lcmtrt.export.lora import LoraSpec
+
+    preset = load_preset("tiny-lcm-lora-sd15").with_overrides(batch_sizes=(1,), img2img=False)
+    set_a = preset.loras
+    set_b = (LoraSpec("tiny-lcm-lora-sd15", 1.0), LoraSpec("tiny-style-lora-sd15", 0.3))
+    build_bundle(preset, tmp_path / "refit", "onnxruntime", "fp32", refittable=True)
+    build_bundle(preset.with_overrides(loras=set_b), tmp_path / "fresh-b", "onnxruntime", "fp32")
+    pipeline = Pipeline.load(tmp_path / "refit")
+    assert pipeline.bundle.engines["denoise"].refit_weights
+    run = lambda p: p.generate([PROMPT], seed=0, steps=4, guidance_scale=2.0, negative_prompts=[NEGATIVE]).images
+    first_a = run(pipeline)
+    pipeline.apply_loras(set_b)
+    swapped_b = run(pipeline)
+    pipeline.apply_loras(set_a)
+    again_a = run(pipeline)
+    np.testing.assert_array_equal(again_a, first_a)
+    assert np.abs(swapped_b.astype(int) - first_a).max() > 1
+    assert_images_match(swapped_b, run(Pipeline.load(tmp_path / "fresh-b")))
+    build_bundle(preset, tmp_path / "fresh-a", "onnxruntime", "fp32")
+    assert_images_match(first_a, run(Pipeline.load(tmp_path / "fresh-a")))
+    # the same from the command line: the base model (no LoRA) for one run
+    assert main(["-q", "infer", "--engines", str(tmp_path / "refit"), PROMPT, "--lora", "none", "--seed", "0",
+                 "--guidance-scale", "1.0", "--output", str(tmp_path / "base.png")]) == 0
+
+
+def test_swap_needs_a_refittable_bundle(models) -> None:
+    _, ours, _ = models
+    with pytest.raises(UserError, match="--refittable"):
+        ours.apply_loras([])
