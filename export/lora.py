@@ -18,7 +18,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass(frozen=True)
 class LoraSpec:
-    source: str  # hub repo id, local .safetensors file or folder, or a tiny LoRA name
+    source: str  # hub repo id (or OWNER/REPO/FILE.safetensors), local .safetensors file or folder, or a tiny LoRA
     weight: float = 1.0
     weight_name: str | None = None  # the file inside a repo or folder (diffusers' weight_name)
 
@@ -48,6 +48,12 @@ def resolve(spec: LoraSpec) -> tuple[str, str | None]:
     if name and Path(name).suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(f"LoRA {spec.source}{'/' + spec.weight_name if spec.weight_name else ''} is a pickle file; "
                         "lcmtrt loads LoRAs from .safetensors only (pickle files can run code when loaded)")
+    local = spec.source.startswith((".", "/", "~")) or path.exists()
+    if path.suffix and not local and spec.source.count("/") >= 2:  # OWNER/REPO/FILE.safetensors on the hub
+        owner, repo, file = spec.source.split("/", 2)
+        if Path(file).suffix.lower() != ".safetensors":
+            raise UserError(f"LoRA {spec.source} is not a .safetensors file")
+        return f"{owner}/{repo}", file
     if path.suffix:
         if not path.is_file():
             raise UserError(f"LoRA file {path} does not exist")

@@ -104,6 +104,8 @@ def test_lora_arguments(tmp_path: Path, capsys) -> None:
     assert LoraSpec.parse("latent-consistency/lcm-lora-sdv1-5") == LoraSpec("latent-consistency/lcm-lora-sdv1-5")
     assert LoraSpec.parse("style.safetensors:0.8") == LoraSpec("style.safetensors", 0.8)
     assert LoraSpec.parse("C:/loras/a.safetensors") == LoraSpec("C:/loras/a.safetensors")
+    assert resolve(LoraSpec("TheLastBen/Papercut_SDXL/papercut.safetensors")) == ("TheLastBen/Papercut_SDXL",
+                                                                                  "papercut.safetensors")
     pickle = tmp_path / "style.ckpt"
     pickle.write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="pickle"):
