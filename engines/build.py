@@ -110,6 +110,9 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
             "uncond_mask": torch.tensor([1.0, 0.0]),
             "text_embeds": randn(rows, checkpoint.text_encoder_2.config.projection_dim) if checkpoint.text_encoder_2 else None,
             "time_ids": torch.tensor([size + [0, 0] + size] * rows, dtype=torch.float32),
+            "control_image": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
+                                           dtype=torch.uint8),
+            "control_scale": torch.tensor([1.0, 0.5]),
         }
         return {name: pool[name] for name in names}
 
@@ -169,11 +172,13 @@ def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, 
     steps = ["next_latents", "denoised"]
     prediction = scheduler.prediction_type
     modules = {"text": text}
+    control = checkpoint.controlnet
     if mode == "cfg":  # one graph without guidance for guidance <= 1, one with the doubled batch for > 1
-        modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl), steps)
-        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl), steps)
+        modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl,
+                                           copy.deepcopy(control)), steps)
+        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl, control), steps)
     else:
-        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl), steps)
+        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl, control), steps)
     if preset.img2img:  # its own copy: the fp16 conversion replaces norm modules in place
         modules["vae_encode"] = (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])
     modules["vae_decode"] = (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"])
@@ -242,7 +247,8 @@ def build_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with progress.stage(f"load model {preset.model}"):
-            checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae)
+            checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
+                                         controlnet=preset.controlnet)
         loras = []
         if preset.loras:
             from lcmtrt.export.lora import fuse_loras

@@ -26,6 +26,7 @@ class Preset:
     vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
     img2img: bool = True  # also build the vae_encode engine
     cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
+    controlnet: str | None = None  # a ControlNet fused into the denoise engines (hub id, folder or tiny name)
     loras: tuple[LoraSpec, ...] = ()  # fused at export, in order, like diffusers' set_adapters + fuse_lora
     description: str = ""
 

@@ -95,7 +95,8 @@ class DenoiseStage(nn.Module):
     SDXL-class graphs also take text_embeds (pooled) and time_ids.
     """
 
-    def __init__(self, unet: nn.Module, precision: str, prediction_type: str, mode: str, sdxl: bool):
+    def __init__(self, unet: nn.Module, precision: str, prediction_type: str, mode: str, sdxl: bool,
+                 controlnet: nn.Module | None = None):
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
@@ -108,6 +109,10 @@ class DenoiseStage(nn.Module):
         self.input_names = ["latents", "coeffs", "noise", "prompt_embeds"]
         self.input_names += {"embedding": ["guidance_scale"], "cfg": ["guidance_scale", "uncond_mask"], "none": []}[mode]
         self.input_names += ["text_embeds", "time_ids"] if sdxl else []
+        # ControlNet: uint8 NHWC control image (diffusers' [0, 1] control preprocessing inside) and this step's
+        # scale (conditioning scale x diffusers' controlnet_keep for the step); no guidance embedding for it
+        self.controlnet = to_precision(controlnet, precision) if controlnet is not None else None
+        self.input_names += ["control_image", "control_scale"] if controlnet is not None else []
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dict(zip(self.input_names, tensors))
@@ -128,8 +133,21 @@ class DenoiseStage(nn.Module):
         added = None
         if pooled is not None:
             added = {"text_embeds": pooled.to(self.dtype), "time_ids": x["time_ids"].to(self.dtype)}
+        residuals = {}
+        if self.controlnet is not None:
+            image = (x["control_image"].permute(0, 3, 1, 2).float() / 255.0).to(self.dtype)
+            scale = x["control_scale"]
+            if self.mode == "cfg":  # diffusers doubles the control image for CFG (no guess mode)
+                image, scale = torch.cat([image, image]), torch.cat([scale, scale])
+            down, mid = self.controlnet(sample.to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
+                                        controlnet_cond=image, conditioning_scale=1.0, added_cond_kwargs=added,
+                                        return_dict=False)
+            scale = scale.to(self.dtype)[:, None, None, None]
+            residuals = {"down_block_additional_residuals": [d * scale for d in down],
+                         "mid_block_additional_residual": mid * scale}
         model_output = self.unet(
             sample.to(self.dtype), timestep, embeds.to(self.dtype), timestep_cond=cond, added_cond_kwargs=added,
+            **residuals,
         ).sample.float()
         if self.mode == "cfg":
             uncond, text = model_output.chunk(2)

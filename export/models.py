@@ -31,6 +31,7 @@ class Checkpoint:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     text_encoder_2: Any = None  # SDXL-class: CLIPTextModelWithProjection (pooled, projected text embeddings)
+    controlnet: Any = None  # fused into the denoise graphs
     tokenizer_2: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +94,7 @@ def _load_vae(source: str) -> Any:
 
 
 def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
-                    vae: str | None = None) -> Checkpoint:
+                    vae: str | None = None, controlnet: str | None = None) -> Checkpoint:
     """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
     and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE)."""
     from diffusers import AutoencoderKL, LCMScheduler
@@ -117,6 +118,10 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
                                                                               **kwargs).eval(),
                 "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs),
             }
+        if controlnet:
+            from diffusers import ControlNetModel
+
+            second["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet)).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"could not load model {model!r}: {_first_line(e)}") from None
     return Checkpoint(
@@ -130,7 +135,7 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
         **second,
-        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None},
+        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, "controlnet": controlnet},
     )
 
 

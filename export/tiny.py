@@ -15,7 +15,7 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b",
-               "tiny-sd15-base", "tiny-sdxl-base")
+               "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15")
 # tiny LoRA name -> the file its folder holds: PEFT-format (diffusers keys) LCM-LoRAs, Kohya-format style LoRAs
 TINY_LORAS = {
     "tiny-lcm-lora-sd15": "pytorch_lora_weights.safetensors",
@@ -188,6 +188,27 @@ def _write_loras(dest: Path, sdxl: bool, style: bool) -> Path:
     return dest
 
 
+def write_tiny_controlnet(dest: Path) -> Path:
+    """A tiny SD1.5-like ControlNet for the tiny UNet. Its output convolutions are zero-initialised in diffusers,
+    which would make every residual zero: they are randomised here so the control path is really tested."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        block_out_channels=(4, 8), layers_per_block=1, in_channels=4, cross_attention_dim=32, norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), conditioning_embedding_out_channels=(16, 32),
+    ).eval()
+    zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                        controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for layer in zero_initialised:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    controlnet.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
 def write_tiny_taesd(dest: Path) -> Path:
     """A tiny AutoencoderTiny (TAESD) with the tiny UNet's latent size (factor 2), as a bare diffusers model folder."""
     import torch
@@ -264,7 +285,7 @@ def write_sd15_random(dest: Path) -> Path:
 
 _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
             "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b,
-            "tiny-sd15-base": write_tiny_sd15_base, "tiny-sdxl-base": write_tiny_sdxl_base,
+            "tiny-sd15-base": write_tiny_sd15_base, "tiny-controlnet-sd15": write_tiny_controlnet, "tiny-sdxl-base": write_tiny_sdxl_base,
             "tiny-lcm-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=False),
             "tiny-style-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=True),
             "tiny-lcm-lora-sdxl": lambda d: _write_loras(d, sdxl=True, style=False),

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit")
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
+    build.add_argument("--controlnet", help="hub id or folder of a ControlNet replacing the preset's")
     build.add_argument("--refittable", action="store_true",
                        help="keep LoRA-touchable weights replaceable, for `infer --lora` without a rebuild")
     build.add_argument("--cfg", action="store_true",
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
                        help="how an input image of another size is fitted (stretch: as diffusers)")
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+    infer.add_argument("--control-image", action="append", type=Path,
+                       help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
+    infer.add_argument("--canny", nargs="?", const=(100, 200), type=_pair, metavar="LOW,HIGH",
+                       help="compute the canny map of --control-image with OpenCV (default thresholds 100,200)")
+    infer.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    infer.add_argument("--control-start", type=float, default=0.0, help="diffusers' control_guidance_start")
+    infer.add_argument("--control-end", type=float, default=1.0, help="diffusers' control_guidance_end")
+    infer.add_argument("--save-control", type=Path, help="write the control map used (first one)")
     infer.add_argument("--lora", action="append", metavar="ID_OR_FILE[:WEIGHT]",
                        help="use this LoRA set instead of the bundle's (refittable bundles); repeatable; "
                             "--lora none for the base model")
@@ -167,7 +176,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,
                                    loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
-                                   cfg=args.cfg or None)
+                                   cfg=args.cfg or None, controlnet=args.controlnet)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,
                  refittable=args.refittable)
@@ -182,13 +191,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise UserError(f"--num-images {args.num_images} must be at least 1")
-    from lcmtrt.runtime.images import fit_image, load_image
+    from lcmtrt.runtime.images import canny_map, fit_image, load_image
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     paths = _output_paths(args.output, len(prompts), args.grid)
     if args.image and len(args.image) not in (1, len(prompts)):
         raise UserError(f"{len(args.image)} --image inputs for {len(prompts)} images; give one or one per image")
     sources = [load_image(path) for path in args.image or []]
+    controls = [load_image(path) for path in args.control_image or []]
+    if args.canny:
+        controls = [canny_map(image, *args.canny) for image in controls]
+    if args.save_control is not None:
+        _output_paths(args.save_control, 1, False)
+        if not controls:
+            raise UserError("--save-control needs --control-image")
     start = time.perf_counter()
     pipeline = Pipeline.load(args.engines, args.device)
     if args.lora:
@@ -197,6 +213,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         pipeline.apply_loras([LoraSpec.parse(text) for text in args.lora if text != "none"])
     loaded = time.perf_counter()
     inputs = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height, args.fit) for image in sources]
+    # control maps are resized as diffusers' control preprocessing does (Lanczos to the bundle's size)
+    control_maps = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height) for image in controls]
     sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (
         ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
     if sdxl_flags and pipeline.bundle.family != "sdxl":
@@ -214,10 +232,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
         original_size=args.original_size,
         crop_top_left=args.crop_top_left,
         target_size=args.target_size,
+        control_images=control_maps or None,
+        control_scale=args.control_scale,
+        control_start=args.control_start,
+        control_end=args.control_end,
     )
     done = time.perf_counter()
+    if args.save_control is not None:
+        _save(Image.fromarray(control_maps[0]), args.save_control)
     if args.grid:
-        images = [grid_image(inputs + list(result.images))]
+        images = [grid_image(inputs + control_maps + list(result.images))]
     else:
         images = [Image.fromarray(i) for i in result.images]
     for image, path in zip(images, paths):

@@ -44,3 +44,13 @@ def fit_image(image: Image.Image, width: int, height: int, fit: str = "stretch")
         else:
             image = image.resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(image, dtype=np.uint8)
+
+
+def canny_map(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """The diffusers guide's canny control map: OpenCV Canny on the RGB photo, stacked to three channels."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("--canny needs OpenCV: pip install 'lcmtrt[control]' (opencv-python-headless)") from None
+    edges = cv2.Canny(np.asarray(image), low, high)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))

@@ -61,6 +61,7 @@ class _Program:
 
     plan: StepPlan
     noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
+    control_scales: list[Buffer]  # ControlNet bundles: one [batch] buffer per step (scale x controlnet_keep)
     launch: Callable[[], None]
     bindings: list[Binding] = field(default_factory=list)
     encoder: _Encoder | None = None
@@ -97,7 +98,7 @@ class Pipeline:
             latent = (batch, *self.bundle.latent_shape)
             latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
             images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
-            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised"}
+            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised", "control_scale"}
             text_io = engines["text"].inputs + engines["text"].outputs
             shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
             shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
@@ -128,6 +129,8 @@ class Pipeline:
             buffers = self._buffers(batch, cfg)
             coeffs = self._step_coeffs(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
+            controlled = "control_scale" in self.bundle.engines[buffers.denoise].input_names
+            control_scales = [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] if controlled else []
             encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
             conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
                             if t.name in buffers.shared}
@@ -139,6 +142,7 @@ class Pipeline:
                     "noise": step_noise[i],
                     "next_latents": buffers.latents[(i + 1) % 2],
                     "denoised": buffers.denoised,
+                    **({"control_scale": control_scales[i]} if controlled else {}),
                 })
                 for i in range(plan.steps)
             ]
@@ -151,7 +155,8 @@ class Pipeline:
                     step.run()
                 buffers.vae_decode.run()
 
-            self._programs[key] = _Program(plan, step_noise, self.backend.capture(launch), bindings, encoder)
+            self._programs[key] = _Program(plan, step_noise, control_scales, self.backend.capture(launch), bindings,
+                                           encoder)
         return self._programs[key]
 
     def _chunks(self, rows: int) -> list[tuple[int, int]]:
@@ -179,11 +184,17 @@ class Pipeline:
         original_size: tuple[int, int] | None = None,
         crop_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        control_images: Sequence[np.ndarray] | None = None,
+        control_scale: float = 1.0,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
     ) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
         per row (like a list of generators). `images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one
         per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class
-        bundles take diffusers' micro-conditioning: original_size and target_size default to (height, width)."""
+        bundles take diffusers' micro-conditioning: original_size and target_size default to (height, width).
+        ControlNet bundles take `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the
+        conditioning scale and diffusers' control_guidance_start/end."""
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
@@ -230,6 +241,10 @@ class Pipeline:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
             zeros = not negative_prompts and self.bundle.text.zero_empty_negative
             host_inputs["uncond_mask"] = (np.full(rows, 0.0 if zeros else 1.0, np.float32), False)
+        controls = self._control_inputs(denoise_inputs, control_images, rows, plan, control_scale, control_start,
+                                        control_end)
+        if controls is not None:
+            host_inputs["control_image"] = (controls[0], False)
         if "time_ids" in denoise_inputs:
             size = (self.bundle.height, self.bundle.width)
             row = np.tile(np.asarray([*(original_size or size), *crop_top_left, *(target_size or size)], np.float32),
@@ -252,6 +267,8 @@ class Pipeline:
                     buffer.write(pad(drawn))
             for buffer, noise in zip(program.noise, step_noise):
                 buffer.write(pad(noise))
+            for buffer, scale in zip(program.control_scales, controls[1] if controls is not None else []):
+                buffer.write(np.full(batch, scale, np.float32))
             launched = time.perf_counter()
             program.launch()
             out[start:start + count] = buffers.images.read()[:count]
@@ -278,6 +295,24 @@ class Pipeline:
             refit(engine, weights)
         self._batches.clear()  # bindings belong to the replaced sessions; the next request binds again
         self._programs.clear()
+
+    def _control_inputs(self, denoise_inputs: tuple[str, ...], images: Sequence[np.ndarray] | None, rows: int,
+                        plan: StepPlan, scale: float, start: float, end: float) -> tuple[np.ndarray, list[float]] | None:
+        """The control images for every row and each step's ControlNet scale, or None without a ControlNet."""
+        if "control_image" not in denoise_inputs:
+            if images is not None:
+                raise UserError(f"bundle {self.bundle.root} has no ControlNet; build one with --controlnet")
+            return None
+        if images is None:
+            raise UserError("this bundle has a ControlNet: give a control image (--control-image)")
+        if len(images) not in (1, rows):
+            raise UserError(f"{len(images)} control images for {rows} prompts; give one or one per prompt")
+        if not 0.0 <= start < end <= 1.0:
+            raise UserError(f"--control-start {start} and --control-end {end} must satisfy 0 <= start < end <= 1")
+        steps = plan.steps
+        # diffusers' controlnet_keep: a step is controlled unless it lies outside [start, end] of the schedule
+        scales = [scale * (1.0 - float(i / steps < start or (i + 1) / steps > end)) for i in range(steps)]
+        return np.stack([images[0]] * rows if len(images) == 1 else list(images)), scales
 
     def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
         """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
