@@ -103,6 +103,13 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     coeffs = torch.from_numpy(step_plan(scheduler, 4).coeffs[1].copy())
     size = [preset.height, preset.width]
 
+    adapter_states = {}
+    if "adapter" in modules:
+        with torch.no_grad():
+            outputs = modules["adapter"][0](torch.zeros(b, preset.height, preset.width, adapter_channels(checkpoint),
+                                                        dtype=torch.uint8), torch.ones(b))
+        adapter_states = {f"adapter_state_{k}": randn(*state.shape) for k, state in enumerate(outputs)}
+
     def denoise_inputs(names: list[str], rows: int) -> dict[str, Any]:
         pool = {
             "latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent),
@@ -113,11 +120,18 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
             "control_image": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
                                            dtype=torch.uint8),
             "control_scale": torch.tensor([1.0, 0.5]),
+            "adapter_keep": torch.tensor([1.0, 0.0]),
+            **adapter_states,
         }
         return {name: pool[name] for name in names}
 
     examples = {
         "text": ids,
+        "adapter": {
+            "adapter_image": torch.randint(0, 256, (b, preset.height, preset.width, adapter_channels(checkpoint)),
+                                           generator=generator, dtype=torch.uint8),
+            "adapter_scale": torch.tensor([1.0, 0.8]),
+        },
         "vae_decode": {"latents": randn(*latent)},
         "vae_encode": {
             "images": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
@@ -149,6 +163,11 @@ def zero_empty_negative(checkpoint: Any) -> bool:
     return bool(json.loads(Path(path).read_text()).get("force_zeros_for_empty_prompt", True))
 
 
+def adapter_channels(checkpoint: Any) -> int:
+    """A T2I-Adapter's input channels: 3 for RGB condition maps, 1 for grayscale ones."""
+    return int(checkpoint.adapter.config.in_channels) if checkpoint.adapter is not None else 0
+
+
 def max_length(tokenizer: Any) -> int:
     """CLIP's 77; a tokenizer folder without a config reports a huge model_max_length."""
     return tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else 77
@@ -159,7 +178,10 @@ def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, 
     """The stage modules to export, in export order, with their output names."""
     import copy
 
-    from lcmtrt.export.graphs import DenoiseStage, DualTextStage, TextStage, VaeDecodeStage, VaeEncodeStage
+    import torch
+
+    from lcmtrt.export.graphs import (AdapterStage, DenoiseStage, DualTextStage, TextStage, VaeDecodeStage,
+                                      VaeEncodeStage)
 
     scaling = checkpoint.vae.config.scaling_factor
     vae = vae_precision(checkpoint, precision)
@@ -173,12 +195,19 @@ def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, 
     prediction = scheduler.prediction_type
     modules = {"text": text}
     control = checkpoint.controlnet
+    states = 0
+    if checkpoint.adapter is not None:
+        adapter = AdapterStage(checkpoint.adapter, precision)
+        states = len(adapter(torch.zeros(1, preset.height, preset.width, adapter_channels(checkpoint),
+                                         dtype=torch.uint8), torch.ones(1)))
+        modules["adapter"] = (adapter, [f"adapter_state_{k}" for k in range(states)])
     if mode == "cfg":  # one graph without guidance for guidance <= 1, one with the doubled batch for > 1
         modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl,
-                                           copy.deepcopy(control)), steps)
-        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl, control), steps)
+                                           copy.deepcopy(control), states), steps)
+        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl, control, states),
+                                  steps)
     else:
-        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl, control), steps)
+        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl, control, states), steps)
     if preset.img2img:  # its own copy: the fp16 conversion replaces norm modules in place
         modules["vae_encode"] = (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])
     modules["vae_decode"] = (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"])
@@ -248,7 +277,7 @@ def build_bundle(
     try:
         with progress.stage(f"load model {preset.model}"):
             checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
-                                         controlnet=preset.controlnet)
+                                         controlnet=preset.controlnet, adapter=preset.adapter)
         loras = []
         if preset.loras:
             from lcmtrt.export.lora import fuse_loras

@@ -27,6 +27,7 @@ class Preset:
     img2img: bool = True  # also build the vae_encode engine
     cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
     controlnet: str | None = None  # a ControlNet fused into the denoise engines (hub id, folder or tiny name)
+    adapter: str | None = None  # a T2I-Adapter: its own engine, run once per request
     loras: tuple[LoraSpec, ...] = ()  # fused at export, in order, like diffusers' set_adapters + fuse_lora
     description: str = ""
 

@@ -96,7 +96,7 @@ class DenoiseStage(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, precision: str, prediction_type: str, mode: str, sdxl: bool,
-                 controlnet: nn.Module | None = None):
+                 controlnet: nn.Module | None = None, adapter_states: int = 0):
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
@@ -113,6 +113,10 @@ class DenoiseStage(nn.Module):
         # scale (conditioning scale x diffusers' controlnet_keep for the step); no guidance embedding for it
         self.controlnet = to_precision(controlnet, precision) if controlnet is not None else None
         self.input_names += ["control_image", "control_scale"] if controlnet is not None else []
+        # T2I-Adapter: the adapter engine's scaled states, and this step's keep (1 for the first
+        # int(N * adapter_conditioning_factor) steps, else 0: adding zeros equals diffusers passing none)
+        self.adapter_states = [f"adapter_state_{k}" for k in range(adapter_states)]
+        self.input_names += self.adapter_states + (["adapter_keep"] if adapter_states else [])
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dict(zip(self.input_names, tensors))
@@ -145,6 +149,12 @@ class DenoiseStage(nn.Module):
             scale = scale.to(self.dtype)[:, None, None, None]
             residuals = {"down_block_additional_residuals": [d * scale for d in down],
                          "mid_block_additional_residual": mid * scale}
+        if self.adapter_states:
+            keep = x["adapter_keep"][:, None, None, None]
+            states = [x[name] * keep for name in self.adapter_states]
+            if self.mode == "cfg":
+                states = [torch.cat([state, state]) for state in states]
+            residuals["down_intrablock_additional_residuals"] = [state.to(self.dtype) for state in states]
         model_output = self.unet(
             sample.to(self.dtype), timestep, embeds.to(self.dtype), timestep_cond=cond, added_cond_kwargs=added,
             **residuals,
@@ -161,6 +171,21 @@ class DenoiseStage(nn.Module):
         denoised = c_out * x0 + c_skip * latents
         next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * x["noise"]
         return next_latents, denoised
+
+
+class AdapterStage(nn.Module):
+    """T2I-Adapter, once per request: uint8 NHWC condition image ([0, 1] inside, as diffusers' adapter
+    preprocessing) -> its down-block states, each times the per-row adapter_conditioning_scale."""
+
+    def __init__(self, adapter: nn.Module, precision: str):
+        super().__init__()
+        self.adapter = to_precision(adapter, precision)
+        self.dtype = PRECISIONS[precision]
+
+    def forward(self, adapter_image: torch.Tensor, adapter_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pixels = (adapter_image.permute(0, 3, 1, 2).float() / 255.0).to(self.dtype)
+        scale = adapter_scale[:, None, None, None]
+        return tuple(state.float() * scale for state in self.adapter(pixels))
 
 
 def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

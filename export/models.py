@@ -32,6 +32,7 @@ class Checkpoint:
     scheduler_config: dict[str, Any]
     text_encoder_2: Any = None  # SDXL-class: CLIPTextModelWithProjection (pooled, projected text embeddings)
     controlnet: Any = None  # fused into the denoise graphs
+    adapter: Any = None  # T2I-Adapter: its own engine, states fed to the denoise graphs
     tokenizer_2: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,7 +95,7 @@ def _load_vae(source: str) -> Any:
 
 
 def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
-                    vae: str | None = None, controlnet: str | None = None) -> Checkpoint:
+                    vae: str | None = None, controlnet: str | None = None, adapter: str | None = None) -> Checkpoint:
     """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
     and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE)."""
     from diffusers import AutoencoderKL, LCMScheduler
@@ -122,6 +123,10 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
             from diffusers import ControlNetModel
 
             second["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet)).eval()
+        if adapter:
+            from diffusers import T2IAdapter
+
+            second["adapter"] = T2IAdapter.from_pretrained(resolve_model(adapter)).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"could not load model {model!r}: {_first_line(e)}") from None
     return Checkpoint(
@@ -135,7 +140,8 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
         **second,
-        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, "controlnet": controlnet},
+        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, "controlnet": controlnet,
+               "adapter": adapter},
     )
 
 

@@ -15,7 +15,8 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b",
-               "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15")
+               "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15",
+               "tiny-t2i-adapter-sdxl")
 # tiny LoRA name -> the file its folder holds: PEFT-format (diffusers keys) LCM-LoRAs, Kohya-format style LoRAs
 TINY_LORAS = {
     "tiny-lcm-lora-sd15": "pytorch_lora_weights.safetensors",
@@ -209,6 +210,17 @@ def write_tiny_controlnet(dest: Path) -> Path:
     return dest
 
 
+def write_tiny_adapter(dest: Path) -> Path:
+    """A tiny full_adapter_xl T2I-Adapter matching the tiny SDXL UNet's down blocks (32 and 64 channels)."""
+    import torch
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(0)
+    T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=2, downscale_factor=4,
+               adapter_type="full_adapter_xl").eval().save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
 def write_tiny_taesd(dest: Path) -> Path:
     """A tiny AutoencoderTiny (TAESD) with the tiny UNet's latent size (factor 2), as a bare diffusers model folder."""
     import torch
@@ -285,7 +297,8 @@ def write_sd15_random(dest: Path) -> Path:
 
 _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
             "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b,
-            "tiny-sd15-base": write_tiny_sd15_base, "tiny-controlnet-sd15": write_tiny_controlnet, "tiny-sdxl-base": write_tiny_sdxl_base,
+            "tiny-sd15-base": write_tiny_sd15_base, "tiny-controlnet-sd15": write_tiny_controlnet,
+            "tiny-t2i-adapter-sdxl": write_tiny_adapter, "tiny-sdxl-base": write_tiny_sdxl_base,
             "tiny-lcm-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=False),
             "tiny-style-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=True),
             "tiny-lcm-lora-sdxl": lambda d: _write_loras(d, sdxl=True, style=False),

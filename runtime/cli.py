@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
     build.add_argument("--controlnet", help="hub id or folder of a ControlNet replacing the preset's")
+    build.add_argument("--adapter", help="hub id or folder of a T2I-Adapter replacing the preset's")
     build.add_argument("--refittable", action="store_true",
                        help="keep LoRA-touchable weights replaceable, for `infer --lora` without a rebuild")
     build.add_argument("--cfg", action="store_true",
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--control-start", type=float, default=0.0, help="diffusers' control_guidance_start")
     infer.add_argument("--control-end", type=float, default=1.0, help="diffusers' control_guidance_end")
     infer.add_argument("--save-control", type=Path, help="write the control map used (first one)")
+    infer.add_argument("--adapter-scale", type=float, default=1.0, help="T2I-Adapter conditioning scale")
+    infer.add_argument("--adapter-factor", type=float, default=1.0,
+                       help="fraction of the steps the T2I-Adapter conditions (diffusers' adapter_conditioning_factor)")
     infer.add_argument("--lora", action="append", metavar="ID_OR_FILE[:WEIGHT]",
                        help="use this LoRA set instead of the bundle's (refittable bundles); repeatable; "
                             "--lora none for the base model")
@@ -176,7 +180,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,
                                    loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
-                                   cfg=args.cfg or None, controlnet=args.controlnet)
+                                   cfg=args.cfg or None, controlnet=args.controlnet,
+                                   adapter=args.adapter)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,
                  refittable=args.refittable)
@@ -213,8 +218,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
         pipeline.apply_loras([LoraSpec.parse(text) for text in args.lora if text != "none"])
     loaded = time.perf_counter()
     inputs = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height, args.fit) for image in sources]
-    # control maps are resized as diffusers' control preprocessing does (Lanczos to the bundle's size)
-    control_maps = [fit_image(image, pipeline.bundle.width, pipeline.bundle.height) for image in controls]
+    # control maps are resized as diffusers' control and adapter preprocessing do (Lanczos to the bundle's size);
+    # a T2I-Adapter takes them with its own channel count (1: grayscale)
+    size = (pipeline.bundle.width, pipeline.bundle.height)
+    control_maps = [fit_image(image, *size) for image in controls]
+    adapter = pipeline.bundle.engines.get("adapter")
+    adapter_maps = None
+    if adapter is not None and controls:
+        gray = adapter.inputs[0].shape[-1] == 1
+        adapter_maps = [fit_image(image.convert("L"), *size)[..., None] if gray else fit_image(image, *size)
+                        for image in controls]
+        control_maps, shown = [], [fit_image(image, *size) for image in controls]
+    else:
+        shown = control_maps
     sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (
         ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
     if sdxl_flags and pipeline.bundle.family != "sdxl":
@@ -236,12 +252,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
         control_scale=args.control_scale,
         control_start=args.control_start,
         control_end=args.control_end,
+        adapter_images=adapter_maps,
+        adapter_scale=args.adapter_scale,
+        adapter_factor=args.adapter_factor,
     )
     done = time.perf_counter()
     if args.save_control is not None:
-        _save(Image.fromarray(control_maps[0]), args.save_control)
+        _save(Image.fromarray(shown[0]), args.save_control)
     if args.grid:
-        images = [grid_image(inputs + control_maps + list(result.images))]
+        images = [grid_image(inputs + shown + list(result.images))]
     else:
         images = [Image.fromarray(i) for i in result.images]
     for image, path in zip(images, paths):

@@ -30,7 +30,7 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def fit_image(image: Image.Image, width: int, height: int, fit: str = "stretch") -> np.ndarray:
-    """uint8 [height, width, 3]. `stretch` resizes like diffusers' default preprocessing (Lanczos); `crop` keeps the
+    """uint8 [height, width, 3] ([height, width] for a grayscale image). `stretch` resizes like diffusers' default preprocessing (Lanczos); `crop` keeps the
     aspect ratio, covering the target and cutting the centre."""
     if fit not in FITS:
         raise UserError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")

@@ -21,6 +21,8 @@ from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
 
+PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
+
 
 @dataclass
 class Generation:
@@ -44,6 +46,7 @@ class _BatchBuffers:
     images: Buffer
     text: Binding
     vae_decode: Binding
+    adapter: Binding | None = None
 
 
 @dataclass
@@ -61,7 +64,7 @@ class _Program:
 
     plan: StepPlan
     noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
-    control_scales: list[Buffer]  # ControlNet bundles: one [batch] buffer per step (scale x controlnet_keep)
+    step_inputs: dict[str, list[Buffer]]  # per-step [batch] factors: control_scale, adapter_keep
     launch: Callable[[], None]
     bindings: list[Binding] = field(default_factory=list)
     encoder: _Encoder | None = None
@@ -98,14 +101,19 @@ class Pipeline:
             latent = (batch, *self.bundle.latent_shape)
             latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
             images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
-            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised", "control_scale"}
+            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised", *PER_STEP_FACTORS}
             text_io = engines["text"].inputs + engines["text"].outputs
             shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
             shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
                            if t.name not in per_step and t.name not in shared})
             text = self.backend.bind("text", text_batch, {t.name: shared[t.name] for t in text_io})
             vae = self.backend.bind("vae_decode", batch, {"latents": denoised, "images": images})
-            self._batches[batch, cfg] = _BatchBuffers(denoise, shared, latents, denoised, images, text, vae)
+            adapter = None
+            if "adapter" in engines:  # its inputs are written per request, its outputs feed every step
+                adapter_io = engines["adapter"].inputs + engines["adapter"].outputs
+                shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines["adapter"].inputs})
+                adapter = self.backend.bind("adapter", batch, {t.name: shared[t.name] for t in adapter_io})
+            self._batches[batch, cfg] = _BatchBuffers(denoise, shared, latents, denoised, images, text, vae, adapter)
         return self._batches[batch, cfg]
 
     def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
@@ -129,8 +137,8 @@ class Pipeline:
             buffers = self._buffers(batch, cfg)
             coeffs = self._step_coeffs(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
-            controlled = "control_scale" in self.bundle.engines[buffers.denoise].input_names
-            control_scales = [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] if controlled else []
+            factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
+            step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
             encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
             conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
                             if t.name in buffers.shared}
@@ -142,11 +150,11 @@ class Pipeline:
                     "noise": step_noise[i],
                     "next_latents": buffers.latents[(i + 1) % 2],
                     "denoised": buffers.denoised,
-                    **({"control_scale": control_scales[i]} if controlled else {}),
+                    **{name: per_step[i] for name, per_step in step_inputs.items()},
                 })
                 for i in range(plan.steps)
             ]
-            first = [encoder.binding, buffers.text] if encoder else [buffers.text]
+            first = [b for b in (encoder.binding if encoder else None, buffers.adapter, buffers.text) if b is not None]
 
             def launch() -> None:
                 for binding in first:
@@ -155,7 +163,7 @@ class Pipeline:
                     step.run()
                 buffers.vae_decode.run()
 
-            self._programs[key] = _Program(plan, step_noise, control_scales, self.backend.capture(launch), bindings,
+            self._programs[key] = _Program(plan, step_noise, step_inputs, self.backend.capture(launch), bindings,
                                            encoder)
         return self._programs[key]
 
@@ -188,13 +196,17 @@ class Pipeline:
         control_scale: float = 1.0,
         control_start: float = 0.0,
         control_end: float = 1.0,
+        adapter_images: Sequence[np.ndarray] | None = None,
+        adapter_scale: float = 1.0,
+        adapter_factor: float = 1.0,
     ) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
         per row (like a list of generators). `images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one
         per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class
         bundles take diffusers' micro-conditioning: original_size and target_size default to (height, width).
         ControlNet bundles take `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the
-        conditioning scale and diffusers' control_guidance_start/end."""
+        conditioning scale and diffusers' control_guidance_start/end. T2I-Adapter bundles take `adapter_images`
+        (uint8 [H, W, C] with the adapter's channels), adapter_conditioning_scale and _factor."""
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
@@ -241,10 +253,17 @@ class Pipeline:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
             zeros = not negative_prompts and self.bundle.text.zero_empty_negative
             host_inputs["uncond_mask"] = (np.full(rows, 0.0 if zeros else 1.0, np.float32), False)
+        factors: dict[str, list[float]] = {}
         controls = self._control_inputs(denoise_inputs, control_images, rows, plan, control_scale, control_start,
                                         control_end)
         if controls is not None:
             host_inputs["control_image"] = (controls[0], False)
+            factors["control_scale"] = controls[1]
+        adapted = self._adapter_inputs(adapter_images, rows, plan, adapter_scale, adapter_factor)
+        if adapted is not None:
+            host_inputs["adapter_image"] = (adapted[0], False)
+            host_inputs["adapter_scale"] = (np.full(rows, adapter_scale, np.float32), False)
+            factors["adapter_keep"] = adapted[1]
         if "time_ids" in denoise_inputs:
             size = (self.bundle.height, self.bundle.width)
             row = np.tile(np.asarray([*(original_size or size), *crop_top_left, *(target_size or size)], np.float32),
@@ -267,8 +286,9 @@ class Pipeline:
                     buffer.write(pad(drawn))
             for buffer, noise in zip(program.noise, step_noise):
                 buffer.write(pad(noise))
-            for buffer, scale in zip(program.control_scales, controls[1] if controls is not None else []):
-                buffer.write(np.full(batch, scale, np.float32))
+            for name, step_buffers in program.step_inputs.items():
+                for buffer, value in zip(step_buffers, factors[name]):
+                    buffer.write(np.full(batch, value, np.float32))
             launched = time.perf_counter()
             program.launch()
             out[start:start + count] = buffers.images.read()[:count]
@@ -313,6 +333,23 @@ class Pipeline:
         # diffusers' controlnet_keep: a step is controlled unless it lies outside [start, end] of the schedule
         scales = [scale * (1.0 - float(i / steps < start or (i + 1) / steps > end)) for i in range(steps)]
         return np.stack([images[0]] * rows if len(images) == 1 else list(images)), scales
+
+    def _adapter_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float,
+                        factor: float) -> tuple[np.ndarray, list[float]] | None:
+        """The adapter images for every row and each step's keep factor, or None without a T2I-Adapter."""
+        if "adapter" not in self.bundle.engines:
+            if images is not None:
+                raise UserError(f"bundle {self.bundle.root} has no T2I-Adapter; build one with --adapter")
+            return None
+        if images is None:
+            raise UserError("this bundle has a T2I-Adapter: give a condition image (--control-image)")
+        if len(images) not in (1, rows):
+            raise UserError(f"{len(images)} adapter images for {rows} prompts; give one or one per prompt")
+        if not 0.0 <= factor <= 1.0:
+            raise UserError(f"--adapter-factor {factor} must be in [0, 1]")
+        kept = int(plan.steps * factor)  # diffusers: the adapter conditions steps i < int(N * factor)
+        keep = [1.0 if i < kept else 0.0 for i in range(plan.steps)]
+        return np.stack([images[0]] * rows if len(images) == 1 else list(images)), keep
 
     def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
         """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
