@@ -222,8 +222,6 @@ class Pipeline:
         else:
             if "vae_encode" not in self.bundle.engines:
                 raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
-            if len(images) not in (1, rows):
-                raise UserError(f"{len(images)} input images for {rows} prompts; give one image or one per prompt")
             shape = (self.bundle.height, self.bundle.width, 3)
             if any(np.shape(image) != shape for image in images):
                 raise ValueError(f"input images must be uint8 arrays of shape {shape}")
@@ -236,7 +234,7 @@ class Pipeline:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
         firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
                                                self.use_torch)
-        sources = None if images is None else np.stack([images[0]] * rows if shared_image else list(images))
+        sources = None if images is None else _per_row(images, rows, "input images")
         # (array, doubled): doubled arrays are [2, rows, ...], negative rows first, for CFG's [negative; positive]
         host_inputs: dict[str, tuple[np.ndarray, bool]] = {}
         negatives = list(negative_prompts or [""])
@@ -319,37 +317,26 @@ class Pipeline:
     def _control_inputs(self, denoise_inputs: tuple[str, ...], images: Sequence[np.ndarray] | None, rows: int,
                         plan: StepPlan, scale: float, start: float, end: float) -> tuple[np.ndarray, list[float]] | None:
         """The control images for every row and each step's ControlNet scale, or None without a ControlNet."""
-        if "control_image" not in denoise_inputs:
-            if images is not None:
-                raise UserError(f"bundle {self.bundle.root} has no ControlNet; build one with --controlnet")
+        if not _conditioned("control_image" in denoise_inputs, images, self.bundle.root, "a ControlNet",
+                            "--controlnet"):
             return None
-        if images is None:
-            raise UserError("this bundle has a ControlNet: give a control image (--control-image)")
-        if len(images) not in (1, rows):
-            raise UserError(f"{len(images)} control images for {rows} prompts; give one or one per prompt")
         if not 0.0 <= start < end <= 1.0:
             raise UserError(f"--control-start {start} and --control-end {end} must satisfy 0 <= start < end <= 1")
         steps = plan.steps
         # diffusers' controlnet_keep: a step is controlled unless it lies outside [start, end] of the schedule
         scales = [scale * (1.0 - float(i / steps < start or (i + 1) / steps > end)) for i in range(steps)]
-        return np.stack([images[0]] * rows if len(images) == 1 else list(images)), scales
+        return _per_row(images, rows, "control images"), scales
 
     def _adapter_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float,
                         factor: float) -> tuple[np.ndarray, list[float]] | None:
         """The adapter images for every row and each step's keep factor, or None without a T2I-Adapter."""
-        if "adapter" not in self.bundle.engines:
-            if images is not None:
-                raise UserError(f"bundle {self.bundle.root} has no T2I-Adapter; build one with --adapter")
+        if not _conditioned("adapter" in self.bundle.engines, images, self.bundle.root, "a T2I-Adapter", "--adapter"):
             return None
-        if images is None:
-            raise UserError("this bundle has a T2I-Adapter: give a condition image (--control-image)")
-        if len(images) not in (1, rows):
-            raise UserError(f"{len(images)} adapter images for {rows} prompts; give one or one per prompt")
         if not 0.0 <= factor <= 1.0:
             raise UserError(f"--adapter-factor {factor} must be in [0, 1]")
         kept = int(plan.steps * factor)  # diffusers: the adapter conditions steps i < int(N * factor)
         keep = [1.0 if i < kept else 0.0 for i in range(plan.steps)]
-        return np.stack([images[0]] * rows if len(images) == 1 else list(images)), keep
+        return _per_row(images, rows, "adapter images"), keep
 
     def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
         """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
@@ -373,6 +360,24 @@ class Pipeline:
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})
         times["vae_decode"] = timed(buffers.vae_decode.run)
         return times
+
+
+def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:
+    """One image for all rows, or one per row, as a [rows, ...] array."""
+    if len(images) not in (1, rows):
+        raise UserError(f"{len(images)} {what} for {rows} prompts; give one or one per prompt")
+    return np.stack([images[0]] * rows if len(images) == 1 else list(images))
+
+
+def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, what: str, flag: str) -> bool:
+    """Whether a conditioning the bundle may have (ControlNet, T2I-Adapter) is used; images must match the build."""
+    if not built:
+        if images is not None:
+            raise UserError(f"bundle {root} has no {what}; build one with {flag}")
+        return False
+    if images is None:
+        raise UserError(f"this bundle has {what}: give its control image (--control-image)")
+    return True
 
 
 def _pad_rows(array: np.ndarray, batch: int) -> np.ndarray:
