@@ -317,7 +317,7 @@ class Pipeline:
     def _control_inputs(self, denoise_inputs: tuple[str, ...], images: Sequence[np.ndarray] | None, rows: int,
                         plan: StepPlan, scale: float, start: float, end: float) -> tuple[np.ndarray, list[float]] | None:
         """The control images for every row and each step's ControlNet scale, or None without a ControlNet."""
-        if not _conditioned("control_image" in denoise_inputs, images, self.bundle.root, "a ControlNet",
+        if not _conditioned("control_image" in denoise_inputs, images, self.bundle.root, "ControlNet",
                             "--controlnet"):
             return None
         if not 0.0 <= start < end <= 1.0:
@@ -330,7 +330,7 @@ class Pipeline:
     def _adapter_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float,
                         factor: float) -> tuple[np.ndarray, list[float]] | None:
         """The adapter images for every row and each step's keep factor, or None without a T2I-Adapter."""
-        if not _conditioned("adapter" in self.bundle.engines, images, self.bundle.root, "a T2I-Adapter", "--adapter"):
+        if not _conditioned("adapter" in self.bundle.engines, images, self.bundle.root, "T2I-Adapter", "--adapter"):
             return None
         if not 0.0 <= factor <= 1.0:
             raise UserError(f"--adapter-factor {factor} must be in [0, 1]")
@@ -373,10 +373,10 @@ def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, w
     """Whether a conditioning the bundle may have (ControlNet, T2I-Adapter) is used; images must match the build."""
     if not built:
         if images is not None:
-            raise UserError(f"bundle {root} has no {what}; build one with {flag}")
+            raise UserError(f"bundle {root} was built without {what}; build one with {flag}")
         return False
     if images is None:
-        raise UserError(f"this bundle has {what}: give its control image (--control-image)")
+        raise UserError(f"this bundle has a {what}: give its control image (--control-image)")
     return True
 
 

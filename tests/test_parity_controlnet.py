@@ -93,7 +93,7 @@ def test_control_errors(models, tiny_sd15_bundle: Path, control) -> None:
     _, ours, _ = models
     with pytest.raises(UserError, match="control image"):
         ours.generate([PROMPT], seed=0)
-    with pytest.raises(UserError, match="no ControlNet"):
+    with pytest.raises(UserError, match="without ControlNet"):
         Pipeline.load(tiny_sd15_bundle).generate([PROMPT], seed=0, control_images=[control])
     with pytest.raises(UserError, match="control-start"):
         ours.generate([PROMPT], seed=0, control_images=[control], control_start=0.6, control_end=0.5)
