@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -145,9 +144,3 @@ def _compare(path: Path, inputs: dict[str, torch.Tensor], output_names: list[str
         for g, e in zip(got, expected)
     ]
     return max(errors)
-
-
-def remove_graph(dest_dir: Path, name: str) -> None:
-    for path in (dest_dir / f"{name}.onnx", dest_dir / f"{name}.onnx.data"):
-        path.unlink(missing_ok=True)
-    shutil.rmtree(dest_dir / f".{name}-", ignore_errors=True)
