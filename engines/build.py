@@ -105,10 +105,8 @@ def _example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
 
     adapter_states = {}
     if "adapter" in modules:
-        with torch.no_grad():
-            outputs = modules["adapter"][0](torch.zeros(b, preset.height, preset.width, adapter_channels(checkpoint),
-                                                        dtype=torch.uint8), torch.ones(b))
-        adapter_states = {f"adapter_state_{k}": randn(*state.shape) for k, state in enumerate(outputs)}
+        adapter_states = {f"adapter_state_{k}": randn(b, *shape) for k, shape in
+                          enumerate(modules["adapter"][0].state_shapes)}
 
     def denoise_inputs(names: list[str], rows: int) -> dict[str, Any]:
         pool = {
@@ -198,8 +196,11 @@ def _stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, 
     states = 0
     if checkpoint.adapter is not None:
         adapter = AdapterStage(checkpoint.adapter, precision)
-        states = len(adapter(torch.zeros(1, preset.height, preset.width, adapter_channels(checkpoint),
-                                         dtype=torch.uint8), torch.ones(1)))
+        with torch.no_grad():  # one probe run: the number and shapes of the states feed the denoise graphs
+            probe = adapter(torch.zeros(1, preset.height, preset.width, adapter_channels(checkpoint),
+                                        dtype=torch.uint8), torch.ones(1))
+        adapter.state_shapes = [tuple(state.shape[1:]) for state in probe]
+        states = len(probe)
         modules["adapter"] = (adapter, [f"adapter_state_{k}" for k in range(states)])
     if mode == "cfg":  # one graph without guidance for guidance <= 1, one with the doubled batch for > 1
         modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl,

@@ -275,7 +275,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from lcmtrt.runtime.bench import BenchSettings, bench_diffusers, bench_lcmtrt, format_report, speedups
+    from lcmtrt.runtime.bench import (BenchSettings, bench_diffusers, bench_lcmtrt, condition_images, format_report,
+                                      speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
     if args.iterations < 1 or args.warmup < 0:
@@ -283,6 +284,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
     bundle = load_bundle(args.engines)
+    if args.compare and condition_images(bundle):
+        raise UserError("--compare diffusers does not cover ControlNet or T2I-Adapter bundles yet; "
+                        "bench them without --compare")
     settings = BenchSettings(args.batch or bundle.batch_sizes, args.steps or (bundle.default_steps,),
                              args.iterations, args.warmup)
     log.info("benchmarking %s: batches %s, steps %s, %d iterations", args.engines, list(settings.batches),

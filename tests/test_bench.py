@@ -54,3 +54,17 @@ def test_bench_refuses_unbuilt_batch(tiny_sd15_bundle: Path, capsys) -> None:
     assert main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--batch", "3", "--iterations", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not built" in err[0]
+
+
+def test_bench_controlnet_bundle(lcmtrt_cache: Path, tmp_path: Path, capsys) -> None:
+    """A ControlNet bundle is timed with a synthetic condition map; the diffusers comparison says it cannot."""
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+
+    out = tmp_path / "canny"
+    build_bundle(load_preset("tiny-sd15-canny").with_overrides(batch_sizes=(1,), img2img=False), out, "onnxruntime",
+                 "fp32")
+    assert main(["-q", "bench", "--engines", str(out), "--iterations", "1", "--warmup", "0"]) == 0
+    assert "batch1-steps4" in capsys.readouterr().out
+    assert main(["-q", "bench", "--engines", str(out), "--iterations", "1", "--compare", "diffusers"]) == 2
+    assert "does not cover ControlNet" in capsys.readouterr().err
