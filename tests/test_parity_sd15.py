@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_images_match, to_uint8
+from conftest import assert_images_match, assert_latents_close, to_uint8
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -42,7 +42,7 @@ def test_matches_diffusers(ours: Pipeline, reference, steps: int, guidance: floa
     expected = run_reference(reference, [PROMPT], torch.manual_seed(0), steps, guidance)
     assert_images_match(result.images, to_uint8(expected))
     latents = run_reference(reference, [PROMPT], torch.manual_seed(0), steps, guidance, output_type="latent")
-    np.testing.assert_allclose(result.latents, latents.numpy(), atol=1e-4, rtol=0)
+    assert_latents_close(result.latents, latents.numpy())
     assert result.noise == "torch"
 
 

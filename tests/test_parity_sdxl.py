@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_images_match, to_uint8
+from conftest import assert_images_match, assert_latents_close, to_uint8
 from lcmtrt.engines.build import build_bundle
 from lcmtrt.engines.preset import load_preset
 from lcmtrt.runtime.pipeline import Pipeline
@@ -47,7 +47,7 @@ def test_matches_diffusers(models, steps: int, guidance: float) -> None:
     assert_images_match(result.images, to_uint8(run_reference(reference, [PROMPT], torch.manual_seed(0), steps,
                                                               guidance)))
     latents = run_reference(reference, [PROMPT], torch.manual_seed(0), steps, guidance, output_type="latent")
-    np.testing.assert_allclose(result.latents, latents.numpy(), atol=1e-4, rtol=0)
+    assert_latents_close(result.latents, latents.numpy())
 
 
 def test_batch_rows_equal_separate_calls(models) -> None:
