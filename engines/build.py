@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from lcmtrt.runtime.errors import UserError
 log = logging.getLogger(__name__)
 
 EXAMPLE_BATCH = 2  # trace with batch 2 so no reshape is specialised to batch 1
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class Progress:
@@ -48,15 +50,48 @@ class Progress:
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto` picks TensorRT when it and a GPU are present, otherwise ONNX Runtime."""
+    """`auto`: TensorRT when it and a GPU are present, else ONNX Runtime's CUDA provider on a GPU, else OpenVINO
+    when it is installed (the fastest CPU path), else ONNX Runtime on the CPU. Says which it picked and why."""
+    from lcmtrt.engines import onnxruntime_build
+    from lcmtrt.engines.openvino_build import openvino_available
     from lcmtrt.engines.tensorrt_build import tensorrt_available
 
     if backend == "auto":
-        return "tensorrt" if tensorrt_available() else "onnxruntime"
+        if tensorrt_available():
+            chosen, why = "tensorrt", "TensorRT and a CUDA GPU are present"
+        elif onnxruntime_build.cuda_usable():
+            chosen, why = "onnxruntime", "ONNX Runtime's CUDA provider runs here and TensorRT is not installed"
+        elif openvino_available():
+            chosen, why = "openvino", "no GPU here; OpenVINO is installed"
+        else:
+            chosen, why = "onnxruntime", "no GPU and no OpenVINO here (pip install 'lcmtrt[openvino]' is faster on CPUs)"
+        log.info("backend auto: %s (%s)", chosen, why)
+        return chosen
     if backend == "tensorrt" and not tensorrt_available():
         raise UserError("--backend tensorrt needs the tensorrt and cuda-python packages and a CUDA GPU "
                         "(pip install 'lcmtrt[tensorrt]'); use --backend onnxruntime on this host")
+    if backend == "openvino" and not openvino_available():
+        raise UserError("--backend openvino needs OpenVINO: pip install 'lcmtrt[openvino]'")
     return backend
+
+
+def resolve_precision(backend: str, precision: str | None, ort_device: str, ov_device: str) -> str:
+    """fp32 on CPUs (the parity path), fp16 on GPUs; bf16 only where OpenVINO runs it natively."""
+    if precision is None:
+        gpu = backend == "tensorrt" or ort_device == "cuda" or (backend == "openvino" and ov_device.upper().startswith(("GPU", "NPU")))
+        precision = "fp16" if gpu else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if backend == "tensorrt" and precision != "fp16":
+        raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime or openvino for fp32")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise UserError("--precision bf16 runs on the OpenVINO backend (--backend openvino); ONNX Runtime takes fp32 "
+                        "or fp16")
+    if backend == "openvino":
+        from lcmtrt.engines.openvino_build import check_precision
+
+        check_precision(precision, ov_device)
+    return precision
 
 
 def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
@@ -250,9 +285,11 @@ def build_bundle(
     precision: str | None = None,
     workspace_gb: float | None = None,
     refittable: bool = False,
+    device: str = "CPU",
 ) -> Bundle:
     """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists).
-    `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (Pipeline.apply_loras)."""
+    `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (Pipeline.apply_loras).
+    `device`: the OpenVINO device the bundle targets (CPU, GPU, NPU, ...)."""
     from lcmtrt.engines import onnxruntime_build
     from lcmtrt.export.clip_tokenizer import export_tokenizer
     from lcmtrt.export.models import load_checkpoint
@@ -262,11 +299,16 @@ def build_bundle(
     ort_device = "cpu"
     if backend == "onnxruntime":
         ort_device = "cuda" if onnxruntime_build.cuda_usable() else "cpu"
-    precision = precision or ("fp32" if backend == "onnxruntime" and ort_device == "cpu" else "fp16")
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"unknown precision {precision!r}; choose fp16 or fp32")
-    if backend == "tensorrt" and precision != "fp16":
-        raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
+    if backend == "openvino":
+        from lcmtrt.engines import openvino_build
+
+        openvino_build.check_device(device)
+        if refittable:
+            raise UserError("--refittable bundles swap LoRAs through ONNX Runtime or TensorRT; build them with "
+                            "--backend onnxruntime")
+    precision = resolve_precision(backend, precision, ort_device, device)
+    # OpenVINO converts fp32 graphs and lowers their precision at compile time, keeping what needs fp32 in fp32
+    graph_precision = "fp32" if backend == "openvino" else precision
     if backend == "tensorrt" and refittable and len(preset.batch_sizes) > 1:
         raise UserError("TensorRT refittable engines allow one optimization profile: build --refittable bundles "
                         "with one --batch size")
@@ -302,7 +344,7 @@ def build_bundle(
         if preset.cfg and mode == "embedding":
             log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
                         "and diffusers never runs classifier-free guidance with it")
-        modules = _stage_modules(checkpoint, precision, scheduler, preset, mode)
+        modules = _stage_modules(checkpoint, graph_precision, scheduler, preset, mode)
         progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
         examples = _example_inputs(checkpoint, preset, scheduler, modules)
         cfg_batches = tuple(sorted(set(preset.batch_sizes) | {2 * b for b in preset.batch_sizes}))
@@ -310,39 +352,16 @@ def build_bundle(
                           for name in modules}
         graphs = {}
         for name in modules:
-            with progress.stage(f"export {name} to ONNX ({precision})"):
+            with progress.stage(f"export {name} to ONNX ({graph_precision})"):
                 module, output_names = modules[name]
                 graphs[name] = export_graph(name, module, examples[name], output_names, BATCH_AXES.get(name, {}),
                                             staging / "onnx", refittable and name in REFITTABLE)
                 error = graphs[name].max_abs_error
                 log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
-        artifacts: dict[str, str] = {}
-        build_info: dict[str, Any] = {"backend": backend}
-        if backend == "tensorrt":
-            from lcmtrt.engines.tensorrt_build import build_plan, device_info
-
-            (staging / "trt").mkdir()
-            build_info.update(device_info())
-            workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
-            for name, graph in graphs.items():
-                with progress.stage(f"build TensorRT plan for {name}"):
-                    profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in engine_batches[name]]
-                    plan = staging / "trt" / f"{name}.plan"
-                    build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache",
-                               refittable=bool(graph.refit_weights))
-                    artifacts[name] = f"trt/{name}.plan"
-        else:
-            import onnxruntime
-
-            (staging / "ort").mkdir()
-            build_info.update({"onnxruntime_version": onnxruntime.__version__, "ort_device": ort_device})
-            for name, graph in graphs.items():
-                with progress.stage(f"optimize {name} for ONNX Runtime ({ort_device})"):
-                    if graph.refit_weights:  # overrides must reach the graph before ONNX Runtime folds anything
-                        artifacts[name] = f"onnx/{name}.onnx"
-                        continue
-                    onnxruntime_build.optimize_graph(graph.path, staging / "ort" / f"{name}.onnx", ort_device)
-                    artifacts[name] = f"ort/{name}.onnx"
+        specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
+                 for n, g in graphs.items()}
+        specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device, device,
+                                           workspace_gb, out.parent)
         with progress.stage("write bundle.json"):
             build_info.update({
                 "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -350,6 +369,7 @@ def build_bundle(
                 "duration_s": round(progress.elapsed, 1),
                 "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
                 "vae_precision": vae_precision(checkpoint, precision),
+                "graph_precision": graph_precision,
             })
             bundle = Bundle(
                 root=out,
@@ -367,19 +387,11 @@ def build_bundle(
                 default_guidance_scale=preset.guidance_scale,
                 scheduler=scheduler,
                 text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
-                engines={
-                    n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs, engine_batches[n],
-                                  g.refit_weights)
-                    for n, g in graphs.items()
-                },
+                engines=specs,
                 sources={"preset": preset.name, **_source_info(checkpoint),
                          **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
                 build=build_info,
-                files={
-                    str(p.relative_to(staging)): file_digest(p)
-                    for p in sorted(staging.rglob("*"))
-                    if p.is_file()
-                },
+                files=_digests(staging),
             )
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
         _replace_dir(staging, out)
@@ -388,6 +400,128 @@ def build_bundle(
             shutil.rmtree(staging, ignore_errors=True)
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
     return bundle
+
+
+def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progress, backend: str, precision: str,
+                   ort_device: str, device: str, workspace_gb: float | None,
+                   cache_dir: Path) -> tuple[dict[str, EngineSpec], dict[str, Any]]:
+    """Each engine's backend artifact from its ONNX graph in `staging`; returns the specs with their artifacts and
+    the backend's build info."""
+    from lcmtrt.engines import onnxruntime_build
+
+    artifacts: dict[str, str] = {}
+    build_info: dict[str, Any] = {"backend": backend}
+    if backend == "tensorrt":
+        from lcmtrt.engines.tensorrt_build import build_plan, device_info
+
+        (staging / "trt").mkdir()
+        build_info.update(device_info())
+        workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
+        for name, spec in specs.items():
+            with progress.stage(f"build TensorRT plan for {name}"):
+                profiles = [{t.name: t.concrete(b) for t in spec.inputs} for b in spec.batch_sizes]
+                plan = staging / "trt" / f"{name}.plan"
+                build_plan(staging / spec.onnx, plan, profiles, workspace, timing_cache=cache_dir / ".lcmtrt-timing.cache",
+                           refittable=bool(spec.refit_weights))
+                artifacts[name] = f"trt/{name}.plan"
+    elif backend == "openvino":
+        from lcmtrt.engines import openvino_build
+
+        (staging / "ov").mkdir()
+        build_info.update({"openvino_version": openvino_build.openvino_version(), "ov_device": device})
+        kept = {}
+        for name, spec in specs.items():
+            with progress.stage(f"convert {name} to OpenVINO IR ({precision}, batch {list(spec.batch_sizes)})"):
+                files = openvino_build.convert_graph(staging / spec.onnx, staging, name, spec.inputs, spec.batch_sizes,
+                                                     precision)
+                artifacts[name] = str(files[0].relative_to(staging))
+                if precision != "fp32":
+                    kept[name] = openvino_build.verify_fp32_marks(files[0], device, precision)
+                    log.info("      %s: %d of %d ops marked fp32 run in fp32 on %s", name, *kept[name], device)
+        if kept:
+            build_info["fp32_ops_kept"] = {name: {"kept": k, "marked": m} for name, (k, m) in kept.items()}
+    else:
+        import onnxruntime
+
+        (staging / "ort").mkdir()
+        build_info.update({"onnxruntime_version": onnxruntime.__version__, "ort_device": ort_device})
+        for name, spec in specs.items():
+            with progress.stage(f"optimize {name} for ONNX Runtime ({ort_device})"):
+                if spec.refit_weights:  # overrides must reach the graph before ONNX Runtime folds anything
+                    artifacts[name] = spec.onnx
+                    continue
+                onnxruntime_build.optimize_graph(staging / spec.onnx, staging / "ort" / f"{name}.onnx", ort_device)
+                artifacts[name] = f"ort/{name}.onnx"
+    return {n: replace(spec, artifact=artifacts[n]) for n, spec in specs.items()}, build_info
+
+
+def _digests(staging: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+
+
+EXPORT_INFO = ("export_max_abs_error", "graph_precision")  # build info that belongs to the ONNX graphs, not the engines
+
+
+def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,
+                   workspace_gb: float | None = None, device: str = "CPU") -> Bundle:
+    """Engines for another backend or precision from an existing bundle's ONNX graphs, without exporting again
+    (e.g. an OpenVINO bf16 bundle from an fp32 ONNX Runtime one); written atomically like build_bundle."""
+    from lcmtrt.engines import onnxruntime_build
+    from lcmtrt.runtime.bundle import load_bundle
+
+    src = load_bundle(source)
+    graph_precision = src.build.get("graph_precision", src.precision)
+    backend = resolve_backend(backend)
+    ort_device = "cuda" if backend == "onnxruntime" and onnxruntime_build.cuda_usable() else "cpu"
+    if backend == "openvino":
+        from lcmtrt.engines import openvino_build
+
+        openvino_build.check_device(device)
+    precision = resolve_precision(backend, precision or (graph_precision if backend != "openvino" else None),
+                                  ort_device, device)
+    wanted = "fp32" if backend == "openvino" else precision
+    if graph_precision != wanted:
+        raise UserError(f"{source} holds {graph_precision} ONNX graphs but a {backend} {precision} bundle needs "
+                        f"{wanted} ones; convert from a bundle built with --precision {wanted}")
+    if backend == "openvino" and any(e.refit_weights for e in src.engines.values()):
+        raise UserError(f"{source} is refittable (LoRA swaps through ONNX Runtime or TensorRT); convert from a bundle "
+                        "built without --refittable")
+    progress = Progress(total=len(src.engines) + 2)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with progress.stage(f"copy ONNX graphs and tokenizers from {source}"):
+            keep = {e.onnx for e in src.engines.values()} | set(src.text.tokenizers)
+            for rel in src.files:
+                if rel in keep or any(rel.startswith(k + ".") for k in keep):  # a graph's external-data file too
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(src.path(rel), staging / rel)
+        specs, build_info = _build_engines(dict(src.engines), staging, progress, backend, precision, ort_device,
+                                           device, workspace_gb, out.parent)
+        with progress.stage("write bundle.json"):
+            build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
+            build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "host": platform.node(), "duration_s": round(progress.elapsed, 1),
+                               "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
+                               "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
+            bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
+                             files=_digests(staging))
+            (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+        _replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
+    return bundle
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link a graph into the new bundle (no space used, the source is never written to); copy across devices."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from lcmtrt.runtime.bundle import Bundle
 from lcmtrt.runtime.errors import UserError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 
 
 class Buffer(Protocol):
@@ -30,6 +30,27 @@ class Buffer(Protocol):
 
     def row(self, index: int) -> Buffer:
         """A view of `self[index]` that aliases this buffer's memory (no copy)."""
+
+
+class HostBuffer:
+    """A Buffer in host memory: a numpy array with a fixed address that engines read and write in place."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def write(self, host: np.ndarray) -> None:
+        if host.shape != self.shape or host.dtype != self.dtype:
+            raise ValueError(f"buffer is {self.dtype}{list(self.shape)}, got {host.dtype}{list(host.shape)}")
+        np.copyto(self.array, host)
+
+    def read(self) -> np.ndarray:
+        return self.array
+
+    def row(self, index: int) -> HostBuffer:
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(f"row {index} of a buffer with {self.shape[0]} rows")
+        return HostBuffer(self.array[index])
 
 
 class Binding(Protocol):
@@ -57,7 +78,8 @@ class Backend(Protocol):
 
 
 def open_backend(bundle: Bundle, device: str = "auto") -> Backend:
-    """The backend the bundle was built for; `device` picks ONNX Runtime's provider (auto | cpu | cuda)."""
+    """The backend the bundle was built for; `device` picks ONNX Runtime's provider (auto | cpu | cuda) or
+    OpenVINO's device (auto | CPU | GPU | NPU ...)."""
     if bundle.backend == "tensorrt":
         from lcmtrt.runtime.backend_trt import TensorRTBackend
 
@@ -66,4 +88,11 @@ def open_backend(bundle: Bundle, device: str = "auto") -> Backend:
         from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, device)
+    if bundle.backend == "openvino":
+        try:
+            from lcmtrt.runtime.backend_ov import OpenVinoBackend
+        except ImportError:
+            raise UserError(f"bundle {bundle.root} was built for OpenVINO, which is not installed here: "
+                            "pip install 'lcmtrt[openvino]'") from None
+        return OpenVinoBackend(bundle, device)
     raise UserError(f"bundle {bundle.root} names unknown backend {bundle.backend!r}; rebuild it")

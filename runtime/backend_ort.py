@@ -14,6 +14,7 @@ from lcmtrt.runtime.bundle import Bundle
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
+NO_SPINNING = "session.intra_op.allow_spinning"
 
 
 class OrtBuffer:
@@ -85,6 +86,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Every engine has its own intra-op pool: a finished session's threads spinning for work would take the
+        # cores the next engine's threads need (a third of a small generation on 2 cores), so they sleep instead.
+        options.add_session_config_entry(NO_SPINNING, "0")
         if threads:
             options.intra_op_num_threads = threads
         self.options, self.providers = options, providers
@@ -111,6 +115,7 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = self.options.graph_optimization_level
         options.log_severity_level = self.options.log_severity_level
         options.intra_op_num_threads = self.options.intra_op_num_threads
+        options.add_session_config_entry(NO_SPINNING, "0")
         arrays = [np.ascontiguousarray(a) for a in weights.values()]
         options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
         self.sessions[engine] = self._session(engine, options)

@@ -14,6 +14,7 @@ from typing import Sequence
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger("lcmtrt")
+DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 
 
@@ -55,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a built-in preset (see `lcmtrt presets`)")
     source.add_argument("--config", help="a preset TOML file")
+    source.add_argument("--from", dest="source_bundle", type=Path, metavar="BUNDLE",
+                        help="reuse this bundle's ONNX graphs: engines for another --backend / --precision, no export")
     build.add_argument("--model", help="hub id or local diffusers folder replacing the preset's model")
     build.add_argument("--out", type=Path, help="bundle folder (default: artifacts/<preset>)")
-    build.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto")
-    build.add_argument("--precision", choices=("fp16", "fp32"), help="default: fp16 on a GPU, fp32 on a CPU")
+    build.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
+                       help="auto: TensorRT on a GPU with it, ONNX Runtime CUDA on another GPU, else OpenVINO when "
+                            "installed, else ONNX Runtime CPU")
+    build.add_argument("--precision", choices=("fp16", "fp32", "bf16"),
+                       help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX")
+    build.add_argument("--device", default="CPU", help="OpenVINO device the bundle targets: CPU, GPU, NPU, ...")
     build.add_argument("--height", type=int)
     build.add_argument("--width", type=int)
     build.add_argument("--batch", type=_batch_list, help="batch sizes to build, e.g. 1,4")
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "schedule (LatentConsistencyModelImg2ImgPipeline)")
     infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
                        help="how an input image of another size is fitted (stretch: as diffusers)")
-    infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+    infer.add_argument("--device", default="auto", help=DEVICE_HELP)
     infer.add_argument("--control-image", action="append", type=Path,
                        help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
     infer.add_argument("--canny", nargs="?", const=(100, 200), type=_pair, metavar="LOW,HIGH",
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
     bench.add_argument("--compare", choices=("diffusers",), help="run the diffusers reference in the same run")
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime provider")
+    bench.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     commands.add_parser("presets", help="list the built-in presets")
     return parser
@@ -168,8 +175,19 @@ def grid_image(images):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.build import build_bundle, convert_bundle
     from lcmtrt.engines.preset import load_preset
+
+    if args.source_bundle is not None:
+        given = [f for f in ("model", "height", "width", "batch", "controlnet", "adapter") if getattr(args, f)]
+        if given or args.lora or args.cfg or args.refittable:
+            raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable'])[0]} "
+                            "needs a new export (--preset or --config)")
+        out = args.out or Path("artifacts") / f"{args.source_bundle.name}-{args.backend}-{args.precision or 'default'}"
+        convert_bundle(args.source_bundle, out, backend=args.backend, precision=args.precision,
+                       workspace_gb=args.workspace_gb, device=args.device)
+        print(out)
+        return 0
 
     from dataclasses import replace
 
@@ -184,7 +202,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                    adapter=args.adapter)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,
-                 refittable=args.refittable)
+                 refittable=args.refittable, device=args.device)
     print(out)
     return 0
 

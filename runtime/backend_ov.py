@@ -1,0 +1,120 @@
+"""OpenVINO backend: one compiled model per (engine, batch) from the bundle's static-shape IR, one infer request per
+binding with every input and output set to a host buffer once (shared memory: a run copies nothing in or out).
+
+Compiled models go through OpenVINO's model cache, so a second load of the same bundle skips compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import openvino as ov
+
+from lcmtrt.runtime.backend import HostBuffer
+from lcmtrt.runtime.bundle import Bundle
+from lcmtrt.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # bundle precision -> OpenVINO's hint
+REBUILD = "rebuild it with `lcmtrt build-engines --backend openvino`"
+
+
+def cache_dir() -> Path:
+    """OpenVINO's compiled-model cache, beside the tiny checkpoints ($LCMTRT_CACHE or ~/.cache/lcmtrt)."""
+    root = os.environ.get("LCMTRT_CACHE") or Path.home() / ".cache" / "lcmtrt"
+    return Path(root) / "openvino"
+
+
+def check_compatible(build: dict[str, Any], root: Path) -> None:
+    """IR and cached blobs are tied to the OpenVINO release that wrote them."""
+    built = build.get("openvino_version")
+    here = ov.get_version().split("-")[0]
+    if built is None:
+        raise UserError(f"bundle {root} records no OpenVINO version; {REBUILD}")
+    if built != here:
+        raise UserError(f"bundle {root} was built with OpenVINO {built} but this host has {here}; {REBUILD}, "
+                        f"or install openvino=={built}")
+
+
+class OvBinding:
+    def __init__(self, request: ov.InferRequest):
+        self.request = request
+
+    def run(self) -> None:
+        self.request.infer()  # synchronous: the tensors it reads and writes are the bound buffers themselves
+
+
+class OpenVinoBackend:
+    name = "openvino"
+
+    def __init__(self, bundle: Bundle, device: str = "auto"):
+        check_compatible(bundle.build, bundle.root)
+        self.bundle = bundle
+        self.ov_device = bundle.build.get("ov_device", "CPU") if device == "auto" else device
+        self.core = ov.Core()
+        base = self.ov_device.split(":")[0].split(".")[0].upper()
+        if base not in ("AUTO", "HETERO", "MULTI") and base not in {d.split(".")[0] for d in self.core.available_devices}:
+            raise UserError(f"OpenVINO device {self.ov_device!r} is not available here "
+                            f"(it has {', '.join(self.core.available_devices)}); use --device CPU")
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        self.config = {
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[bundle.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "CACHE_DIR": str(cache),
+        }
+        self.compiled: dict[tuple[str, int], ov.CompiledModel] = {}
+        self.device = f"{self.ov_device} (openvino {bundle.precision})"
+        for spec in bundle.engines.values():  # a damaged bundle fails at load, not at the first request
+            for batch in spec.batch_sizes:
+                if not self._ir(spec.name, batch).is_file():
+                    raise UserError(f"bundle {bundle.root} has no OpenVINO IR for {spec.name} at batch {batch}; {REBUILD}")
+
+    def _ir(self, engine: str, batch: int) -> Path:
+        return self.bundle.path(f"ov/{engine}.b{batch}.xml")
+
+    def _compiled(self, engine: str, batch: int) -> ov.CompiledModel:
+        key = (engine, batch)
+        if key not in self.compiled:
+            if batch not in self.bundle.engines[engine].batch_sizes:
+                raise ValueError(f"engine {engine} was built for batch sizes {self.bundle.engines[engine].batch_sizes}")
+            try:  # from the path, so a cached blob is imported without reading the IR
+                self.compiled[key] = self.core.compile_model(str(self._ir(engine, batch)), self.ov_device, self.config)
+            except RuntimeError as e:
+                raise UserError(f"OpenVINO cannot compile {engine} (batch {batch}) from {self.bundle.root}: "
+                                f"{str(e).strip().splitlines()[-1]}; {REBUILD}") from None
+        return self.compiled[key]
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> HostBuffer:
+        return HostBuffer(np.zeros(tuple(shape), np.dtype(dtype)))
+
+    def bind(self, engine: str, batch: int, tensors: dict[str, HostBuffer]) -> OvBinding:
+        spec = self.bundle.engines[engine]
+        expected = {t.name: t for t in spec.inputs + spec.outputs}
+        if set(tensors) != set(expected):
+            raise ValueError(f"engine {engine} takes {sorted(expected)}, bound {sorted(tensors)}")
+        request = self._compiled(engine, batch).create_infer_request()
+        for name, buffer in tensors.items():
+            want = expected[name]
+            if buffer.shape != want.concrete(batch) or buffer.dtype != np.dtype(want.dtype):
+                raise ValueError(f"{engine}.{name} needs {want.dtype}{list(want.concrete(batch))}, "
+                                 f"bound {buffer.dtype}{list(buffer.shape)}")
+            request.set_tensor(name, ov.Tensor(buffer.array, shared_memory=True))
+        return OvBinding(request)
+
+    def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
+        return launch  # synchronous CPU execution: nothing to record
+
+    def synchronize(self) -> None:
+        """infer() returns once the work is done."""
+
+    def timed(self, run: Callable[[], None]) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
