@@ -3,6 +3,7 @@ beside the diffusers pipeline on the same checkpoint, device, precision, size, b
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -15,6 +16,8 @@ from lcmtrt.runtime.errors import UserError
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
+FIDELITY_PROMPTS = [PROMPT, "a bowl of fruit on a wooden table, still life", "portrait of a cat, oil painting",
+                    "a snowy mountain village at night"]
 
 
 @dataclass(frozen=True)
@@ -41,54 +44,109 @@ def _stage_summary(samples: list[dict[str, float]]) -> dict[str, dict[str, float
             for k, v in pooled.items()}
 
 
-def _measure(generate: Callable[[], Any], stage_times: Callable[[], dict[str, float]], batch: int,
-             settings: BenchSettings) -> dict[str, Any]:
-    for _ in range(settings.warmup):
-        generate()
-    latencies, overheads = [], []
-    for _ in range(settings.iterations):
+class LcmtrtContender:
+    """lcmtrt on one bundle: loaded once (cold start measured to the first image), then one request per call."""
+
+    name = "lcmtrt"
+
+    def __init__(self, bundle_dir: str, device: str, settings: BenchSettings):
         start = time.perf_counter()
-        result = generate()
-        latencies.append(time.perf_counter() - start)
-        if result is not None:  # lcmtrt: everything but waiting for the engines is runtime overhead
-            overheads.append((latencies[-1] - result.engine_seconds) / batch)
-    stages = _stage_summary([stage_times() for _ in range(settings.iterations)])
+        self.pipeline = Pipeline.load(bundle_dir, device)
+        self.load_s = time.perf_counter() - start
+        missing = [b for b in settings.batches if b not in self.pipeline.bundle.batch_sizes]
+        if missing:
+            raise UserError(f"--batch {missing} not built into this bundle (it has "
+                            f"{list(self.pipeline.bundle.batch_sizes)}); rebuild with `lcmtrt build-engines --batch ...`")
+        self.conditions = condition_images(self.pipeline.bundle)
+        self.generate(settings.batches[0], settings.steps[0])
+        self.first_image_s = time.perf_counter() - start
+
+    def generate(self, batch: int, steps: int) -> float:
+        """Runs one request; returns the seconds spent waiting for engines (the rest is host overhead)."""
+        return self.pipeline.generate([PROMPT] * batch, seed=0, steps=steps, **self.conditions).engine_seconds
+
+    def stage_times(self, batch: int, steps: int) -> dict[str, float]:
+        return self.pipeline.stage_times(batch, steps)
+
+    def summary(self, results: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+        warm_ms = results[f"batch{settings.batches[0]}-steps{settings.steps[0]}"]["end_to_end"]["p50_ms"]
+        memory_in_use = getattr(self.pipeline.backend, "memory_in_use", None)
+        return {
+            "environment": _environment(self.pipeline.bundle, self.pipeline.backend.device),
+            "cold_start": {"load_s": self.load_s, "first_image_s": self.first_image_s,
+                           "ratio_to_load_plus_warm": self.first_image_s / (self.load_s + warm_ms / 1000)},
+            "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "device_memory_in_use_mb": memory_in_use() / 2**20 if memory_in_use else None,
+            "results": results,
+        }
+
+
+def run_alternating(contenders: list[Any], settings: BenchSettings) -> dict[str, dict[str, Any]]:
+    """Every (batch, steps) setting timed for each contender, one request of each in turn after their warm-ups, so
+    the machine's drift (other load, clocks) falls on every contender alike; then the stages one by one."""
+    results: dict[str, dict[str, Any]] = {c.name: {} for c in contenders}
+    for batch in settings.batches:
+        for steps in settings.steps:
+            for contender in contenders:
+                for _ in range(settings.warmup):
+                    contender.generate(batch, steps)
+            latencies: dict[str, list[float]] = {c.name: [] for c in contenders}
+            overheads: dict[str, list[float]] = {c.name: [] for c in contenders}
+            for _ in range(settings.iterations):
+                for contender in contenders:
+                    start = time.perf_counter()
+                    engine_s = contender.generate(batch, steps)
+                    latencies[contender.name].append(time.perf_counter() - start)
+                    if engine_s is not None:  # everything but waiting for the engines is runtime overhead
+                        overheads[contender.name].append((latencies[contender.name][-1] - engine_s) / batch)
+            for contender in contenders:
+                results[contender.name][f"batch{batch}-steps{steps}"] = _summarize(
+                    contender, batch, steps, latencies[contender.name], overheads[contender.name], settings)
+    return results
+
+
+def _summarize(contender: Any, batch: int, steps: int, latencies: list[float], overheads: list[float],
+               settings: BenchSettings) -> dict[str, Any]:
     e2e = _stats(latencies)
-    measured = {"end_to_end": e2e, "images_per_s": batch / (e2e["p50_ms"] / 1000), "stages": stages}
+    measured: dict[str, Any] = {"end_to_end": e2e, "images_per_s": batch / (e2e["p50_ms"] / 1000)}
+    samples = [contender.stage_times(batch, steps) for _ in range(settings.iterations)]
+    if samples[0] is not None:
+        measured["stages"] = _stage_summary(samples)
+        stage_sum = sum(measured["stages"][k]["median_ms"] for k in ("text", "denoise_total", "vae_decode"))
+        # what a whole request costs beyond its engines run one at a time: thread hand-over, host work
+        measured["stage_gap"] = {"sum_of_stages_ms": stage_sum, "gap_ms": e2e["p50_ms"] - stage_sum,
+                                 "gap_pct": 100 * (e2e["p50_ms"] - stage_sum) / e2e["p50_ms"]}
     if overheads:
         measured["overhead_ms_per_image"] = float(np.median(overheads) * 1000)
     return measured
 
 
 def bench_lcmtrt(bundle_dir: str, device: str, settings: BenchSettings) -> dict[str, Any]:
-    start = time.perf_counter()
-    pipeline = Pipeline.load(bundle_dir, device)
-    load_s = time.perf_counter() - start
-    missing = [b for b in settings.batches if b not in pipeline.bundle.batch_sizes]
-    if missing:
-        raise UserError(f"--batch {missing} not built into this bundle (it has {list(pipeline.bundle.batch_sizes)}); "
-                        "rebuild with `lcmtrt build-engines --batch ...`")
-    first_batch, first_steps = settings.batches[0], settings.steps[0]
-    conditions = condition_images(pipeline.bundle)
-    pipeline.generate([PROMPT] * first_batch, seed=0, steps=first_steps, **conditions)
-    cold_s = time.perf_counter() - start
-    results = {}
-    for batch in settings.batches:
-        for steps in settings.steps:
-            results[f"batch{batch}-steps{steps}"] = _measure(
-                lambda: pipeline.generate([PROMPT] * batch, seed=0, steps=steps, **conditions),
-                lambda: pipeline.stage_times(batch, steps), batch, settings)
-    warm_ms = results[f"batch{first_batch}-steps{first_steps}"]["end_to_end"]["p50_ms"]
-    memory_in_use = getattr(pipeline.backend, "memory_in_use", None)
-    bundle = pipeline.bundle
-    return {
-        "environment": _environment(bundle, pipeline.backend.device),
-        "cold_start": {"load_s": load_s, "first_image_s": cold_s,
-                       "ratio_to_load_plus_warm": cold_s / (load_s + warm_ms / 1000)},
-        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device_memory_in_use_mb": memory_in_use() / 2**20 if memory_in_use else None,
-        "results": results,
-    }
+    """lcmtrt alone on one bundle."""
+    contender = LcmtrtContender(bundle_dir, device, settings)
+    return contender.summary(run_alternating([contender], settings)["lcmtrt"], settings)
+
+
+def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps: int) -> dict[str, Any]:
+    """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts and seed."""
+    from lcmtrt.runtime.bundle import load_bundle
+
+    reference_bundle = load_bundle(reference_dir)
+    ours = Pipeline.load(bundle_dir, device)
+    same = lambda b: (b.family, b.height, b.width, b.sources.get("model"), b.sources.get("loras"))
+    if same(reference_bundle) != same(ours.bundle):
+        raise UserError(f"--reference {reference_dir} is not the same model, LoRAs and size as {bundle_dir}")
+    conditions = condition_images(ours.bundle)
+    prompts = FIDELITY_PROMPTS[:max(1, batch)]
+    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
+    del ours
+    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
+    diff = np.abs(mine - theirs)
+    mse = float(np.mean(diff**2))
+    return {"reference": str(reference_dir), "reference_precision": reference_bundle.precision,
+            "images": len(prompts), "steps": steps,
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
 
 
 def condition_images(bundle: Any) -> dict[str, list[np.ndarray]]:
@@ -103,6 +161,25 @@ def condition_images(bundle: Any) -> dict[str, list[np.ndarray]]:
     return {"adapter_images" if "adapter" in engines else "control_images": [edges]}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16/int8 extensions, e.g. "AMD EPYC (2 cores; avx2, no avx512_bf16)"."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    lacks = "" if "avx512_bf16" in flags or "amx_bf16" in flags or not flags else ", no avx512_bf16/amx"
+    return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"
+
+
 def _environment(bundle: Any, device: str) -> dict[str, Any]:
     import onnxruntime
 
@@ -111,7 +188,7 @@ def _environment(bundle: Any, device: str) -> dict[str, Any]:
     env = {"backend": bundle.backend, "precision": bundle.precision, "device": device,
            "model": bundle.sources.get("model"), "size": f"{bundle.width}x{bundle.height}",
            "lcmtrt": lcmtrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+           "python": platform.python_version(), "cpu": cpu_model()}
     if bundle.backend == "tensorrt":
         import tensorrt
 
@@ -119,60 +196,70 @@ def _environment(bundle: Any, device: str) -> dict[str, Any]:
     return env
 
 
-def bench_diffusers(bundle_dir: str, settings: BenchSettings) -> dict[str, Any]:
-    """The reference: diffusers' LatentConsistencyModelPipeline on the bundle's own checkpoint, timed per stage."""
-    import torch
+class DiffusersContender:
+    """The reference: diffusers' LatentConsistencyModelPipeline on the bundle's own checkpoint, timed per stage by
+    wrapping its text encoders, UNet and VAE decoder."""
 
-    from lcmtrt.export.models import reference_pipeline
-    from lcmtrt.runtime.bundle import load_bundle
+    name = "diffusers"
 
-    bundle = load_bundle(bundle_dir, verify_hashes=False)
-    gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"
-    device, dtype = ("cuda", torch.float16) if gpu and bundle.precision == "fp16" else ("cuda" if gpu else "cpu", torch.float32)
-    embedding = bundle.guidance_mode == "embedding"
-    pipe = reference_pipeline(bundle.sources, bundle.family, embedding).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    current: dict[str, float] = {}
-    timings: list[dict[str, float]] = []
+    def __init__(self, bundle_dir: str):
+        import torch
 
-    def timed(module: Any, label: Callable[[], str], method: str = "forward") -> None:
+        from lcmtrt.export.models import reference_pipeline
+        from lcmtrt.runtime.bundle import load_bundle
+
+        self.bundle = bundle = load_bundle(bundle_dir, verify_hashes=False)
+        gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"
+        self.device = "cuda" if gpu else "cpu"
+        self.dtype = torch.float16 if gpu and bundle.precision == "fp16" else torch.float32
+        self.pipe = reference_pipeline(bundle.sources, bundle.family, bundle.guidance_mode == "embedding").to(
+            device=self.device, dtype=self.dtype)
+        self.sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        self.current: dict[str, float] = {}
+        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if encoder is not None:
+                self._time(encoder, lambda: "text")
+        self._time(self.pipe.unet, lambda: f"denoise[{sum(k.startswith('denoise') for k in self.current)}]")
+        self._time(self.pipe.vae, lambda: "vae_decode", "decode")
+
+    def _time(self, module: Any, label: Callable[[], str], method: str = "forward") -> None:
         original = getattr(module, method)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            sync()
+            self.sync()
             start = time.perf_counter()
             out = original(*args, **kwargs)
-            sync()
+            self.sync()
             key = label()
-            current[key] = current.get(key, 0.0) + time.perf_counter() - start  # SDXL: both text encoders
+            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - start  # SDXL: both text encoders
             return out
 
         setattr(module, method, wrapper)
 
-    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if encoder is not None:
-            timed(encoder, lambda: "text")
-    timed(pipe.unet, lambda: f"denoise[{sum(k.startswith('denoise') for k in current)}]")
-    timed(pipe.vae, lambda: "vae_decode", "decode")
+    def generate(self, batch: int, steps: int) -> None:
+        import torch
 
-    def generate(batch: int, steps: int) -> None:
-        current.clear()
+        self.current.clear()
         with torch.inference_mode():
-            pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=bundle.default_guidance_scale,
-                 height=bundle.height, width=bundle.width, generator=torch.manual_seed(0), output_type="np")
-        sync()
-        timings.append(dict(current))
+            self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=self.bundle.default_guidance_scale,
+                      height=self.bundle.height, width=self.bundle.width, generator=torch.manual_seed(0),
+                      output_type="np")
+        self.sync()
 
-    results = {}
-    for batch in settings.batches:
-        for steps in settings.steps:
-            timings.clear()
-            results[f"batch{batch}-steps{steps}"] = _measure(
-                lambda: generate(batch, steps), lambda: (generate(batch, steps), timings[-1])[1], batch, settings)
-    return {"environment": {"diffusers": __import__("diffusers").__version__, "torch": torch.__version__,
-                            "device": device, "dtype": str(dtype).removeprefix("torch."),
-                            "threads": torch.get_num_threads()},
-            "results": results}
+    def stage_times(self, batch: int, steps: int) -> dict[str, float]:
+        self.generate(batch, steps)
+        return dict(self.current)
+
+    def summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {"environment": {"diffusers": __import__("diffusers").__version__, "torch": torch.__version__,
+                                "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                                "threads": torch.get_num_threads()},
+                "results": results}
+
+
+PEERS = ("diffusers", "optimum-intel")
 
 
 def speedups(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -182,8 +269,9 @@ def speedups(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, dict[
         theirs = reference["results"][key]
         row = {"end_to_end_p50": theirs["end_to_end"]["p50_ms"] / mine["end_to_end"]["p50_ms"],
                "images_per_s": mine["images_per_s"] / theirs["images_per_s"]}
-        for stage in ("text", "denoise_step", "vae_decode"):
-            row[stage] = theirs["stages"][stage]["median_ms"] / mine["stages"][stage]["median_ms"]
+        if "stages" in theirs:
+            for stage in ("text", "denoise_step", "vae_decode"):
+                row[stage] = theirs["stages"][stage]["median_ms"] / mine["stages"][stage]["median_ms"]
         table[key] = row
     return table
 
@@ -191,29 +279,38 @@ def speedups(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, dict[
 def format_report(report: dict[str, Any]) -> str:
     ours = report["lcmtrt"]
     env = ours["environment"]
-    lines = [f"lcmtrt bench: {env['model']} {env['size']} | {env['backend']} {env['precision']} on {env['device']}",
+    lines = [f"lcmtrt bench: {env['model']} {env['size']} | {env['backend']} {env['precision']} on {env['device']} "
+             f"| {env['cpu']}",
              f"cold start: load {ours['cold_start']['load_s']:.2f} s, first image {ours['cold_start']['first_image_s']:.2f} s "
              f"({ours['cold_start']['ratio_to_load_plus_warm']:.2f}x load + warm generation); "
              f"peak host memory {ours['peak_host_memory_mb']:.0f} MB"
              + (f"; device memory in use {ours['device_memory_in_use_mb']:.0f} MB"
-                if ours["device_memory_in_use_mb"] is not None else ""),
-             ""]
-    header = f"{'setting':16s} {'who':9s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
-             f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s}"
+                if ours["device_memory_in_use_mb"] is not None else "")]
+    for peer in PEERS:
+        if peer in report and "cold_start" in report[peer]:
+            lines.append(f"{peer} cold start: {report[peer]['cold_start']['first_image_s']:.2f} s to the first image")
+    if ours.get("fidelity"):
+        f = ours["fidelity"]
+        lines.append(f"fidelity vs {f['reference_precision']} {f['reference']}: PSNR {f['psnr_db']:.1f} dB, max "
+                     f"difference {f['max_diff']}/255, {f['within_1_pct']:.2f}% of pixels within 1/255")
+    lines.append("")
+    header = f"{'setting':16s} {'who':13s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
+             f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s} {'gap %':>6s}"
     lines.append(header)
     for key, mine in ours["results"].items():
-        rows = [("lcmtrt", mine)]
-        if "diffusers" in report:
-            rows.append(("diffusers", report["diffusers"]["results"][key]))
+        rows = [("lcmtrt", mine)] + [(peer, report[peer]["results"][key]) for peer in PEERS if peer in report]
         for who, r in rows:
-            s = r["stages"]
-            overhead = f"{r['overhead_ms_per_image']:10.3f}" if who == "lcmtrt" else f"{'':10s}"
-            lines.append(f"{key:16s} {who:9s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
-                         f"{r['end_to_end']['p99_ms']:9.1f} {r['images_per_s']:8.2f} {s['text']['median_ms']:8.1f} "
-                         f"{s['denoise_step']['median_ms']:9.1f} {s['vae_decode']['median_ms']:9.1f} {overhead}")
-        if "speedup" in report:
-            sp = report["speedup"][key]
-            lines.append(f"{key:16s} {'speedup':9s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
-                         f"{sp['images_per_s']:7.2f}x {sp['text']:7.2f}x {sp['denoise_step']:8.2f}x "
-                         f"{sp['vae_decode']:8.2f}x")
+            stages = r.get("stages")
+            stage_cells = (f"{stages['text']['median_ms']:8.1f} {stages['denoise_step']['median_ms']:9.1f} "
+                           f"{stages['vae_decode']['median_ms']:9.1f}") if stages else f"{'':8s} {'':9s} {'':9s}"
+            overhead = f"{r['overhead_ms_per_image']:10.3f}" if "overhead_ms_per_image" in r else f"{'':10s}"
+            gap = f"{r['stage_gap']['gap_pct']:6.1f}" if who == "lcmtrt" and "stage_gap" in r else ""
+            lines.append(f"{key:16s} {who:13s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
+                         f"{r['end_to_end']['p99_ms']:9.1f} {r['images_per_s']:8.2f} {stage_cells} {overhead} {gap}")
+        for peer, table in report.get("speedup", {}).items():
+            sp = table[key]
+            stage_cells = " ".join(f"{sp[k]:{w}.2f}x" for k, w in (("text", 7), ("denoise_step", 8), ("vae_decode", 8))
+                                   if k in sp)
+            lines.append(f"{key:16s} {'vs ' + peer:13s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
+                         f"{sp['images_per_s']:7.2f}x {stage_cells}")
     return "\n".join(lines)

@@ -126,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=5)
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
-    bench.add_argument("--compare", choices=("diffusers",), help="run the diffusers reference in the same run")
+    bench.add_argument("--compare", action="append", choices=("diffusers", "optimum-intel"),
+                       help="time a peer on the same checkpoint, alternated with lcmtrt in this run; repeatable "
+                            "(optimum-intel runs in its own environment: scripts/optimum-intel-env.sh)")
+    bench.add_argument("--peer-precision", choices=("fp32", "default"), default="fp32",
+                       help="optimum-intel's precision: fp32, or OpenVINO's default (bf16 on CPUs that have it)")
+    bench.add_argument("--reference", type=Path, metavar="FP32_BUNDLE",
+                       help="report PSNR, max difference and %% of pixels within 1/255 against this fp32 bundle")
     bench.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     commands.add_parser("presets", help="list the built-in presets")
@@ -293,8 +299,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from lcmtrt.runtime.bench import (BenchSettings, bench_diffusers, bench_lcmtrt, condition_images, format_report,
-                                      speedups)
+    from lcmtrt.runtime.bench import (BenchSettings, DiffusersContender, LcmtrtContender, condition_images, fidelity,
+                                      format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
     if args.iterations < 1 or args.warmup < 0:
@@ -302,22 +308,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
     bundle = load_bundle(args.engines)
-    if args.compare and condition_images(bundle):
-        raise UserError("--compare diffusers does not cover ControlNet or T2I-Adapter bundles yet; "
+    peers = list(dict.fromkeys(args.compare or []))
+    if peers and condition_images(bundle):
+        raise UserError(f"--compare {peers[0]} does not cover ControlNet or T2I-Adapter bundles yet; "
                         "bench them without --compare")
+    if args.reference is not None:
+        load_bundle(args.reference)  # a bad reference fails before minutes of timing
     settings = BenchSettings(args.batch or bundle.batch_sizes, args.steps or (bundle.default_steps,),
                              args.iterations, args.warmup)
-    log.info("benchmarking %s: batches %s, steps %s, %d iterations", args.engines, list(settings.batches),
-             list(settings.steps), settings.iterations)
-    report = {"lcmtrt": bench_lcmtrt(str(args.engines), args.device, settings)}
-    if args.compare == "diffusers":
-        log.info("running the diffusers reference ...")
-        report["diffusers"] = bench_diffusers(str(args.engines), settings)
-        report["speedup"] = speedups(report["lcmtrt"], report["diffusers"])
+    log.info("benchmarking %s: batches %s, steps %s, %d iterations%s", args.engines, list(settings.batches),
+             list(settings.steps), settings.iterations, f", alternated with {', '.join(peers)}" if peers else "")
+    ours = LcmtrtContender(str(args.engines), args.device, settings)
+    contenders: list = [ours]
+    if "diffusers" in peers:
+        log.info("loading the diffusers reference ...")
+        contenders.append(DiffusersContender(str(args.engines)))
+    if "optimum-intel" in peers:
+        from lcmtrt.runtime.peer_optimum import OptimumIntelContender
+
+        log.info("loading optimum-intel's OVLatentConsistencyModelPipeline ...")
+        contenders.append(OptimumIntelContender(bundle, settings, args.peer_precision))
+    try:
+        results = run_alternating(contenders, settings)
+    finally:
+        for contender in contenders[1:]:
+            getattr(contender, "close", lambda: None)()
+    report = {"lcmtrt": ours.summary(results["lcmtrt"], settings)}
+    for contender in contenders[1:]:
+        report[contender.name] = contender.summary(results[contender.name])
+    if peers:
+        report["speedup"] = {c.name: speedups(report["lcmtrt"], report[c.name]) for c in contenders[1:]}
+    if args.reference is not None:
+        report["lcmtrt"]["fidelity"] = fidelity(str(args.engines), str(args.reference), args.device,
+                                                settings.batches[0], settings.steps[0])
+    elif bundle.precision != "fp32":
+        report["lcmtrt"]["fidelity"] = None
+        log.warning("warning: a %s bundle: give --reference FP32_BUNDLE to report how close its images are",
+                    bundle.precision)
     print(format_report(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

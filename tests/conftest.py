@@ -37,6 +37,59 @@ def tiny_sd15_bundle(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+def _openvino_missing() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+# The parity tests run on every CPU backend with the same tolerance; OpenVINO bundles are converted from the ONNX
+# Runtime bundle's graphs (build-engines --from), so both run the same export.
+BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(_openvino_missing(),
+                                                                             reason="openvino is not installed"))]
+
+
+def on_backend(bundle: Path, backend: str) -> Path:
+    """`bundle` (an fp32 ONNX Runtime bundle) for `backend`, converted once per session beside it."""
+    if backend == "onnxruntime":
+        return bundle
+    from lcmtrt.engines.build import convert_bundle
+
+    out = bundle.with_name(f"{bundle.name}-{backend}")
+    if not (out / "bundle.json").is_file():
+        logging.getLogger("lcmtrt").setLevel(logging.WARNING)
+        convert_bundle(bundle, out, backend=backend, precision="fp32")
+    return out
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a parity module by backend: its tests run once per CPU backend."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def build_tiny(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """build_tiny(preset, backend) -> bundle: one fp32 ONNX Runtime build per preset per session, converted for
+    other backends."""
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+
+    built: dict[str, Path] = {}
+
+    def build(preset: str, backend: str = "onnxruntime") -> Path:
+        if preset not in built:
+            logging.getLogger("lcmtrt").setLevel(logging.WARNING)
+            out = tmp_path_factory.mktemp(preset) / preset
+            build_bundle(load_preset(preset), out, backend="onnxruntime", precision="fp32")
+            built[preset] = out
+        return on_backend(built[preset], backend)
+
+    return build
+
+
 def assert_images_match(ours: np.ndarray, reference: np.ndarray) -> None:
     """DESIGN's parity bar: every pixel within 1/255 and at least 99% of them identical."""
     assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8

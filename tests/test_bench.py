@@ -38,7 +38,7 @@ def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, 
                  "--iterations", "2", "--warmup", "0", "--compare", "diffusers", "--json", str(report_path)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "speedup" in out and "batch1-steps2" in out
+    assert "vs diffusers" in out and "batch1-steps2" in out
     report = json.loads(report_path.read_text())
     assert set(report) == {"lcmtrt", "diffusers", "speedup"}
     ours = report["lcmtrt"]["results"]["batch1-steps2"]
@@ -46,8 +46,27 @@ def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, 
     assert set(ours["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
     assert report["lcmtrt"]["environment"]["backend"] == "onnxruntime"
     assert report["lcmtrt"]["cold_start"]["first_image_s"] >= report["lcmtrt"]["cold_start"]["load_s"]
-    assert set(report["speedup"]["batch1-steps1"]) == {"end_to_end_p50", "images_per_s", "text", "denoise_step",
-                                                      "vae_decode"}
+    assert set(report["speedup"]["diffusers"]["batch1-steps1"]) == {"end_to_end_p50", "images_per_s", "text",
+                                                                   "denoise_step", "vae_decode"}
+    gap = ours["stage_gap"]  # end to end beside its stages run one at a time
+    assert gap["sum_of_stages_ms"] > 0 and gap["gap_ms"] == pytest.approx(ours["end_to_end"]["p50_ms"]
+                                                                           - gap["sum_of_stages_ms"])
+
+
+def test_bench_fidelity_against_a_reference(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
+    """A non-fp32 bundle (here ONNX Runtime fp16 from the same graphs' checkpoint) is compared with an fp32 one."""
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+
+    fp16 = tmp_path / "fp16"
+    build_bundle(load_preset("tiny-sd15").with_overrides(batch_sizes=(1,), img2img=False), fp16, "onnxruntime", "fp16")
+    report_path = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--engines", str(fp16), "--iterations", "1", "--warmup", "0", "--reference",
+                 str(tiny_sd15_bundle), "--json", str(report_path)]) == 0
+    fidelity = json.loads(report_path.read_text())["lcmtrt"]["fidelity"]
+    assert fidelity["reference_precision"] == "fp32" and 0 < fidelity["max_diff"] <= 3
+    assert 30 < fidelity["psnr_db"] < 100 and 90 < fidelity["within_1_pct"] < 100
+    assert "within 1/255" in capsys.readouterr().out
 
 
 def test_bench_refuses_unbuilt_batch(tiny_sd15_bundle: Path, capsys) -> None:

@@ -11,8 +11,6 @@ import torch
 from PIL import Image
 
 from conftest import assert_images_match, to_uint8
-from lcmtrt.engines.build import build_bundle
-from lcmtrt.engines.preset import load_preset
 from lcmtrt.runtime.cli import main
 from lcmtrt.runtime.images import canny_map, fit_image
 from lcmtrt.runtime.pipeline import Pipeline
@@ -30,13 +28,12 @@ def condition() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def models(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+def models(build_tiny, backend: str):
     from diffusers import LCMScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter
 
     from lcmtrt.export.models import resolve_model
 
-    out = tmp_path_factory.mktemp("t2i") / "tiny-sdxl-t2i"
-    build_bundle(load_preset("tiny-sdxl-t2i"), out, "onnxruntime", "fp32")
+    out = build_tiny("tiny-sdxl-t2i", backend)
     adapter = T2IAdapter.from_pretrained(resolve_model("tiny-t2i-adapter-sdxl"))
     reference = StableDiffusionXLAdapterPipeline.from_pretrained(resolve_model("tiny-sdxl"), adapter=adapter,
                                                                  add_watermarker=False)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_images_match, to_uint8
-from lcmtrt.engines.build import build_bundle
-from lcmtrt.engines.preset import load_preset
+from conftest import assert_images_match, on_backend, to_uint8
 from lcmtrt.runtime.errors import UserError
 from lcmtrt.runtime.pipeline import Pipeline
 
@@ -54,8 +52,8 @@ def reference(tiny_sd15_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_sd15_bundle: Path) -> Pipeline:
-    return Pipeline.load(tiny_sd15_bundle)
+def ours(tiny_sd15_bundle: Path, backend: str) -> Pipeline:
+    return Pipeline.load(on_backend(tiny_sd15_bundle, backend))
 
 
 def run_reference(pipe, prompts, images, generator, steps, strength, guidance=8.0):
@@ -103,10 +101,8 @@ def test_batch_of_two(ours, reference, astronaut, coffee, mode: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def taesd_bundle(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("taesd") / "tiny-sd15-taesd"
-    build_bundle(load_preset("tiny-sd15-taesd"), out, "onnxruntime", "fp32")
-    return out
+def taesd_bundle(build_tiny, backend: str) -> Path:
+    return build_tiny("tiny-sd15-taesd", backend)
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,8 @@ def reference_with_loras(preset_name: str, with_loras: bool = True):
 
 
 @pytest.fixture(scope="module", params=["tiny-sd15-style", "tiny-lcm-lora-sd15", "tiny-lcm-lora-sdxl"])
-def models(request, lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp(request.param) / request.param
-    build_bundle(load_preset(request.param), out, "onnxruntime", "fp32")
-    return request.param, Pipeline.load(out), reference_with_loras(request.param)
+def models(request, build_tiny, backend: str):
+    return request.param, Pipeline.load(build_tiny(request.param, backend)), reference_with_loras(request.param)
 
 
 def size(name: str) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_images_match, assert_latents_close, to_uint8
+from conftest import assert_images_match, assert_latents_close, on_backend, to_uint8
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -25,8 +25,8 @@ def reference(tiny_sd15_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_sd15_bundle: Path) -> Pipeline:
-    return Pipeline.load(tiny_sd15_bundle)
+def ours(tiny_sd15_bundle: Path, backend: str) -> Pipeline:
+    return Pipeline.load(on_backend(tiny_sd15_bundle, backend))
 
 
 def run_reference(pipe, prompts, generator, steps, guidance, output_type="np"):

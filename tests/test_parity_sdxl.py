@@ -3,15 +3,12 @@ StableDiffusionXLPipeline with LCMScheduler (add_watermarker=False), run here wi
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import assert_images_match, assert_latents_close, to_uint8
-from lcmtrt.engines.build import build_bundle
-from lcmtrt.engines.preset import load_preset
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
@@ -19,14 +16,13 @@ LONG = " ".join(["a very detailed photograph of a red fox in a snowy forest at g
 
 
 @pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-ssd1b"])
-def models(request, lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+def models(request, build_tiny, backend: str):
     """(our pipeline, the diffusers pipeline) for one tiny SDXL-class checkpoint."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     from lcmtrt.export.models import resolve_model
 
-    out = tmp_path_factory.mktemp(request.param) / request.param
-    build_bundle(load_preset(request.param), out, "onnxruntime", "fp32")
+    out = build_tiny(request.param, backend)
     reference = StableDiffusionXLPipeline.from_pretrained(resolve_model(request.param), add_watermarker=False)
     reference.scheduler = LCMScheduler.from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
