@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from conftest import BACKENDS, on_backend
 
 BLOCK_HEAVY = """
 import sys
@@ -22,9 +25,11 @@ sys.exit(code)
 """
 
 
-def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path, backend: str) -> None:
     out = tmp_path / "light.png"
-    argv = ["infer", "--engines", str(tiny_sd15_bundle), "a cat", "--seed", "7", "--output", str(out)]
+    bundle = on_backend(tiny_sd15_bundle, backend)
+    argv = ["infer", "--engines", str(bundle), "a cat", "--seed", "7", "--output", str(out)]
     done = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "noise from numpy" in done.stderr
@@ -39,6 +44,7 @@ def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path) -> Non
 def test_runtime_modules_import_nothing_heavy() -> None:
     code = ("import sys\n"
             "import lcmtrt.runtime.cli, lcmtrt.runtime.pipeline, lcmtrt.runtime.backend_ort, lcmtrt.runtime.scheduler\n"
+            "import lcmtrt.runtime.backend_ov\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'onnx'})\n"
             "print(','.join(heavy))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,0 +1,140 @@
+"""The OpenVINO backend beyond parity (which test_parity_* run on it): bundle layout, the compiled-model cache,
+bf16 (refused without bf16 hardware; marks kept where it runs), version and device checks, backend choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_images_match, on_backend
+from lcmtrt.runtime.cli import main
+from lcmtrt.runtime.pipeline import Pipeline
+
+ov = pytest.importorskip("openvino")
+from lcmtrt.engines import build, openvino_build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tiny_sd15_bundle: Path) -> Path:
+    return on_backend(tiny_sd15_bundle, "openvino")
+
+
+def last_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, never a traceback
+    return err[0]
+
+
+def test_static_ir_per_batch_with_weights_stored_once(ov_bundle: Path) -> None:
+    manifest = json.loads((ov_bundle / "bundle.json").read_text())
+    assert manifest["backend"] == "openvino" and manifest["build"]["openvino_version"] == openvino_build.openvino_version()
+    for name, engine in manifest["engines"].items():
+        for batch in engine["batch_sizes"]:
+            model = ov.Core().read_model(str(ov_bundle / f"ov/{name}.b{batch}.xml"))
+            assert all(p.get_partial_shape().is_static for p in model.inputs), name
+            assert model.input(0).get_shape()[0] in (batch, 2 * batch) or name == "denoise"
+        bins = [ov_bundle / f"ov/{name}.b{b}.bin" for b in engine["batch_sizes"]]
+        assert len({p.stat().st_ino for p in bins}) == 1, f"{name}: weights written once per batch size"
+
+
+def test_compiled_model_cache_is_used(ov_bundle: Path, lcmtrt_cache: Path) -> None:
+    Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
+    blobs = list((lcmtrt_cache / "openvino").glob("*.blob"))
+    assert blobs, "no compiled model was cached"
+    before = {p: p.stat().st_mtime_ns for p in blobs}
+    Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
+    assert {p: p.stat().st_mtime_ns for p in blobs} == before  # read back, not compiled again
+
+
+def test_bf16_refused_without_bf16_hardware(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(openvino_build, "bf16_supported", lambda device="CPU": False)
+    code = main(["-q", "build-engines", "--from", str(tiny_sd15_bundle), "--backend", "openvino", "--precision",
+                 "bf16", "--out", str(tmp_path / "bf16")])
+    assert code == 2
+    assert "--precision fp32" in last_error_line(capsys)
+    assert not (tmp_path / "bf16").exists()
+
+
+def test_bf16_on_onnxruntime_is_refused(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
+    code = main(["-q", "build-engines", "--from", str(tiny_sd15_bundle), "--backend", "onnxruntime", "--precision",
+                 "bf16", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--backend openvino" in last_error_line(capsys)
+
+
+def test_bf16_bundle_keeps_its_fp32_marks(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    """Built as if the CPU had bf16: the saved IR carries the fp32 marks (scalar path, norms, tail) and the build
+    records how many held on the compiled model. Where bf16 really runs, the tolerance test below checks images."""
+    monkeypatch.setattr(openvino_build, "bf16_supported", lambda device="CPU": True)
+    out = tmp_path / "bf16"
+    build.convert_bundle(tiny_sd15_bundle, out, backend="openvino", precision="bf16")
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["precision"] == "bf16"
+    kept = manifest["build"]["fp32_ops_kept"]
+    assert kept["denoise"]["marked"] > 20 and kept["denoise"]["kept"] > 0
+    xml = (out / "ov/denoise.b1.xml").read_text()
+    assert xml.count("DisablePrecisionConversion") >= kept["denoise"]["marked"]
+    model = ov.Core().read_model(str(out / "ov/denoise.b1.xml"))
+    ops = model.get_ordered_ops()
+    marked = [op.get_type_name() for op in ops if openvino_build.SAVED_KEEP_FP32 in op.get_rt_info()]
+    assert {"Sin", "Cos", "MVN"} <= set(marked)  # the embeddings' arguments and the norms
+    heavy = [op for op in ops if op.get_type_name() in openvino_build.HEAVY_OPS]
+    # only the embedding MLPs' and the last convolution stay fp32: the convolutions and attention run in bf16
+    assert sum(kind in openvino_build.HEAVY_OPS for kind in marked) <= 0.15 * len(heavy)
+
+
+@pytest.mark.skipif(not openvino_build.bf16_supported(), reason="this CPU has no bf16 (avx512_bf16 or AMX)")
+def test_bf16_close_to_fp32(tiny_sd15_bundle: Path, ov_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    build.convert_bundle(tiny_sd15_bundle, out, backend="openvino", precision="bf16")
+    prompts = ["a photo of a cat", "a lighthouse at dusk"]
+    ours = Pipeline.load(out).generate(prompts, seed=3, steps=4).images.astype(int)
+    reference = Pipeline.load(ov_bundle).generate(prompts, seed=3, steps=4).images.astype(int)
+    diff = np.abs(ours - reference)
+    assert diff.max() <= 8 and (diff <= 1).mean() >= 0.95, (diff.max(), (diff <= 1).mean())
+
+
+def test_bundle_from_another_openvino_version(ov_bundle: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(ov_bundle, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["build"]["openvino_version"] = "2020.1.0"
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    assert main(["-q", "infer", "--engines", str(copy), "a cat", "--output", str(tmp_path / "x.png")]) == 2
+    line = last_error_line(capsys)
+    assert "OpenVINO 2020.1.0" in line and "rebuild" in line
+
+
+def test_unknown_device(ov_bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main(["-q", "infer", "--engines", str(ov_bundle), "a cat", "--device", "NPU.7",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "not available" in last_error_line(capsys)
+
+
+def test_auto_picks_openvino_without_a_gpu(monkeypatch, caplog) -> None:
+    from lcmtrt.engines import onnxruntime_build, tensorrt_build
+
+    monkeypatch.setattr(tensorrt_build, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(onnxruntime_build, "cuda_usable", lambda: False)
+    with caplog.at_level(logging.INFO, logger="lcmtrt"):
+        assert build.resolve_backend("auto") == "openvino"
+    assert "no GPU" in caplog.text
+    monkeypatch.setattr(openvino_build, "openvino_available", lambda: False)
+    assert build.resolve_backend("auto") == "onnxruntime"
+
+
+def test_refittable_openvino_is_refused(tmp_path: Path, capsys) -> None:
+    code = main(["-q", "build-engines", "--preset", "tiny-sd15", "--backend", "openvino", "--refittable",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "--backend onnxruntime" in last_error_line(capsys)
+
+
+def test_same_image_as_onnxruntime(tiny_sd15_bundle: Path, ov_bundle: Path) -> None:
+    """fp32 OpenVINO and ONNX Runtime run the same graphs: the images agree to the parity bar."""
+    ours = Pipeline.load(ov_bundle).generate(["a red cube"], seed=[9], steps=4).images
+    assert_images_match(ours, Pipeline.load(tiny_sd15_bundle).generate(["a red cube"], seed=[9], steps=4).images)
