@@ -47,9 +47,8 @@ def _stage_summary(samples: list[dict[str, float]]) -> dict[str, dict[str, float
 class LcmtrtContender:
     """lcmtrt on one bundle: loaded once (cold start measured to the first image), then one request per call."""
 
-    name = "lcmtrt"
-
-    def __init__(self, bundle_dir: str, device: str, settings: BenchSettings):
+    def __init__(self, bundle_dir: str, device: str, settings: BenchSettings, name: str = "lcmtrt"):
+        self.name = name
         start = time.perf_counter()
         self.pipeline = Pipeline.load(bundle_dir, device)
         self.load_s = time.perf_counter() - start
@@ -57,7 +56,7 @@ class LcmtrtContender:
         if missing:
             raise UserError(f"--batch {missing} not built into this bundle (it has "
                             f"{list(self.pipeline.bundle.batch_sizes)}); rebuild with `lcmtrt build-engines --batch ...`")
-        self.conditions = condition_images(self.pipeline.bundle)
+        self.conditions, self.settings = condition_images(self.pipeline.bundle), settings
         self.generate(settings.batches[0], settings.steps[0])
         self.first_image_s = time.perf_counter() - start
 
@@ -68,7 +67,8 @@ class LcmtrtContender:
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         return self.pipeline.stage_times(batch, steps)
 
-    def summary(self, results: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    def summary(self, results: dict[str, Any], settings: BenchSettings | None = None) -> dict[str, Any]:
+        settings = settings or self.settings
         warm_ms = results[f"batch{settings.batches[0]}-steps{settings.steps[0]}"]["end_to_end"]["p50_ms"]
         memory_in_use = getattr(self.pipeline.backend, "memory_in_use", None)
         return {
@@ -259,9 +259,6 @@ class DiffusersContender:
                 "results": results}
 
 
-PEERS = ("diffusers", "optimum-intel")
-
-
 def speedups(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, dict[str, float]]:
     """How many times faster lcmtrt is, per figure (reference time / our time; our images/s / theirs)."""
     table = {}
@@ -286,31 +283,32 @@ def format_report(report: dict[str, Any]) -> str:
              f"peak host memory {ours['peak_host_memory_mb']:.0f} MB"
              + (f"; device memory in use {ours['device_memory_in_use_mb']:.0f} MB"
                 if ours["device_memory_in_use_mb"] is not None else "")]
-    for peer in PEERS:
-        if peer in report and "cold_start" in report[peer]:
+    others = [k for k in report if k not in ("lcmtrt", "speedup")]  # the contenders beside lcmtrt, in run order
+    for peer in others:
+        if "cold_start" in report[peer]:
             lines.append(f"{peer} cold start: {report[peer]['cold_start']['first_image_s']:.2f} s to the first image")
     if ours.get("fidelity"):
         f = ours["fidelity"]
         lines.append(f"fidelity vs {f['reference_precision']} {f['reference']}: PSNR {f['psnr_db']:.1f} dB, max "
                      f"difference {f['max_diff']}/255, {f['within_1_pct']:.2f}% of pixels within 1/255")
     lines.append("")
-    header = f"{'setting':16s} {'who':13s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
+    header = f"{'setting':16s} {'who':22s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
              f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s} {'gap %':>6s}"
     lines.append(header)
     for key, mine in ours["results"].items():
-        rows = [("lcmtrt", mine)] + [(peer, report[peer]["results"][key]) for peer in PEERS if peer in report]
+        rows = [("lcmtrt", mine)] + [(peer, report[peer]["results"][key]) for peer in others]
         for who, r in rows:
             stages = r.get("stages")
             stage_cells = (f"{stages['text']['median_ms']:8.1f} {stages['denoise_step']['median_ms']:9.1f} "
                            f"{stages['vae_decode']['median_ms']:9.1f}") if stages else f"{'':8s} {'':9s} {'':9s}"
             overhead = f"{r['overhead_ms_per_image']:10.3f}" if "overhead_ms_per_image" in r else f"{'':10s}"
-            gap = f"{r['stage_gap']['gap_pct']:6.1f}" if who == "lcmtrt" and "stage_gap" in r else ""
-            lines.append(f"{key:16s} {who:13s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
+            gap = f"{r['stage_gap']['gap_pct']:6.1f}" if "stage_gap" in r else ""
+            lines.append(f"{key:16s} {who:22s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
                          f"{r['end_to_end']['p99_ms']:9.1f} {r['images_per_s']:8.2f} {stage_cells} {overhead} {gap}")
         for peer, table in report.get("speedup", {}).items():
             sp = table[key]
             stage_cells = " ".join(f"{sp[k]:{w}.2f}x" for k, w in (("text", 7), ("denoise_step", 8), ("vae_decode", 8))
                                    if k in sp)
-            lines.append(f"{key:16s} {'vs ' + peer:13s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
+            lines.append(f"{key:16s} {'vs ' + peer:22s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
                          f"{sp['images_per_s']:7.2f}x {stage_cells}")
     return "\n".join(lines)

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(optimum-intel runs in its own environment: scripts/optimum-intel-env.sh)")
     bench.add_argument("--peer-precision", choices=("fp32", "default"), default="fp32",
                        help="optimum-intel's precision: fp32, or OpenVINO's default (bf16 on CPUs that have it)")
+    bench.add_argument("--also", action="append", type=Path, metavar="BUNDLE",
+                       help="time another bundle of the same model (e.g. another backend) alternated in this run")
     bench.add_argument("--reference", type=Path, metavar="FP32_BUNDLE",
                        help="report PSNR, max difference and %% of pixels within 1/255 against this fp32 bundle")
     bench.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -320,6 +322,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
              list(settings.steps), settings.iterations, f", alternated with {', '.join(peers)}" if peers else "")
     ours = LcmtrtContender(str(args.engines), args.device, settings)
     contenders: list = [ours]
+    for other in args.also or []:
+        other_bundle = load_bundle(other)
+        contenders.append(LcmtrtContender(str(other), "auto", settings,
+                                          f"lcmtrt {other_bundle.backend} {other_bundle.precision}"))
     if "diffusers" in peers:
         log.info("loading the diffusers reference ...")
         contenders.append(DiffusersContender(str(args.engines)))
@@ -336,7 +342,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {"lcmtrt": ours.summary(results["lcmtrt"], settings)}
     for contender in contenders[1:]:
         report[contender.name] = contender.summary(results[contender.name])
-    if peers:
+    if len(contenders) > 1:
         report["speedup"] = {c.name: speedups(report["lcmtrt"], report[c.name]) for c in contenders[1:]}
     if args.reference is not None:
         report["lcmtrt"]["fidelity"] = fidelity(str(args.engines), str(args.reference), args.device,
