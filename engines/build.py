@@ -313,6 +313,11 @@ def build_bundle(
         raise UserError("TensorRT refittable engines allow one optimization profile: build --refittable bundles "
                         "with one --batch size")
 
+    if preset.loras:  # a missing or damaged LoRA file is refused before minutes of model loading
+        from lcmtrt.export.lora import resolve
+
+        for spec in preset.loras:
+            resolve(spec)
     progress = Progress()  # the stage count is known once the checkpoint says which engines it needs
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,33 +59,47 @@ def resolve(spec: LoraSpec) -> tuple[str, str | None]:
             raise UserError(f"LoRA file {path} does not exist")
         if path.suffix.lower() != ".safetensors":
             raise UserError(f"LoRA file {path} is not a .safetensors file")
+        _check_safetensors(path)
         return str(path.parent), path.name
     if spec.source.startswith((".", "/", "~")) and not path.is_dir():
         raise UserError(f"LoRA folder {path} does not exist")
     return (str(path) if path.is_dir() else spec.source), spec.weight_name
 
 
+def _check_safetensors(path: Path) -> None:
+    """Read the file's header: a damaged or mislabelled file is refused before any model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise UserError(f"LoRA file {path} holds no tensors")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"LoRA file {path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def fuse_loras(checkpoint: Any, loras: tuple[LoraSpec, ...]) -> list[dict[str, Any]]:
     """Fuse `loras` into the checkpoint's UNet and text encoders in place; returns what the bundle records."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import SafetensorError
 
+    locations = [resolve(spec) for spec in loras]  # every file checked before the pipeline is assembled
     if checkpoint.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=checkpoint.vae, text_encoder=checkpoint.text_encoder, text_encoder_2=checkpoint.text_encoder_2,
             tokenizer=checkpoint.tokenizer, tokenizer_2=checkpoint.tokenizer_2, unet=checkpoint.unet,
-            scheduler=LCMScheduler(), add_watermarker=False)
+            scheduler=LCMScheduler(steps_offset=1), add_watermarker=False)
     else:
         pipe = StableDiffusionPipeline(
             vae=checkpoint.vae, text_encoder=checkpoint.text_encoder, tokenizer=checkpoint.tokenizer,
-            unet=checkpoint.unet, scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
+            unet=checkpoint.unet, scheduler=LCMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     names, recorded = [], []
-    for index, spec in enumerate(loras):
-        location, weight_name = resolve(spec)
+    for index, (spec, (location, weight_name)) in enumerate(zip(loras, locations)):
         adapter = f"lora_{index}"
         try:
             pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=adapter, use_safetensors=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load LoRA {spec.source}: {first}") from None
         names.append(adapter)

@@ -65,6 +65,8 @@ def resolve_model(model: str) -> str:
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
 
 
+# Weights only from safetensors (pickle files can run code when loaded); never remote code or hub pipelines.
+SAFE = {"use_safetensors": True}
 VAE_ALIASES = {"taesd": "madebyollin/taesd", "taesdxl": "madebyollin/taesdxl"}
 
 
@@ -77,11 +79,16 @@ def _load_unet(source: str, revision: str | None) -> Any:
     from diffusers import UNet2DConditionModel
 
     path = resolve_model(source)
-    kwargs = {"revision": revision} if revision else {}
+    kwargs = {"revision": revision, **SAFE} if revision else dict(SAFE)
     try:
         return UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
-    except (OSError, ValueError):
-        return UNet2DConditionModel.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as in_unet_folder:
+        try:
+            return UNet2DConditionModel.from_pretrained(path, **kwargs)
+        except (OSError, ValueError):
+            if "safetensors" in str(in_unet_folder):  # a unet/ folder with pickle weights only says so best
+                raise in_unet_folder from None
+            raise
 
 
 def _load_vae(source: str) -> Any:
@@ -91,7 +98,7 @@ def _load_vae(source: str) -> Any:
     path = resolve_model(VAE_ALIASES.get(source, source))
     config = AutoencoderKL.load_config(path)
     cls = AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
-    return cls.from_pretrained(path)
+    return cls.from_pretrained(path, **SAFE)
 
 
 def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
@@ -104,10 +111,11 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
     quiet_libraries()
     path = resolve_model(model)
     kwargs = {"revision": revision} if revision else {}
+    weights = {**kwargs, **SAFE}  # tokenizers and scheduler configs have no weights
     try:
         unet_model = _load_unet(unet, None) if unet else _load_unet(path, revision)
-        vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
+        vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
         # LCMScheduler.from_config semantics: a base model's other scheduler config keeps only the shared settings
         scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
@@ -116,18 +124,21 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         if family == "sdxl":
             second = {
                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                              **kwargs).eval(),
+                                                                              **weights).eval(),
                 "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs),
             }
         if controlnet:
             from diffusers import ControlNetModel
 
-            second["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet)).eval()
+            second["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet), **SAFE).eval()
         if adapter:
             from diffusers import T2IAdapter
 
-            second["adapter"] = T2IAdapter.from_pretrained(resolve_model(adapter)).eval()
+            second["adapter"] = T2IAdapter.from_pretrained(resolve_model(adapter), **SAFE).eval()
     except (OSError, ValueError, EnvironmentError) as e:
+        if "safetensors" in str(e).lower():
+            raise UserError(f"model {model!r} has no safetensors weights for one of its parts; lcmtrt loads "
+                            "safetensors only (pickle .bin files can run code when loaded): convert it first") from None
         raise UserError(f"could not load model {model!r}: {_first_line(e)}") from None
     return Checkpoint(
         source=model,
@@ -161,15 +172,15 @@ def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = T
         parts["vae"] = _load_vae(sources["vae"])
     path = resolve_model(sources["model"])
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **parts)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **SAFE, **parts)
     else:
         cls = LatentConsistencyModelPipeline if embedding else StableDiffusionPipeline
-        pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **parts)
+        pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **SAFE, **parts)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     loras = [LoraSpec(**entry) for entry in sources.get("loras", [])]
     for index, spec in enumerate(loras):
         location, weight_name = resolve(spec)
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=f"lora_{index}")
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=f"lora_{index}", use_safetensors=True)
     if loras:
         pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], adapter_weights=[spec.weight for spec in loras])
         pipe.fuse_lora()

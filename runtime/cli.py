@@ -9,8 +9,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from lcmtrt.runtime import limits
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger("lcmtrt")
@@ -23,19 +24,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _batch_list(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch takes comma-separated integers, got {text!r}") from None
-    return sizes
+def _bounded(name: str) -> Callable[[str], float]:
+    """An argparse type: the number must lie in limits.LIMITS[name] (finite, in range), else a one-line error."""
+    def parse(text: str) -> float:
+        try:
+            return limits.parse(name, text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def _bounded_list(name: str) -> Callable[[str], tuple[int, ...]]:
+    """Comma-separated integers, each in limits.LIMITS[name]."""
+    one = _bounded(name)
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(one(part)) for part in text.split(","))
+
+    parse.__name__ = name
+    return parse
 
 
 def _seeds(text: str) -> int | list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed takes an integer or comma-separated integers, got {text!r}") from None
+    seeds = list(_bounded_list("seed")(text))
     return seeds[0] if len(seeds) == 1 else seeds
 
 
@@ -66,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=("fp16", "fp32", "bf16"),
                        help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX")
     build.add_argument("--device", default="CPU", help="OpenVINO device the bundle targets: CPU, GPU, NPU, ...")
-    build.add_argument("--height", type=int)
-    build.add_argument("--width", type=int)
-    build.add_argument("--batch", type=_batch_list, help="batch sizes to build, e.g. 1,4")
-    build.add_argument("--workspace-gb", type=float, help="TensorRT builder workspace limit")
+    build.add_argument("--height", type=_bounded("height"))
+    build.add_argument("--width", type=_bounded("width"))
+    build.add_argument("--batch", type=_bounded_list("batch"), help="batch sizes to build, e.g. 1,4")
+    build.add_argument("--workspace-gb", type=_bounded("workspace_gb"), help="TensorRT builder workspace limit")
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
     build.add_argument("--controlnet", help="hub id or folder of a ControlNet replacing the preset's")
@@ -83,17 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
     infer.add_argument("prompt", nargs="+", help="one image per prompt (times --num-images)")
     infer.add_argument("--negative-prompt", default="")
-    infer.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    infer.add_argument("--num-images", type=_bounded("num_images"), default=1, help="images per prompt")
     infer.add_argument("--seed", type=_seeds, help="one seed for the batch, or one per image (comma-separated)")
-    infer.add_argument("--steps", type=int)
-    infer.add_argument("--guidance-scale", type=float)
-    infer.add_argument("--original-inference-steps", type=int)
+    infer.add_argument("--steps", type=_bounded("steps"))
+    infer.add_argument("--guidance-scale", type=_bounded("guidance_scale"))
+    infer.add_argument("--original-inference-steps", type=_bounded("original_inference_steps"))
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
     infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
     infer.add_argument("--image", action="append", type=Path,
                        help="image-to-image input: once for all prompts, or once per image")
-    infer.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    infer.add_argument("--strength", type=_bounded("strength"), default=0.8, help="image-to-image strength in (0, 1]")
     infer.add_argument("--img2img-mode", choices=("classic", "lcm"), default="classic",
                        help="classic: drop the first steps (AutoPipelineForImage2Image); lcm: all steps, shorter "
                             "schedule (LatentConsistencyModelImg2ImgPipeline)")
@@ -104,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
     infer.add_argument("--canny", nargs="?", const=(100, 200), type=_pair, metavar="LOW,HIGH",
                        help="compute the canny map of --control-image with OpenCV (default thresholds 100,200)")
-    infer.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
-    infer.add_argument("--control-start", type=float, default=0.0, help="diffusers' control_guidance_start")
-    infer.add_argument("--control-end", type=float, default=1.0, help="diffusers' control_guidance_end")
+    infer.add_argument("--control-scale", type=_bounded("control_scale"), default=1.0, help="ControlNet conditioning scale")
+    infer.add_argument("--control-start", type=_bounded("control_start"), default=0.0, help="diffusers' control_guidance_start")
+    infer.add_argument("--control-end", type=_bounded("control_end"), default=1.0, help="diffusers' control_guidance_end")
     infer.add_argument("--save-control", type=Path, help="write the control map used (first one)")
-    infer.add_argument("--adapter-scale", type=float, default=1.0, help="T2I-Adapter conditioning scale")
-    infer.add_argument("--adapter-factor", type=float, default=1.0,
+    infer.add_argument("--adapter-scale", type=_bounded("adapter_scale"), default=1.0, help="T2I-Adapter conditioning scale")
+    infer.add_argument("--adapter-factor", type=_bounded("adapter_factor"), default=1.0,
                        help="fraction of the steps the T2I-Adapter conditions (diffusers' adapter_conditioning_factor)")
     infer.add_argument("--lora", action="append", metavar="ID_OR_FILE[:WEIGHT]",
                        help="use this LoRA set instead of the bundle's (refittable bundles); repeatable; "
@@ -121,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
     bench.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
-    bench.add_argument("--batch", type=_batch_list, help="batch sizes to measure (default: all built)")
-    bench.add_argument("--steps", type=_batch_list, help="step counts to measure, e.g. 1,2,4 (default: preset's)")
-    bench.add_argument("--iterations", type=int, default=5)
-    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--batch", type=_bounded_list("batch"), help="batch sizes to measure (default: all built)")
+    bench.add_argument("--steps", type=_bounded_list("steps"), help="step counts to measure, e.g. 1,2,4 (default: preset's)")
+    bench.add_argument("--iterations", type=_bounded("iterations"), default=5)
+    bench.add_argument("--warmup", type=_bounded("warmup"), default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
     bench.add_argument("--compare", action="append", choices=("diffusers", "optimum-intel"),
                        help="time a peer on the same checkpoint, alternated with lcmtrt in this run; repeatable "
@@ -147,25 +160,42 @@ def _output_paths(output: Path, count: int, grid: bool) -> list[Path]:
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"--output {output}: folder {parent} does not exist")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give an image file name")
     if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise UserError(f"--output {output}: not writable")
+    _probe_writable(parent, f"--output {output}")
     if count == 1 or grid:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
-def _save(image, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written image on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: access() says yes for root on /proc and read-only mounts, and finding
+    out after minutes of generation would be too late."""
     try:
+        fd, probe = tempfile.mkstemp(prefix=".lcmtrt-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+
+
+def _save(image, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: no half-written image on failure or interruption."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
         image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the image the usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or str(e).splitlines()[0]}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -220,8 +250,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from lcmtrt.runtime.pipeline import Pipeline
 
-    if args.num_images < 1:
-        raise UserError(f"--num-images {args.num_images} must be at least 1")
     from lcmtrt.runtime.images import canny_map, fit_image, load_image
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -305,8 +333,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
-    if args.iterations < 1 or args.warmup < 0:
-        raise UserError("--iterations must be at least 1 and --warmup at least 0")
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
     bundle = load_bundle(args.engines)

@@ -3,6 +3,7 @@ bundle's size."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lcmtrt.runtime.errors import UserError
 
 FITS = ("stretch", "crop")
+MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (Pillow's own bomb limit is 89M, with a warning)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -19,10 +21,19 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise UserError(f"input image {path} does not exist")
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                if opened.width * opened.height > MAX_PIXELS:
+                    raise UserError(f"image {path} is {opened.width}x{opened.height}, more than the "
+                                    f"{MAX_PIXELS // 1_000_000} megapixels lcmtrt reads; resize it first")
+                opened.seek(0)  # animated images: the first frame, as diffusers' load_image
+                image = ImageOps.exif_transpose(opened)
+                image = image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {path} has more pixels than lcmtrt decodes safely ({MAX_PIXELS // 1_000_000} "
+                        "megapixels); resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if image.width == 0 or image.height == 0:
         raise UserError(f"image {path} is empty ({image.width}x{image.height})")

@@ -1,0 +1,66 @@
+"""The valid range of every number a user gives (CLI flags, and the same fields over HTTP): checked up front, so a
+NaN, an infinity or an absurd size is refused with its range before anything is loaded or run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lcmtrt.runtime.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False  # (low, high] instead of [low, high]
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        bound = (lambda v: str(int(v))) if self.integer else (lambda v: f"{v:g}")
+        return f"{kind} in {'(' if self.low_open else '['}{bound(self.low)}, {bound(self.high)}]"
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+
+LIMITS = {
+    "guidance_scale": Range(0.0, 100.0),
+    "strength": Range(0.0, 1.0, low_open=True),
+    "control_scale": Range(0.0, 10.0),
+    "control_start": Range(0.0, 1.0),
+    "control_end": Range(0.0, 1.0),
+    "adapter_scale": Range(0.0, 10.0),
+    "adapter_factor": Range(0.0, 1.0),
+    "steps": Range(1, 50, integer=True),
+    "original_inference_steps": Range(1, 1000, integer=True),
+    "num_images": Range(1, 1_000_000, integer=True),
+    "seed": Range(0, 2**63 - 1, integer=True),  # torch.manual_seed's range
+    "height": Range(8, 8192, integer=True),
+    "width": Range(8, 8192, integer=True),
+    "batch": Range(1, 256, integer=True),
+    "workspace_gb": Range(0.0, 4096.0, low_open=True),
+    "iterations": Range(1, 100_000, integer=True),
+    "warmup": Range(0, 10_000, integer=True),
+}
+
+
+def checked(name: str, value: float) -> float:
+    """`value` if it lies in `name`'s range, else a UserError naming the range."""
+    limit = LIMITS[name]
+    if not limit.holds(value):
+        raise UserError(f"{name.replace('_', '-')} {value!r} must be {limit.describe()}")
+    return int(value) if limit.integer else float(value)
+
+
+def parse(name: str, text: str) -> float:
+    """A number from text (a CLI flag's value), checked against its range."""
+    limit = LIMITS[name]
+    try:
+        value = int(text) if limit.integer else float(text)
+    except ValueError:
+        raise UserError(f"{name.replace('_', '-')} {text!r} must be {limit.describe()}") from None
+    return checked(name, value)
