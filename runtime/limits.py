@@ -35,7 +35,7 @@ LIMITS = {
     "control_end": Range(0.0, 1.0),
     "adapter_scale": Range(0.0, 10.0),
     "adapter_factor": Range(0.0, 1.0),
-    "steps": Range(1, 50, integer=True),
+    "steps": Range(1, 1000, integer=True),  # the scheduler then holds it to original_inference_steps
     "original_inference_steps": Range(1, 1000, integer=True),
     "num_images": Range(1, 1_000_000, integer=True),
     "seed": Range(0, 2**63 - 1, integer=True),  # torch.manual_seed's range
