@@ -14,7 +14,11 @@ from lcmtrt.runtime.cli import main
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main(["-q", *argv])
+    """The exit code the `lcmtrt` command gives: main's return value, or argparse's exit for a bad flag."""
+    try:
+        code = main(["-q", *argv])
+    except SystemExit as e:
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
