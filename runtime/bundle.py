@@ -12,7 +12,7 @@ from lcmtrt.runtime.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
-HASHED_FILE_LIMIT = 64 << 20  # files up to this size have their sha256 checked on load; larger ones only their size
+HASHED_FILE_LIMIT = 64 << 20  # files up to this size are hashed whole on load; larger ones by sample blocks
 
 
 @dataclass(frozen=True)
@@ -152,12 +152,30 @@ class Bundle:
         }
 
 
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 64 << 10  # load's cheap check of a large file: 64 blocks of 64 KiB, 4 MiB read
+
+
 def file_digest(path: Path) -> dict[str, Any]:
+    """Size, the full sha256 (checked by `lcmtrt verify`, and on load up to HASHED_FILE_LIMIT) and, for larger files,
+    a sha256 of evenly spaced sample blocks that load checks instead (truncation, overwritten regions)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    digest = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    if digest["size"] > HASHED_FILE_LIMIT:
+        digest["sample_sha256"] = sample_digest(path)
+    return digest
+
+
+def sample_digest(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for k in range(SAMPLE_BLOCKS):
+            f.seek(k * max(0, size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
 
 
 def _parse(root: Path, d: dict[str, Any]) -> Bundle:
@@ -186,8 +204,9 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
     )
 
 
-def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Read and validate a bundle; any problem is a UserError that says how to rebuild."""
+def load_bundle(root: str | Path, verify_hashes: bool = True, full: bool = False) -> Bundle:
+    """Read and validate a bundle; any problem is a UserError that says how to rebuild. Files up to
+    HASHED_FILE_LIMIT are hashed whole, larger ones by their sample blocks; `full` hashes every byte (verify)."""
     root = Path(root)
     manifest = root / MANIFEST
     rebuild = "rebuild it with `lcmtrt build-engines`"
@@ -211,8 +230,14 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         raise UserError(f"{root} uses old bundle schema {version}; {rebuild}")
     try:
         bundle = _parse(root, raw)
-    except (KeyError, TypeError, ValueError) as e:
+        _check_files(bundle, verify_hashes, full, rebuild)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{manifest} is incomplete or malformed ({type(e).__name__}: {e}); {rebuild}") from None
+    return bundle
+
+
+def _check_files(bundle: Bundle, verify_hashes: bool, full: bool, rebuild: str) -> None:
+    root = bundle.root
     for rel, digest in bundle.files.items():
         path = root / rel
         if not path.is_file():
@@ -220,10 +245,29 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         size = path.stat().st_size
         if size != digest["size"]:
             raise UserError(f"bundle file {rel} has {size} bytes, expected {digest['size']} (corrupt); {rebuild}")
-        if verify_hashes and size <= HASHED_FILE_LIMIT and file_digest(path)["sha256"] != digest["sha256"]:
-            raise UserError(f"bundle file {rel} does not match its recorded hash (corrupt); {rebuild}")
+        if not verify_hashes:
+            continue
+        if full or size <= HASHED_FILE_LIMIT:
+            if file_digest(path)["sha256"] != digest["sha256"]:
+                raise UserError(f"bundle file {rel} does not match its recorded hash (corrupt); {rebuild}")
+        elif "sample_sha256" in digest and sample_digest(path) != digest["sample_sha256"]:
+            raise UserError(f"bundle file {rel} does not match its recorded sample hash (corrupt); {rebuild}")
     for engine in bundle.engines.values():
         for rel in (engine.onnx, engine.artifact):
             if rel not in bundle.files:
                 raise UserError(f"bundle.json lists {rel} for engine {engine.name} but records no digest; {rebuild}")
-    return bundle
+
+
+def verify_bundle(root: str | Path) -> tuple[Bundle, list[str]]:
+    """Every file hashed whole against bundle.json: the bundle and a line per damaged or missing file."""
+    bundle = load_bundle(root, verify_hashes=False)  # the manifest itself, sizes and presence
+    problems = []
+    for rel, digest in bundle.files.items():
+        path = bundle.root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != digest["size"]:
+            problems.append(f"{rel}: {path.stat().st_size} bytes, expected {digest['size']}")
+        elif file_digest(path)["sha256"] != digest["sha256"]:
+            problems.append(f"{rel}: content differs from its recorded sha256")
+    return bundle, problems

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="report PSNR, max difference and %% of pixels within 1/255 against this fp32 bundle")
     bench.add_argument("--device", default="auto", help=DEVICE_HELP)
 
+    verify = commands.add_parser("verify", help="hash every file of a bundle against bundle.json")
+    verify.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
+
     commands.add_parser("presets", help="list the built-in presets")
     return parser
 
@@ -394,6 +397,21 @@ def _write_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lcmtrt.runtime.bundle import verify_bundle
+
+    start = time.perf_counter()
+    bundle, problems = verify_bundle(args.engines)
+    if problems:
+        for line in problems:
+            print(f"lcmtrt: damaged: {line}", file=sys.stderr)
+        raise UserError(f"{len(problems)} damaged file(s) in {args.engines}; rebuild it with `lcmtrt build-engines`")
+    total = sum(d["size"] for d in bundle.files.values())
+    print(f"{args.engines}: {len(bundle.files)} files, {total / 2**30:.2f} GiB, all match bundle.json "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lcmtrt.engines.preset import load_preset, preset_names
 
@@ -410,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root.propagate = False
-    commands = {"build-engines": cmd_build, "infer": cmd_infer, "bench": cmd_bench, "presets": cmd_presets}
+    commands = {"build-engines": cmd_build, "infer": cmd_infer, "bench": cmd_bench, "verify": cmd_verify,
+                "presets": cmd_presets}
     try:
         return commands[args.command](args)
     except UserError as e:
