@@ -178,19 +178,46 @@ def sample_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+CHOICES = {"family": ("sd15", "sdxl"), "precision": ("fp32", "fp16", "bf16"),
+           "backend": ("onnxruntime", "tensorrt", "openvino"), "guidance_mode": ("embedding", "cfg", "none")}
+
+
+def _one_of(d: dict[str, Any], key: str) -> str:
+    if d[key] not in CHOICES[key]:
+        raise ValueError(f"{key} is {d[key]!r}, not one of {', '.join(CHOICES[key])}")
+    return d[key]
+
+
+def _positive(value: Any, key: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{key} is {value!r}, not a positive integer")
+    return int(value)
+
+
+def _mapping(d: dict[str, Any], key: str) -> dict[str, Any]:
+    value = d.get(key, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} is a {type(value).__name__}, not an object")
+    return value
+
+
 def _parse(root: Path, d: dict[str, Any]) -> Bundle:
     text = d["text"]
+    files = _mapping(d, "files")
+    for rel, digest in files.items():
+        if not isinstance(digest, dict) or not isinstance(digest.get("size"), int) or ".." in Path(rel).parts:
+            raise ValueError(f"files entry {rel!r} is malformed")
     return Bundle(
         root=root,
-        family=d["family"],
-        precision=d["precision"],
-        backend=d["backend"],
-        guidance_mode=d["guidance_mode"],
-        height=int(d["height"]),
-        width=int(d["width"]),
-        batch_sizes=tuple(int(b) for b in d["batch_sizes"]),
-        latent_channels=int(d["latent_channels"]),
-        vae_scale_factor=int(d["vae_scale_factor"]),
+        family=_one_of(d, "family"),
+        precision=_one_of(d, "precision"),
+        backend=_one_of(d, "backend"),
+        guidance_mode=_one_of(d, "guidance_mode"),
+        height=_positive(d["height"], "height"),
+        width=_positive(d["width"], "width"),
+        batch_sizes=tuple(_positive(b, "batch size") for b in d["batch_sizes"]),
+        latent_channels=_positive(d["latent_channels"], "latent_channels"),
+        vae_scale_factor=_positive(d["vae_scale_factor"], "vae_scale_factor"),
         vae_scaling_factor=float(d["vae_scaling_factor"]),
         default_steps=int(d["defaults"]["steps"]),
         default_guidance_scale=float(d["defaults"]["guidance_scale"]),
@@ -198,9 +225,9 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         text=TextConfig(tuple(text["tokenizers"]), tuple(int(p) for p in text["pad_ids"]), int(text["max_length"]),
                         bool(text["zero_empty_negative"])),
         engines={name: EngineSpec.from_json(name, e) for name, e in d["engines"].items()},
-        sources=d.get("sources", {}),
-        build=d.get("build", {}),
-        files=d.get("files", {}),
+        sources=_mapping(d, "sources"),
+        build=_mapping(d, "build"),
+        files=files,
     )
 
 

@@ -336,8 +336,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
-    if args.json is not None and not args.json.parent.is_dir():
-        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.json is not None:
+        if not args.json.parent.is_dir():
+            raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+        if args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder; give a file name")
+        _probe_writable(args.json.parent, f"--json {args.json}")
     bundle = load_bundle(args.engines)
     peers = list(dict.fromkeys(args.compare or []))
     if peers and condition_images(bundle):
@@ -434,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as e:
         print(f"lcmtrt: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # what the file system refused that no check above foresaw (name too long, disk full, ...)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"lcmtrt: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lcmtrt: interrupted", file=sys.stderr)
