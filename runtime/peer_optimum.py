@@ -65,12 +65,14 @@ class OptimumIntelPeer:
     """One loaded optimum-intel pipeline at a static (batch, height, width), in a worker in the peer venv.
 
     load_s: cold start measured in the worker: export to IR (0 when cached) + from_pretrained + reshape + compile +
-    first image. export_s, import_s (torch + optimum imports) and versions come with it.
+    first image. export_s, import_s (torch + optimum imports) and versions come with it. compile_cache: use OpenVINO's
+    compiled-model cache as lcmtrt's OpenVINO backend does (optimum-intel on a CPU does not by default, so each load
+    compiles); steps and guidance_scale are the first image's.
     """
 
     def __init__(self, checkpoint_dir: Path, height: int, width: int, batch: int, precision: str = "fp32",
                  python: Path | None = None, steps: int = 4, guidance_scale: float = 8.5,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, compile_cache: bool = False) -> None:
         python = Path(python) if python else default_peer_python()
         checkpoint_dir = Path(checkpoint_dir)
         if precision not in PRECISIONS:
@@ -81,6 +83,7 @@ class OptimumIntelPeer:
             raise UserError(f"the optimum-intel peer needs its own venv and {python} does not exist; "
                             f"create it with `{ENV_SCRIPT}` (or point LCMTRT_OPTIMUM_PYTHON at its python)")
         self.precision, self.batch, self.height, self.width = precision, batch, height, width
+        self.compile_cache = compile_cache
         cache = Path(cache_dir) if cache_dir else optimum_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         self.log_path = cache / f"worker-{precision}-b{batch}-{width}x{height}.log"  # one per configuration
@@ -92,7 +95,7 @@ class OptimumIntelPeer:
         try:
             reply = self._ask({"cmd": "load", "checkpoint": str(checkpoint_dir.resolve()), "cache": str(cache),
                                "height": height, "width": width, "batch": batch, "precision": precision,
-                               "steps": steps, "guidance_scale": guidance_scale})
+                               "steps": steps, "guidance_scale": guidance_scale, "compile_cache": compile_cache})
         except BaseException:
             self.close()
             raise
@@ -106,13 +109,15 @@ class OptimumIntelPeer:
 
     def run_once(self, steps: int, guidance_scale: float, seed: int) -> float:
         """Seconds for one pipeline call (batch images, output_type="np"), timed in the worker."""
-        return float(self._ask({"cmd": "run", "steps": steps, "guidance_scale": guidance_scale, "seed": seed})["seconds"])
+        reply = self._ask({"cmd": "run", "steps": steps, "guidance_scale": guidance_scale, "seed": seed})
+        return float(reply["seconds"])
 
     def environment(self) -> dict[str, Any]:
         """What bench's JSON records about the peer."""
         return {"peer": "optimum-intel OVLatentConsistencyModelPipeline", "precision": self.precision,
                 "size": f"{self.width}x{self.height}", "batch": self.batch, "threads": self.threads,
-                "export_s": self.export_s, "import_s": self.import_s, **self.versions}
+                "export_s": self.export_s, "import_s": self.import_s, "compile_cache": self.compile_cache,
+                **self.versions}
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         process = self._process

@@ -2,7 +2,8 @@
 by lcmtrt. It speaks JSON lines: one request per line on stdin, one reply per line on the original stdout.
 
   {"cmd": "load", "checkpoint": DIR, "cache": DIR, "height": H, "width": W, "batch": B, "precision": "fp32"|"default",
-   "steps": N, "guidance_scale": G}  ->  {"ok": true, "load_s": .., "export_s": .., "import_s": .., "versions": {..}}
+   "steps": N, "guidance_scale": G, "compile_cache": false}
+      ->  {"ok": true, "load_s": .., "export_s": .., "import_s": .., "versions": {..}, ...}
   {"cmd": "run", "steps": N, "guidance_scale": G, "seed": S}  ->  {"ok": true, "seconds": ..}
   {"cmd": "quit"}
 
@@ -28,7 +29,8 @@ from typing import Any, TextIO
 log = logging.getLogger("lcmtrt.peer_optimum_worker")
 
 ENV_SCRIPT = "scripts/optimum-intel-env.sh"
-EXPORT_WEIGHT_FORMAT = "fp32"  # explicit: optimum-intel compresses weights of models over 1B parameters to int8 by default
+EXPORT_WEIGHT_FORMAT = "fp32"  # explicit: optimum-intel compresses models over 1B parameters to int8 by default
+PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"  # bench's prompt
 PRECISION_CONFIGS = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}}  # default: bf16 on bf16-capable CPUs
 
 
@@ -95,10 +97,13 @@ class Peer:
         start = time.perf_counter()
         model_dir, export_s = exported_model(checkpoint, Path(request["cache"]))
         self.batch, self.height, self.width = request["batch"], request["height"], request["width"]
-        # OpenVINO's compiled-model cache is on by default for a local folder (model_dir/model_cache), as a user has it
-        self.pipe = OVLatentConsistencyModelPipeline.from_pretrained(
-            model_dir, ov_config=dict(PRECISION_CONFIGS[request["precision"]]), compile=False)
-        self.pipe.reshape(batch_size=self.batch, height=self.height, width=self.width, num_images_per_prompt=1)
+        ov_config = dict(PRECISION_CONFIGS[request["precision"]])
+        if request.get("compile_cache"):  # optimum-intel sets OpenVINO's compiled-model cache only for GPUs by default
+            ov_config["CACHE_DIR"] = str(model_dir / "model_cache")
+        self.pipe = OVLatentConsistencyModelPipeline.from_pretrained(str(model_dir), ov_config=ov_config, compile=False)
+        # a batch is one prompt's num_images_per_prompt: optimum-intel's static reshape gives the VAE decoder that
+        # batch, not batch_size (batch_size=2 with num_images_per_prompt=1 fails in the decoder)
+        self.pipe.reshape(batch_size=1, height=self.height, width=self.width, num_images_per_prompt=self.batch)
         self.pipe.compile()
         self.pipe.set_progress_bar_config(disable=True)
         self.generate(request["steps"], request["guidance_scale"], 0)
@@ -113,11 +118,11 @@ class Peer:
     def generate(self, steps: int, guidance_scale: float, seed: int) -> float:
         import torch
 
-        prompt = ["a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"] * self.batch
         generator = torch.Generator("cpu").manual_seed(seed)
         start = time.perf_counter()
-        images = self.pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=self.height,
-                           width=self.width, generator=generator, output_type="np").images
+        images = self.pipe(PROMPT, num_images_per_prompt=self.batch, num_inference_steps=steps,
+                           guidance_scale=guidance_scale, height=self.height, width=self.width, generator=generator,
+                           output_type="np").images
         seconds = time.perf_counter() - start
         if images.shape[0] != self.batch:
             raise WorkerError(f"optimum-intel returned {images.shape[0]} images for a batch of {self.batch}")
@@ -155,7 +160,8 @@ def main() -> None:
             reply = {"ok": False, "error": str(e)}
         except Exception as e:  # anything else: one line for the caller, the traceback in the log
             traceback.print_exc()
-            reply = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reply = {"ok": False, "error": f"{type(e).__name__}: {first_line}"}
         replies.write(json.dumps(reply) + "\n")
 
 

@@ -33,8 +33,9 @@ def test_peer_loads_and_times_a_call(tiny_sd15_dir: Path, tmp_path: Path) -> Non
         assert peer.run_once(steps=2, guidance_scale=8.5, seed=1) > 0
     # the export is cached by checkpoint path and mtime: a second peer skips it
     with OptimumIntelPeer(tiny_sd15_dir, 64, 64, batch=1, precision="default", python=PEER_PYTHON,
-                          cache_dir=tmp_path) as again:
+                          cache_dir=tmp_path, compile_cache=True) as again:
         assert again.export_s == 0.0
+        assert any(tmp_path.glob("*/model_cache/*.blob"))  # OpenVINO's compiled-model cache, when asked for
         assert again.run_once(steps=1, guidance_scale=8.5, seed=0) > 0
 
 
