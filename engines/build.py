@@ -48,14 +48,20 @@ class Progress:
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto` picks TensorRT when it and a GPU are present, otherwise ONNX Runtime."""
-    from lcmtrt.engines.tensorrt_build import tensorrt_available
+    """`auto` picks TensorRT when it and a GPU are present, otherwise ONNX Runtime (saying why when TensorRT is
+    installed but cannot run)."""
+    from lcmtrt.engines.tensorrt_build import tensorrt_unavailable_reason
 
+    if backend not in ("auto", "tensorrt"):
+        return backend
+    reason = tensorrt_unavailable_reason()
     if backend == "auto":
-        return "tensorrt" if tensorrt_available() else "onnxruntime"
-    if backend == "tensorrt" and not tensorrt_available():
-        raise UserError("--backend tensorrt needs the tensorrt and cuda-python packages and a CUDA GPU "
-                        "(pip install 'lcmtrt[tensorrt]'); use --backend onnxruntime on this host")
+        if reason is not None and not reason.startswith("tensorrt and cuda-python do not import"):
+            log.warning("warning: TensorRT is installed but cannot run (%s); building for ONNX Runtime", reason)
+        return "tensorrt" if reason is None else "onnxruntime"
+    if reason is not None:
+        raise UserError(f"--backend tensorrt cannot run here: {reason}; install 'lcmtrt[tensorrt]' (CUDA 12) or "
+                        "'lcmtrt[tensorrt-cu13]' (CUDA 13) on a CUDA GPU host, or use --backend onnxruntime")
     return backend
 
 
@@ -267,9 +273,6 @@ def build_bundle(
         raise UserError(f"unknown precision {precision!r}; choose fp16 or fp32")
     if backend == "tensorrt" and precision != "fp16":
         raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime for fp32")
-    if backend == "tensorrt" and refittable and len(preset.batch_sizes) > 1:
-        raise UserError("TensorRT refittable engines allow one optimization profile: build --refittable bundles "
-                        "with one --batch size")
 
     progress = Progress()  # the stage count is known once the checkpoint says which engines it needs
     out = out.resolve()
@@ -318,19 +321,23 @@ def build_bundle(
                 log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
         artifacts: dict[str, str] = {}
         build_info: dict[str, Any] = {"backend": backend}
+        plans: dict[str, tuple[str, ...]] = {}  # refittable TensorRT engines: one plan per batch size
         if backend == "tensorrt":
-            from lcmtrt.engines.tensorrt_build import build_plan, device_info
+            from lcmtrt.engines.tensorrt_build import build_plan, device_info, plan_layout, timing_cache_path
 
             (staging / "trt").mkdir()
             build_info.update(device_info())
             workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
             for name, graph in graphs.items():
-                with progress.stage(f"build TensorRT plan for {name}"):
-                    profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in engine_batches[name]]
-                    plan = staging / "trt" / f"{name}.plan"
-                    build_plan(graph.path, plan, profiles, workspace, timing_cache=out.parent / ".lcmtrt-timing.cache",
-                               refittable=bool(graph.refit_weights))
-                    artifacts[name] = f"trt/{name}.plan"
+                layout = plan_layout(name, engine_batches[name], bool(graph.refit_weights))
+                with progress.stage(f"build TensorRT plan{'s' if len(layout) > 1 else ''} for {name}"):
+                    for artifact, batches in layout:
+                        profiles = [{t.name: t.concrete(b) for t in graph.inputs} for b in batches]
+                        build_plan(graph.path, staging / artifact, profiles, workspace,
+                                   timing_cache=timing_cache_path(out.parent), refittable=bool(graph.refit_weights))
+                    artifacts[name] = layout[0][0]
+                    if len(layout) > 1:
+                        plans[name] = tuple(artifact for artifact, _ in layout)
         else:
             import onnxruntime
 
@@ -369,7 +376,7 @@ def build_bundle(
                 text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
                 engines={
                     n: EngineSpec(n, f"onnx/{n}.onnx", artifacts[n], g.inputs, g.outputs, engine_batches[n],
-                                  g.refit_weights)
+                                  g.refit_weights, plans.get(n, ()))
                     for n, g in graphs.items()
                 },
                 sources={"preset": preset.name, **_source_info(checkpoint),
