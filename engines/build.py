@@ -51,28 +51,34 @@ class Progress:
 
 def resolve_backend(backend: str) -> str:
     """`auto`: TensorRT when it and a GPU are present, else ONNX Runtime's CUDA provider on a GPU, else OpenVINO
-    when it is installed (the fastest CPU path), else ONNX Runtime on the CPU. Says which it picked and why."""
+    when it is installed (the fastest CPU path), else ONNX Runtime on the CPU. Says which it picked and why (and
+    why TensorRT cannot run when it is installed)."""
     from lcmtrt.engines import onnxruntime_build
     from lcmtrt.engines.openvino_build import openvino_available
-    from lcmtrt.engines.tensorrt_build import tensorrt_available
+    from lcmtrt.engines.tensorrt_build import tensorrt_unavailable_reason
 
-    if backend == "auto":
-        if tensorrt_available():
-            chosen, why = "tensorrt", "TensorRT and a CUDA GPU are present"
-        elif onnxruntime_build.cuda_usable():
-            chosen, why = "onnxruntime", "ONNX Runtime's CUDA provider runs here and TensorRT is not installed"
-        elif openvino_available():
-            chosen, why = "openvino", "no GPU here; OpenVINO is installed"
-        else:
-            chosen, why = "onnxruntime", "no GPU and no OpenVINO here (pip install 'lcmtrt[openvino]' is faster on CPUs)"
-        log.info("backend auto: %s (%s)", chosen, why)
-        return chosen
-    if backend == "tensorrt" and not tensorrt_available():
-        raise UserError("--backend tensorrt needs the tensorrt and cuda-python packages and a CUDA GPU "
-                        "(pip install 'lcmtrt[tensorrt]'); use --backend onnxruntime on this host")
     if backend == "openvino" and not openvino_available():
         raise UserError("--backend openvino needs OpenVINO: pip install 'lcmtrt[openvino]'")
-    return backend
+    if backend not in ("auto", "tensorrt"):
+        return backend
+    reason = tensorrt_unavailable_reason()
+    if backend == "tensorrt":
+        if reason is not None:
+            raise UserError(f"--backend tensorrt cannot run here: {reason}; install 'lcmtrt[tensorrt]' (CUDA 12) or "
+                            "'lcmtrt[tensorrt-cu13]' (CUDA 13) on a CUDA GPU host, or use --backend onnxruntime")
+        return backend
+    if reason is not None and not reason.startswith("tensorrt and cuda-python do not import"):
+        log.warning("warning: TensorRT is installed but cannot run (%s)", reason)
+    if reason is None:
+        chosen, why = "tensorrt", "TensorRT and a CUDA GPU are present"
+    elif onnxruntime_build.cuda_usable():
+        chosen, why = "onnxruntime", "ONNX Runtime's CUDA provider runs here and TensorRT does not"
+    elif openvino_available():
+        chosen, why = "openvino", "no GPU here; OpenVINO is installed"
+    else:
+        chosen, why = "onnxruntime", "no GPU and no OpenVINO here (pip install 'lcmtrt[openvino]' is faster on CPUs)"
+    log.info("backend auto: %s (%s)", chosen, why)
+    return chosen
 
 
 def resolve_precision(backend: str, precision: str | None, ort_device: str, ov_device: str) -> str:
@@ -309,9 +315,6 @@ def build_bundle(
     precision = resolve_precision(backend, precision, ort_device, device)
     # OpenVINO converts fp32 graphs and lowers their precision at compile time, keeping what needs fp32 in fp32
     graph_precision = "fp32" if backend == "openvino" else precision
-    if backend == "tensorrt" and refittable and len(preset.batch_sizes) > 1:
-        raise UserError("TensorRT refittable engines allow one optimization profile: build --refittable bundles "
-                        "with one --batch size")
 
     if preset.loras:  # a missing or damaged LoRA file is refused before minutes of model loading
         from lcmtrt.export.lora import resolve
@@ -417,19 +420,23 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
 
     artifacts: dict[str, str] = {}
     build_info: dict[str, Any] = {"backend": backend}
+    plans: dict[str, tuple[str, ...]] = {}  # refittable TensorRT engines: one plan per batch size
     if backend == "tensorrt":
-        from lcmtrt.engines.tensorrt_build import build_plan, device_info
+        from lcmtrt.engines.tensorrt_build import build_plan, device_info, plan_layout, timing_cache_path
 
         (staging / "trt").mkdir()
         build_info.update(device_info())
         workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
         for name, spec in specs.items():
-            with progress.stage(f"build TensorRT plan for {name}"):
-                profiles = [{t.name: t.concrete(b) for t in spec.inputs} for b in spec.batch_sizes]
-                plan = staging / "trt" / f"{name}.plan"
-                build_plan(staging / spec.onnx, plan, profiles, workspace, timing_cache=cache_dir / ".lcmtrt-timing.cache",
-                           refittable=bool(spec.refit_weights))
-                artifacts[name] = f"trt/{name}.plan"
+            layout = plan_layout(name, spec.batch_sizes, bool(spec.refit_weights))
+            with progress.stage(f"build TensorRT plan{'s' if len(layout) > 1 else ''} for {name}"):
+                for artifact, batches in layout:
+                    profiles = [{t.name: t.concrete(b) for t in spec.inputs} for b in batches]
+                    build_plan(staging / spec.onnx, staging / artifact, profiles, workspace,
+                               timing_cache=timing_cache_path(cache_dir), refittable=bool(spec.refit_weights))
+                artifacts[name] = layout[0][0]
+                if len(layout) > 1:
+                    plans[name] = tuple(artifact for artifact, _ in layout)
     elif backend == "openvino":
         from lcmtrt.engines import openvino_build
 
@@ -458,7 +465,7 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
                     continue
                 onnxruntime_build.optimize_graph(staging / spec.onnx, staging / "ort" / f"{name}.onnx", ort_device)
                 artifacts[name] = f"ort/{name}.onnx"
-    return {n: replace(spec, artifact=artifacts[n]) for n, spec in specs.items()}, build_info
+    return {n: replace(spec, artifact=artifacts[n], plans=plans.get(n, ())) for n, spec in specs.items()}, build_info
 
 
 def _digests(staging: Path) -> dict[str, dict[str, Any]]:

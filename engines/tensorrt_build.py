@@ -21,16 +21,30 @@ log = logging.getLogger(__name__)
 REBUILD = "rebuild them with `lcmtrt build-engines`"
 
 
-def tensorrt_available() -> bool:
-    """True when tensorrt and cuda-python import and at least one CUDA device is visible; never raises."""
+def tensorrt_unavailable_reason() -> str | None:
+    """Why TensorRT cannot run here (None when tensorrt and cuda-python import and a CUDA device is visible),
+    with the CUDA error's name: cudaErrorInsufficientDriver means the driver is older than cuda-python's CUDA."""
     try:
         import tensorrt  # noqa: F401
         from cuda.bindings import runtime as cudart
-
+    except Exception as e:  # noqa: BLE001 - a missing module or a missing driver library both mean "not here"
+        return f"tensorrt and cuda-python do not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    try:
         err, count = cudart.cudaGetDeviceCount()
-        return err == cudart.cudaError_t.cudaSuccess and count >= 1
-    except Exception:  # missing modules, missing driver libraries: all mean "not available"
-        return False
+        if err != cudart.cudaError_t.cudaSuccess:
+            name = cudart.cudaGetErrorName(err)[1].decode()
+            hint = (" (the NVIDIA driver is older than the CUDA version of this cuda-python: install the "
+                    "cuda-python and tensorrt wheels of your driver's CUDA major, e.g. lcmtrt[tensorrt] for CUDA 12)"
+                    if name == "cudaErrorInsufficientDriver" else "")
+            return f"cudaGetDeviceCount failed: {name}{hint}"
+        return None if count >= 1 else "no CUDA device is visible"
+    except Exception as e:  # noqa: BLE001 - broken driver libraries: report, never raise
+        return f"CUDA is unusable ({type(e).__name__}: {e})"
+
+
+def tensorrt_available() -> bool:
+    """True when tensorrt and cuda-python import and at least one CUDA device is visible; never raises."""
+    return tensorrt_unavailable_reason() is None
 
 
 def _cuda_version(v: int) -> str:
@@ -59,18 +73,35 @@ def device_info() -> dict[str, Any]:
     }
 
 
+COMPATIBILITY_KEYS = {"tensorrt_version": "TensorRT version", "compute_capability": "compute capability",
+                      "gpu_name": "GPU"}  # a plan is tied to all three (NVIDIA: the exact GPU model)
+
+
 def check_compatibility(build: dict[str, Any], host: dict[str, Any], root: str | Path | None = None) -> None:
-    """Refuse plans built by another TensorRT version or for another GPU architecture (they cannot load)."""
-    keys = ("tensorrt_version", "compute_capability")
-    if all(build.get(k) is not None and str(build[k]) == str(host.get(k)) for k in keys):
+    """Refuse plans built by another TensorRT version, for another compute capability or on another GPU model,
+    naming what differs."""
+    differs = [f"{label} {build.get(k, 'unknown')} vs {host.get(k)} here" for k, label in COMPATIBILITY_KEYS.items()
+               if build.get(k) is None or str(build[k]) != str(host.get(k))]
+    if not differs:
         return
     where = f"engines in {root}" if root is not None else "these engines"
-    raise UserError(
-        f"{where} were built with TensorRT {build.get('tensorrt_version', 'unknown')} for compute capability "
-        f"{build.get('compute_capability', 'unknown')} ({build.get('gpu_name', 'unknown GPU')}); this host has "
-        f"TensorRT {host.get('tensorrt_version')} and compute capability {host.get('compute_capability')} "
-        f"({host.get('gpu_name')}): {REBUILD}"
-    )
+    raise UserError(f"{where} were built for another setup ({'; '.join(differs)}): {REBUILD}")
+
+
+def timing_cache_path(folder: Path) -> Path:
+    """The builder's timing cache in `folder`, one file per TensorRT version (a cache from another version is not
+    portable)."""
+    import tensorrt as trt
+
+    return Path(folder) / f".lcmtrt-timing-{trt.__version__}.cache"
+
+
+def plan_layout(name: str, batch_sizes: tuple[int, ...], refittable: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(plan path in the bundle, batch sizes it holds as profiles): one plan with a profile per batch size, or, for
+    refittable engines, which TensorRT allows one optimization profile, one plan per batch size."""
+    if refittable and len(batch_sizes) > 1:
+        return [(f"trt/{name}.b{b}.plan", (b,)) for b in batch_sizes]
+    return [(f"trt/{name}.plan", tuple(batch_sizes))]
 
 
 @functools.cache
@@ -147,6 +178,9 @@ def build_plan(
         raise UserError(f"cannot build {plan_path.name}: ONNX graph {onnx_path} does not exist")
     if not profiles:
         raise ValueError("build_plan needs at least one optimization profile")
+    if refittable and len(profiles) > 1:  # addOptimizationProfile: at most once when building a refittable engine
+        raise ValueError(f"a refittable plan takes one optimization profile, {plan_path.name} was given "
+                         f"{len(profiles)}: build one plan per batch size (plan_layout)")
     logger = trt_logger()
     logger.errors.clear()
     builder = trt.Builder(logger)

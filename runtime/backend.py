@@ -69,7 +69,8 @@ class Backend(Protocol):
     def bind(self, engine: str, batch: int, tensors: dict[str, Buffer]) -> Binding: ...
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
-        """Return a callable that enqueues the same work as `launch` (as one CUDA graph where supported)."""
+        """Return a callable that enqueues the same work as `launch`; where CUDA graphs are supported its first call
+        runs `launch` eagerly and captures it, later calls replay the graph."""
 
     def synchronize(self) -> None: ...
 

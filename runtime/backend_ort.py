@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from lcmtrt.runtime.bundle import Bundle
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.errors import RefitError, UserError
 
 log = logging.getLogger(__name__)
 NO_SPINNING = "session.intra_op.allow_spinning"
@@ -63,18 +65,37 @@ class OrtBuffer:
 
 
 class OrtBinding:
-    def __init__(self, session: ort.InferenceSession, io: ort.IOBinding):
+    """One engine's tensors bound by address. The addresses are kept so that a weight swap, which replaces the
+    session, binds the same buffers to the new one (`bind_to`) instead of allocating new ones."""
+
+    def __init__(self, session: ort.InferenceSession, tensors: list[tuple[str, bool, OrtBuffer]], device_type: str,
+                 graph_id: int | None = None):
+        self.tensors, self.device_type = tensors, device_type
+        self.run_options: ort.RunOptions | None = None
+        if graph_id is not None:  # enable_cuda_graph: each address set is its own captured graph
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.bind_to(session)
+
+    def bind_to(self, session: ort.InferenceSession) -> None:
+        io = session.io_binding()
+        for name, is_input, buffer in self.tensors:
+            bind = io.bind_input if is_input else io.bind_output
+            bind(name, self.device_type, 0, buffer.dtype, list(buffer.shape), buffer.ptr)
         self.session, self.io = session, io
 
     def run(self) -> None:
-        # No RunOptions: reading an unset config entry from them raises and catches an exception on every call.
-        self.session.run_with_iobinding(self.io)
+        # RunOptions only with CUDA graphs: reading an unset config entry raises and catches an exception per call
+        if self.run_options is None:
+            self.session.run_with_iobinding(self.io)
+        else:
+            self.session.run_with_iobinding(self.io, self.run_options)
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, cuda_graph: bool = True):
         built_for = bundle.build.get("ort_device", "cpu")
         self.provider_device = built_for if device == "auto" else device
         if self.provider_device not in ("cpu", "cuda"):
@@ -92,34 +113,69 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.options, self.providers = options, providers
-        self.sessions = {name: self._session(name) for name in bundle.engines}
+        # engines whose session replays CUDA graphs (provider option enable_cuda_graph; refused by ONNX Runtime for
+        # graphs with nodes off the CUDA provider, which then run without)
+        self.cuda_graph_engines: set[str] = set()
+        self._cuda_graph = cuda_graph and self.provider_device == "cuda"
+        self.sessions = {name: self._session(name, cuda_graph=self._cuda_graph) for name in bundle.engines}
         self._overrides: dict[str, list] = {}  # replaced weights stay alive as long as their session
+        self._bindings: dict[str, weakref.WeakSet[OrtBinding]] = {name: weakref.WeakSet() for name in bundle.engines}
+        self._graph_ids = 0
         self.device = "CUDA (onnxruntime)" if self.provider_device == "cuda" else "CPU (onnxruntime)"
 
-    def _session(self, name: str, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-        path = self.bundle.path(self.bundle.engines[name].artifact)
+    def _session(self, name: str, options: ort.SessionOptions | None = None,
+                 cuda_graph: bool = False) -> ort.InferenceSession:
+        if cuda_graph:
+            graphed = [("CUDAExecutionProvider", {**self.providers[0][1], "enable_cuda_graph": "1"}),
+                       *self.providers[1:]]
+            try:
+                session = ort.InferenceSession(str(self._engine_path(name)), options or self.options,
+                                               providers=graphed)
+            except Exception as e:  # noqa: BLE001 - e.g. "all compute graph nodes have not been partitioned to the CUDA EP"
+                log.info("engine %s runs without CUDA graphs: %s", name, str(e).splitlines()[0])
+            else:
+                self.cuda_graph_engines.add(name)
+                return self._check_provider(session)
+        self.cuda_graph_engines.discard(name)
         try:
-            session = ort.InferenceSession(str(path), options or self.options, providers=self.providers)
+            session = ort.InferenceSession(str(self._engine_path(name)), options or self.options,
+                                           providers=self.providers)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several private exception types
             raise UserError(f"ONNX Runtime cannot load engine {name} from {self.bundle.root}: "
                             f"{str(e).splitlines()[0]}; rebuild the bundle") from None
+        return self._check_provider(session)
+
+    def _engine_path(self, name: str) -> Path:
+        return self.bundle.path(self.bundle.engines[name].artifact)
+
+    def _check_provider(self, session: ort.InferenceSession) -> ort.InferenceSession:
         if self.provider_device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise UserError("this bundle was built for ONNX Runtime's CUDA provider, which does not run on this "
                             "host; use --device cpu or rebuild the bundle here")
         return session
 
-    def refit(self, engine: str, weights: dict[str, np.ndarray]) -> None:
-        """A new session for `engine` with `weights` replacing its external initializers before any graph
-        optimization (so nothing is folded from the file's values); bindings must be made again."""
-        options = ort.SessionOptions()
-        options.graph_optimization_level = self.options.graph_optimization_level
-        options.log_severity_level = self.options.log_severity_level
-        options.intra_op_num_threads = self.options.intra_op_num_threads
-        options.add_session_config_entry(NO_SPINNING, "0")
-        arrays = [np.ascontiguousarray(a) for a in weights.values()]
-        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        self.sessions[engine] = self._session(engine, options)
-        self._overrides[engine] = arrays
+    def refit(self, weights: dict[str, dict[str, np.ndarray]]) -> None:
+        """For each engine, a new session with `weights` replacing its external initializers before any graph
+        optimization (so nothing is folded from the file's values). Existing bindings are bound to the new session
+        with the same buffers, and the old session and its weights are released: a swap allocates no lasting
+        memory. An engine that fails after an earlier one was swapped raises RefitError(changed=True)."""
+        for done, (engine, named) in enumerate(weights.items()):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = self.options.graph_optimization_level
+            options.log_severity_level = self.options.log_severity_level
+            options.intra_op_num_threads = self.options.intra_op_num_threads
+            options.add_session_config_entry(NO_SPINNING, "0")
+            arrays = [np.ascontiguousarray(a) for a in named.values()]
+            options.add_external_initializers(list(named), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+            try:
+                # graphs stay as they were: bindings made for a graphed session carry their own graph ids
+                session = self._session(engine, options, cuda_graph=engine in self.cuda_graph_engines)
+            except UserError as e:
+                raise RefitError(str(e), changed=done > 0) from None
+            for binding in list(self._bindings[engine]):
+                binding.bind_to(session)
+            self.sessions[engine] = session
+            self._overrides[engine] = arrays  # the session reads these OrtValues' memory: alive as long as it
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> OrtBuffer:
         return OrtBuffer.allocate(tuple(shape), np.dtype(dtype), self.provider_device)
@@ -129,18 +185,22 @@ class OnnxRuntimeBackend:
         expected = {t.name: t for t in spec.inputs + spec.outputs}
         if set(tensors) != set(expected):
             raise ValueError(f"engine {engine} takes {sorted(expected)}, bound {sorted(tensors)}")
-        session = self.sessions[engine]
-        io = session.io_binding()
         device_type = "cuda" if self.provider_device == "cuda" else "cpu"
         inputs = {t.name for t in spec.inputs}
+        bound = []
         for name, buffer in tensors.items():
             want = expected[name]
             if buffer.shape != want.concrete(batch) or buffer.dtype != np.dtype(want.dtype):
                 raise ValueError(f"{engine}.{name} needs {want.dtype}{list(want.concrete(batch))}, "
                                  f"bound {buffer.dtype}{list(buffer.shape)}")
-            bind = io.bind_input if name in inputs else io.bind_output
-            bind(name, device_type, 0, buffer.dtype, list(buffer.shape), buffer.ptr)
-        return OrtBinding(session, io)
+            bound.append((name, name in inputs, buffer))
+        graph_id = None
+        if engine in self.cuda_graph_engines:
+            self._graph_ids += 1  # 0 is ONNX Runtime's default graph: start at 1
+            graph_id = self._graph_ids
+        binding = OrtBinding(self.sessions[engine], bound, device_type, graph_id)
+        self._bindings[engine].add(binding)
+        return binding
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
         return launch  # ONNX Runtime records CUDA graphs inside its own sessions, not across them

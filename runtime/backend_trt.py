@@ -14,11 +14,15 @@ from typing import Any, Callable
 import numpy as np
 import tensorrt as trt
 from cuda.bindings import runtime as cudart
-from cuda.bindings.utils import get_cuda_native_handle
+
+try:  # cuda-python >= 12.9.1; int() on a handle works before it and is deprecated from 13.0
+    from cuda.bindings.utils import get_cuda_native_handle
+except ImportError:
+    get_cuda_native_handle = int
 
 from lcmtrt.runtime.backend import Buffer
 from lcmtrt.runtime.bundle import Bundle, EngineSpec
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.errors import RefitError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,8 @@ class CudaBuffer:
 class TrtBinding:
     """One execution context of one engine at one optimization profile, every I/O tensor bound to a CudaBuffer."""
 
-    def __init__(self, backend: TensorRTBackend, name: str, profile: int, tensors: dict[str, Buffer]) -> None:
-        engine = backend.engines[name]
+    def __init__(self, backend: TensorRTBackend, name: str, engine: Any, profile: int,
+                 tensors: dict[str, Buffer]) -> None:
         self.name = name
         self._backend = backend
         self._tensors = dict(tensors)  # keeps the buffers referenced while bound
@@ -108,7 +112,11 @@ class TrtBinding:
             if not ctx.set_input_shape(n, tensors[n].shape):
                 expected = tuple(engine.get_tensor_profile_shape(n, profile)[0])
                 raise ValueError(f"engine {name}: input {n} has shape {tensors[n].shape}, profile expects {expected}")
-        unresolved = ctx.infer_shapes()
+        try:
+            unresolved = ctx.infer_shapes()  # names still unspecified; other failures raise RuntimeError
+        except RuntimeError as e:
+            raise ValueError(f"engine {name}: TensorRT cannot infer its output shapes ({e}; "
+                             f"{backend.logger.recent_errors()})") from None
         if unresolved:
             raise ValueError(f"engine {name}: cannot infer shapes, unspecified inputs {list(unresolved)}")
         for n in names:
@@ -127,6 +135,77 @@ class TrtBinding:
             raise RuntimeError(f"TensorRT failed to run {self.name}: {self._backend.logger.recent_errors()}")
 
 
+class CapturedLaunch:
+    """A launch that becomes one CUDA graph: the first call runs it eagerly (doing that request's work, and the
+    profile switches and lazy setup that must not be captured), then captures it without running it; later calls
+    replay the graph. `reset()` drops the graph (after a refit) so that the next call captures again."""
+
+    def __init__(self, backend: TensorRTBackend, launch: Callable[[], None]) -> None:
+        self._backend, self._launch = backend, launch
+        self._graph: tuple[Any, Any] | None = None  # (graph exec, graph)
+        self.eager_only = False  # capture failed once: always launch eagerly
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self) -> None:
+        if self._graph is not None:
+            _cuda(cudart.cudaGraphLaunch, self._graph[0], self._backend.stream)
+            return
+        self._launch()
+        if not self.eager_only:
+            self._backend.synchronize()  # the eager run's setup work must finish before capture begins
+            self._graph = self._capture()
+            self.eager_only = self._graph is None
+
+    def _capture(self) -> tuple[Any, Any] | None:
+        backend = self._backend
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads' CUDA calls stay legal
+        (err,) = cudart.cudaStreamBeginCapture(backend.stream, mode)
+        if err != cudart.cudaError_t.cudaSuccess:
+            return _capture_failed(f"cudaStreamBeginCapture failed: {_error_name(err)}")
+        backend.capturing = True
+        try:
+            self._launch()
+        except BaseException as e:
+            _destroy_graph(self._end_capture())
+            if not isinstance(e, RuntimeError):  # a bug in `launch`, not a capture limitation
+                raise
+            return _capture_failed(str(e))
+        graph = self._end_capture()
+        if graph is None:
+            return _capture_failed("the capture was invalidated")
+        err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+        if err != cudart.cudaError_t.cudaSuccess:
+            _destroy_graph(graph)
+            return _capture_failed(f"cudaGraphInstantiate failed: {_error_name(err)}")
+        return graph_exec, graph
+
+    def _end_capture(self) -> Any:
+        """Leave capture mode; the captured graph, or None when the capture was invalidated."""
+        self._backend.capturing = False
+        err, graph = cudart.cudaStreamEndCapture(self._backend.stream)
+        return graph if err == cudart.cudaError_t.cudaSuccess else None
+
+    def reset(self) -> None:
+        if self._graph is not None:
+            cudart.cudaGraphExecDestroy(self._graph[0])
+            cudart.cudaGraphDestroy(self._graph[1])
+            self._graph = None
+
+
+def _destroy_graph(graph: Any) -> None:
+    if graph is not None:
+        cudart.cudaGraphDestroy(graph)
+
+
+def _capture_failed(why: str) -> None:
+    cudart.cudaGetLastError()  # clear the capture error so that later CUDA calls do not report it
+    log.warning("CUDA graph capture failed (%s); launching eagerly instead", why)
+    return None
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -138,11 +217,11 @@ class TensorRTBackend:
         self.bundle = bundle
         self.stream: Any = None
         self.capturing = False
-        self.engines: dict[str, Any] = {}
+        self.plans: dict[str, list[Any]] = {}  # engine name -> its deserialized plans (one per batch when split)
         self._device_ptrs: list[int] = []
         self._host_ptrs: list[int] = []
         self._events: list[Any] = []
-        self._graphs: list[tuple[Any, Any]] = []
+        self._captures: list[CapturedLaunch] = []
         self._bindings: list[TrtBinding] = []
 
         host = device_info()
@@ -152,27 +231,35 @@ class TensorRTBackend:
         self.stream = _cuda(cudart.cudaStreamCreateWithFlags, cudart.cudaStreamNonBlocking)
         self.stream_handle = get_cuda_native_handle(self.stream)  # TensorRT takes the raw cudaStream_t as an int
         self._runtime = trt.Runtime(self.logger)
-        self.engines = {name: self._load(spec) for name, spec in bundle.engines.items()}
-        size = max([e.device_memory_size_v2 for e in self.engines.values()] + [SCRATCH_ALIGNMENT])
+        self.plans = {name: self._load(spec) for name, spec in bundle.engines.items()}
+        sizes = [e.device_memory_size_v2 for plans in self.plans.values() for e in plans]
+        size = max(sizes + [SCRATCH_ALIGNMENT])
         base = self.malloc(size + SCRATCH_ALIGNMENT)
         self.scratch = (-(-base // SCRATCH_ALIGNMENT) * SCRATCH_ALIGNMENT, size)  # (aligned pointer, size)
 
-    def _load(self, spec: EngineSpec) -> Any:
-        path = self.bundle.path(spec.artifact)
-        try:
-            plan = path.read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read TensorRT plan {path} ({e.strerror}); {REBUILD}") from None
-        self.logger.errors.clear()
-        engine = self._runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise UserError(f"TensorRT cannot load {path} ({self.logger.recent_errors()}); {REBUILD}")
-        if engine.num_optimization_profiles != len(spec.batch_sizes):
-            raise UserError(
-                f"{path} has {engine.num_optimization_profiles} optimization profiles but the bundle lists batch "
-                f"sizes {list(spec.batch_sizes)} for it; {REBUILD}"
-            )
-        return engine
+    def _load(self, spec: EngineSpec) -> list[Any]:
+        """The engine's plans: one with a profile per batch size, or one per batch size with one profile each."""
+        split = bool(spec.plans)
+        if split and len(spec.plans) != len(spec.batch_sizes):
+            raise UserError(f"bundle {self.bundle.root} lists {len(spec.plans)} plans for {spec.name} at batch "
+                            f"sizes {list(spec.batch_sizes)}; {REBUILD}")
+        plans = []
+        for artifact in spec.plans or (spec.artifact,):
+            path = self.bundle.path(artifact)
+            try:
+                plan = path.read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read TensorRT plan {path} ({e.strerror}); {REBUILD}") from None
+            self.logger.errors.clear()
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise UserError(f"TensorRT cannot load {path} ({self.logger.recent_errors()}); {REBUILD}")
+            expected = 1 if split else len(spec.batch_sizes)
+            if engine.num_optimization_profiles != expected:
+                raise UserError(f"{path} has {engine.num_optimization_profiles} optimization profiles but the bundle "
+                                f"expects {expected} for batch sizes {list(spec.batch_sizes)}; {REBUILD}")
+            plans.append(engine)
+        return plans
 
     def malloc(self, nbytes: int) -> int:
         """Raw device memory, freed by close()."""
@@ -193,12 +280,14 @@ class TensorRTBackend:
         return CudaBuffer(self, shape, ptr, host, event)
 
     def bind(self, engine: str, batch: int, tensors: dict[str, Buffer]) -> TrtBinding:
-        if engine not in self.engines:
-            raise ValueError(f"unknown engine {engine!r}; the bundle has {sorted(self.engines)}")
-        profiles = self.bundle.engines[engine].batch_sizes
-        if batch not in profiles:
-            raise ValueError(f"batch size {batch} was not built for {engine}; it has {list(profiles)}")
-        binding = TrtBinding(self, engine, profiles.index(batch), tensors)
+        if engine not in self.plans:
+            raise ValueError(f"unknown engine {engine!r}; the bundle has {sorted(self.plans)}")
+        spec = self.bundle.engines[engine]
+        if batch not in spec.batch_sizes:
+            raise ValueError(f"batch size {batch} was not built for {engine}; it has {list(spec.batch_sizes)}")
+        index = spec.batch_sizes.index(batch)
+        plan, profile = (self.plans[engine][index], 0) if spec.plans else (self.plans[engine][0], index)
+        binding = TrtBinding(self, engine, plan, profile, tensors)
         self._bindings.append(binding)
         return binding
 
@@ -206,51 +295,17 @@ class TensorRTBackend:
         if self.capturing:
             raise RuntimeError(f"{what} cannot be captured in a CUDA graph (host memory is not replayed)")
 
-    def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
-        """Run `launch` once eagerly (that work really happens), then capture it as one CUDA graph and return a
-        function that replays it; where capture fails, return `launch` itself."""
-        launch()
-        self.synchronize()  # the first run applies profile switches and lazy setup, which must not be captured
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads' CUDA calls stay legal
-        (err,) = cudart.cudaStreamBeginCapture(self.stream, mode)
-        if err != cudart.cudaError_t.cudaSuccess:
-            return self._eager(launch, f"cudaStreamBeginCapture failed: {_error_name(err)}")
-        self.capturing = True
-        try:
-            launch()
-        except BaseException as e:
-            self._destroy_graph(self._end_capture())
-            if not isinstance(e, RuntimeError):  # a bug in `launch`, not a capture limitation
-                raise
-            return self._eager(launch, str(e))
-        graph = self._end_capture()
-        if graph is None:
-            return self._eager(launch, "the capture was invalidated")
-        err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
-        if err != cudart.cudaError_t.cudaSuccess:
-            self._destroy_graph(graph)
-            return self._eager(launch, f"cudaGraphInstantiate failed: {_error_name(err)}")
-        self._graphs.append((graph_exec, graph))
+    def capture(self, launch: Callable[[], None]) -> CapturedLaunch:
+        """`launch` as one CUDA graph: its first call runs eagerly and captures, later calls replay (CapturedLaunch);
+        where capture fails it keeps launching eagerly."""
+        captured = CapturedLaunch(self, launch)
+        self._captures.append(captured)
+        return captured
 
-        def replay() -> None:
-            _cuda(cudart.cudaGraphLaunch, graph_exec, self.stream)
-
-        return replay
-
-    def _end_capture(self) -> Any:
-        """Leave capture mode; the captured graph, or None when the capture was invalidated."""
-        self.capturing = False
-        err, graph = cudart.cudaStreamEndCapture(self.stream)
-        return graph if err == cudart.cudaError_t.cudaSuccess else None
-
-    def _destroy_graph(self, graph: Any) -> None:
-        if graph is not None:
-            cudart.cudaGraphDestroy(graph)
-
-    def _eager(self, launch: Callable[[], None], why: str) -> Callable[[], None]:
-        cudart.cudaGetLastError()  # clear the capture error so that later CUDA calls do not report it
-        log.warning("CUDA graph capture failed (%s); launching eagerly instead", why)
-        return launch
+    @property
+    def graph_count(self) -> int:
+        """CUDA graphs alive: one per captured launch."""
+        return sum(c.captured for c in self._captures)
 
     def synchronize(self) -> None:
         _cuda(cudart.cudaStreamSynchronize, self.stream)
@@ -268,17 +323,36 @@ class TensorRTBackend:
             cudart.cudaEventDestroy(start)
             cudart.cudaEventDestroy(end)
 
-    def refit(self, engine: str, weights: dict[str, np.ndarray]) -> None:
-        """Replace named weights of a refittable plan in place (trt.Refitter); contexts stay valid, captured
-        graphs do not (the pipeline captures again)."""
+    def refit(self, weights: dict[str, dict[str, np.ndarray]]) -> None:
+        """Replace named weights ({engine: {name: array}}) in every plan of those engines, in place (trt.Refitter).
+        Buffers, contexts and bindings stay valid; captured graphs are dropped and captured again on their next call.
+        All weights are set and checked for completeness before the first engine changes; a refit that fails after
+        that raises RefitError(changed=True). The arrays are only referenced until this returns."""
         self.synchronize()  # refitting an engine with enqueued work is undefined
-        refitter = trt.Refitter(self.engines[engine], self.logger)
-        self._refit_arrays = list(weights.values())  # TensorRT reads them during refit_cuda_engine
-        for name, array in weights.items():
-            if not refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(array))):
-                raise UserError(f"TensorRT refused new weights for {name} in {engine}: {self.logger.recent_errors()}")
-        if not refitter.refit_cuda_engine():
-            raise UserError(f"TensorRT could not refit {engine}: {self.logger.recent_errors()}")
+        refitters = []
+        for engine, named in weights.items():
+            if engine not in self.plans:
+                raise RefitError(f"the bundle has no engine {engine!r} to refit", changed=False)
+            for plan in self.plans[engine]:
+                refitter = trt.Refitter(plan, self.logger)
+                for name, array in named.items():
+                    if not refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(array))):
+                        raise RefitError(f"TensorRT refused new weights for {name} in {engine}: "
+                                         f"{self.logger.recent_errors()}", changed=False)
+                missing = list(refitter.get_missing_weights())
+                if missing:  # refit_cuda_engine would fail after refitting a subset
+                    raise RefitError(f"refitting {engine} also needs weights {missing[:8]}"
+                                     f"{' ...' if len(missing) > 8 else ''}; rebuild the bundle with --refittable",
+                                     changed=False)
+                refitters.append((engine, refitter))
+        for captured in self._captures:  # whether a graph outlives a refit is not documented: capture again
+            captured.reset()
+        for engine, refitter in refitters:
+            self.logger.errors.clear()
+            if not refitter.refit_cuda_engine():
+                raise RefitError(f"TensorRT could not refit {engine} ({self.logger.recent_errors()}); its weights "
+                                 "are now partly replaced", changed=True)
+        refitters.clear()  # the refitters reference the arrays: nothing keeps them past this call
 
     def memory_in_use(self) -> int:
         """Device bytes in use on this GPU (all processes), for the benchmark's peak-memory figure."""
@@ -290,12 +364,11 @@ class TensorRTBackend:
         if self.stream is None:
             return
         cudart.cudaStreamSynchronize(self.stream)  # errors ignored: freeing goes on regardless
-        for graph_exec, graph in self._graphs:
-            cudart.cudaGraphExecDestroy(graph_exec)
-            cudart.cudaGraphDestroy(graph)
+        for captured in self._captures:
+            captured.reset()
         for binding in self._bindings:
             binding.context = None  # contexts go before their engines
-        self._graphs, self._bindings, self.engines = [], [], {}
+        self._captures, self._bindings, self.plans = [], [], {}
         for ptr in self._device_ptrs:
             cudart.cudaFree(ptr)
         for ptr in self._host_ptrs:

@@ -43,6 +43,8 @@ class EngineSpec:
     outputs: tuple[TensorSpec, ...]
     batch_sizes: tuple[int, ...]  # the batch sizes it runs at: one static TensorRT optimization profile each, in order
     refit_weights: tuple[str, ...] = ()  # weights a LoRA swap may replace (refittable builds), by parameter name
+    # refittable TensorRT engines, which may have one optimization profile: one plan per batch size, in order
+    plans: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -56,6 +58,7 @@ class EngineSpec:
             "outputs": [t.to_json() for t in self.outputs],
             "batch_sizes": list(self.batch_sizes),
             "refit_weights": list(self.refit_weights),
+            **({"plans": list(self.plans)} if self.plans else {}),
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class EngineSpec:
             tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             tuple(int(b) for b in d["batch_sizes"]),
             tuple(d["refit_weights"]),
+            tuple(d.get("plans", ())),
         )
 
 
@@ -280,7 +284,7 @@ def _check_files(bundle: Bundle, verify_hashes: bool, full: bool, rebuild: str) 
         elif "sample_sha256" in digest and sample_digest(path) != digest["sample_sha256"]:
             raise UserError(f"bundle file {rel} does not match its recorded sample hash (corrupt); {rebuild}")
     for engine in bundle.engines.values():
-        for rel in (engine.onnx, engine.artifact):
+        for rel in (engine.onnx, engine.artifact, *engine.plans):
             if rel not in bundle.files:
                 raise UserError(f"bundle.json lists {rel} for engine {engine.name} but records no digest; {rebuild}")
 

@@ -15,7 +15,7 @@ import numpy as np
 from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backend import Backend, Binding, Buffer, open_backend
 from lcmtrt.runtime.bundle import Bundle, load_bundle
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.errors import RefitError, UserError
 from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
@@ -87,6 +87,7 @@ class Pipeline:
         self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
         self.use_torch = noise_source.torch_available()
         noise_source.prepare(self.use_torch)
+        self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "auto") -> Pipeline:
@@ -207,6 +208,7 @@ class Pipeline:
         ControlNet bundles take `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the
         conditioning scale and diffusers' control_guidance_start/end. T2I-Adapter bundles take `adapter_images`
         (uint8 [H, W, C] with the adapter's channels), adapter_conditioning_scale and _factor."""
+        self._require_usable()
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
@@ -298,7 +300,10 @@ class Pipeline:
 
     def apply_loras(self, loras: Sequence[object]) -> None:
         """Replace the bundle's LoRA set with `loras` (LoraSpec: source, weight) without rebuilding; an empty list
-        gives the base model. Needs a bundle built with --refittable and the export extra (torch, diffusers)."""
+        gives the base model. Needs a bundle built with --refittable and the export extra (torch, diffusers).
+        Buffers and bindings are kept (the backend swaps weights under them); a swap that fails after some weights
+        changed leaves this pipeline unusable rather than running a half-swapped model."""
+        self._require_usable()
         if not any(engine.refit_weights for engine in self.bundle.engines.values()):
             raise UserError(f"bundle {self.bundle.root} was built without --refittable; rebuild it with "
                             "`lcmtrt build-engines --refittable` to swap LoRAs")
@@ -309,10 +314,17 @@ class Pipeline:
             from lcmtrt.export.lora import fused_weights
         except ImportError:
             raise UserError("swapping LoRAs needs the export extra: pip install 'lcmtrt[export]'") from None
-        for engine, weights in fused_weights(self.bundle, tuple(loras)).items():
-            refit(engine, weights)
-        self._batches.clear()  # bindings belong to the replaced sessions; the next request binds again
-        self._programs.clear()
+        try:
+            refit(fused_weights(self.bundle, tuple(loras)))
+        except RefitError as e:
+            if e.changed:
+                self._unusable = (f"this pipeline is unusable: a LoRA swap failed after replacing some weights ({e}); "
+                                  "load the bundle again")
+            raise
+
+    def _require_usable(self) -> None:
+        if self._unusable is not None:
+            raise UserError(self._unusable)
 
     def _control_inputs(self, denoise_inputs: tuple[str, ...], images: Sequence[np.ndarray] | None, rows: int,
                         plan: StepPlan, scale: float, start: float, end: float) -> tuple[np.ndarray, list[float]] | None:
@@ -353,6 +365,7 @@ class Pipeline:
 
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
+        self._require_usable()
         plan = step_plan(self.bundle.scheduler, steps)
         program, buffers = self._program(batch, plan, False, False), self._buffers(batch, False)
         timed = self.backend.timed

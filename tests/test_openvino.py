@@ -119,7 +119,7 @@ def test_unknown_device(ov_bundle: Path, tmp_path: Path, capsys) -> None:
 def test_auto_picks_openvino_without_a_gpu(monkeypatch, caplog) -> None:
     from lcmtrt.engines import onnxruntime_build, tensorrt_build
 
-    monkeypatch.setattr(tensorrt_build, "tensorrt_available", lambda: False)
+    monkeypatch.setattr(tensorrt_build, "tensorrt_unavailable_reason", lambda: "tensorrt and cuda-python do not import")
     monkeypatch.setattr(onnxruntime_build, "cuda_usable", lambda: False)
     with caplog.at_level(logging.INFO, logger="lcmtrt"):
         assert build.resolve_backend("auto") == "openvino"

@@ -37,18 +37,18 @@ def test_compatibility_accepts_identical_host() -> None:
 
 
 @pytest.mark.parametrize(
-    "host",
+    "host, differs",
     [
-        {**L4, "tensorrt_version": "10.9.0.34"},
-        {**L4, "compute_capability": "9.0", "gpu_name": "NVIDIA H100"},
+        ({**L4, "tensorrt_version": "10.9.0.34"}, "TensorRT version 10.8.0.43 vs 10.9.0.34"),
+        ({**L4, "compute_capability": "9.0", "gpu_name": "NVIDIA H100"}, "compute capability 8.9 vs 9.0"),
+        ({**L4, "gpu_name": "NVIDIA L40S"}, "GPU NVIDIA L4 vs NVIDIA L40S"),  # same compute capability 8.9
     ],
 )
-def test_compatibility_refuses_other_version_or_architecture(host: dict) -> None:
+def test_compatibility_refuses_other_version_architecture_or_gpu(host: dict, differs: str) -> None:
     with pytest.raises(UserError) as e:
         check_compatibility(dict(L4), host, "artifacts/x")
     message = str(e.value)
-    assert "\n" not in message and "rebuild" in message and "artifacts/x" in message
-    assert "10.8.0.43" in message and host["tensorrt_version"] in message and host["compute_capability"] in message
+    assert "\n" not in message and "rebuild" in message and "artifacts/x" in message and differs in message
 
 
 def test_compatibility_refuses_bundle_without_build_info() -> None:
@@ -163,7 +163,9 @@ def test_captured_graph_replays_with_new_inputs(trt_backend) -> None:
     binding = trt_backend.bind("affine", 2, {"x": x, "y": y})
     x.write(np.zeros((2, WIDTH), np.float32))
     replay = trt_backend.capture(binding.run)
+    replay()  # runs eagerly on these inputs, then captures
     np.testing.assert_allclose(y.read(), 1.0)
+    assert replay.captured and trt_backend.graph_count == 1, "capture fell back to eager launches"
     for value in (3.0, -2.0):
         x.write(np.full((2, WIDTH), value, np.float32))
         replay()
@@ -179,3 +181,117 @@ def test_bind_names_missing_and_mismatched_tensors(trt_backend) -> None:
         trt_backend.bind("affine", 1, {"x": x, "y": y})
     with pytest.raises(ValueError, match="batch size 3"):
         trt_backend.bind("affine", 3, {"x": x, "y": y})
+
+
+# ---- GPU: two fp16 engines, one refittable (one plan per batch size), sharing scratch and one capture ------------
+
+CHANNELS = 128  # 256-byte fp16 rows: every row view is aligned
+
+
+def _scale_onnx(path: Path) -> None:
+    """y = x * w + idx in fp16, with `w` a refittable initializer and `idx` an int32 input."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["xw"]), helper.make_node("Cast", ["idx"], ["idx_h"], to=TensorProto.FLOAT16),
+         helper.make_node("Add", ["xw", "idx_h"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", CHANNELS]),
+         helper.make_tensor_value_info("idx", TensorProto.INT32, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", CHANNELS])],
+        [numpy_helper.from_array(np.full(CHANNELS, 2.0, np.float16), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _quantize_onnx(path: Path) -> None:
+    """uint8 = Cast(Round(Clip(float(y), 0, 255))): the VAE decoder's output conversion."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["y"], ["y32"], to=TensorProto.FLOAT), helper.make_node("Clip", ["y32", "lo", "hi"], ["c"]),
+         helper.make_node("Round", ["c"], ["r"]), helper.make_node("Cast", ["r"], ["images"], to=TensorProto.UINT8)],
+        "quantize",
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", CHANNELS])],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", CHANNELS])],
+        [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(255), "hi")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture
+def trt_two_engines(tmp_path: Path):
+    pytest.importorskip("tensorrt")
+    if not tensorrt_available():
+        pytest.skip("no CUDA device")
+    from lcmtrt.runtime.backend_trt import TensorRTBackend
+    from lcmtrt.runtime.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
+
+    _scale_onnx(tmp_path / "scale.onnx")
+    _quantize_onnx(tmp_path / "quantize.onnx")
+    cache = tensorrt_build.timing_cache_path(tmp_path)
+    layout = tensorrt_build.plan_layout("scale", (1, 2), refittable=True)
+    for artifact, (batch,) in layout:
+        tensorrt_build.build_plan(tmp_path / "scale.onnx", tmp_path / artifact,
+                                  [{"x": (batch, CHANNELS), "idx": (batch, 1)}], timing_cache=cache, refittable=True)
+    assert cache.is_file() and cache.stat().st_size > 0
+    tensorrt_build.build_plan(tmp_path / "quantize.onnx", tmp_path / "trt" / "quantize.plan",
+                              [{"y": (b, CHANNELS)} for b in (1, 2)], timing_cache=cache)
+    row = ("batch", CHANNELS)
+    engines = {
+        "scale": EngineSpec("scale", "scale.onnx", layout[0][0], (TensorSpec("x", "float16", row),
+                            TensorSpec("idx", "int32", ("batch", 1))), (TensorSpec("y", "float16", row),), (1, 2),
+                            ("w",), tuple(a for a, _ in layout)),
+        "quantize": EngineSpec("quantize", "quantize.onnx", "trt/quantize.plan", (TensorSpec("y", "float16", row),),
+                               (TensorSpec("images", "uint8", row),), (1, 2)),
+    }
+    bundle = Bundle(
+        root=tmp_path, family="sd15", precision="fp16", backend="tensorrt", guidance_mode="embedding",
+        height=64, width=64, batch_sizes=(1, 2), latent_channels=4, vae_scale_factor=8, vae_scaling_factor=0.18215,
+        default_steps=4, default_guidance_scale=8.0, scheduler=SchedulerConfig(), text=TextConfig(("t.json",), (0,)),
+        engines=engines, build=tensorrt_build.device_info(),
+    )
+    backend = TensorRTBackend(bundle)
+    yield backend
+    backend.close()
+
+
+def _chain(backend, batch: int):
+    x, idx = backend.alloc((batch, CHANNELS), np.float16), backend.alloc((batch, 1), np.int32)
+    y, images = backend.alloc((batch, CHANNELS), np.float16), backend.alloc((batch, CHANNELS), np.uint8)
+    scale = backend.bind("scale", batch, {"x": x, "idx": idx, "y": y})
+    quantize = backend.bind("quantize", batch, {"y": y, "images": images})
+
+    def launch() -> None:
+        scale.run()
+        quantize.run()
+
+    return x, idx, images, backend.capture(launch)
+
+
+@pytest.mark.gpu
+def test_two_fp16_engines_share_scratch_in_one_graph_and_refit(trt_two_engines) -> None:
+    backend = trt_two_engines
+    assert [len(backend.plans[n]) for n in ("scale", "quantize")] == [2, 1]
+    chains = {batch: _chain(backend, batch) for batch in (1, 2)}  # four contexts on one scratch allocation
+    rng = np.random.default_rng(0)
+    for w in (2.0, 3.0):
+        for _ in range(2):  # the first call runs eagerly and captures, the second replays
+            for batch, (x, idx, images, launch) in chains.items():
+                data = rng.uniform(0, 40, (batch, CHANNELS)).astype(np.float16)
+                rows = rng.integers(0, 5, (batch, 1), dtype=np.int32)
+                x.write(data)
+                idx.write(rows)
+                launch()
+                expected = np.clip(np.round(data.astype(np.float32) * w + rows), 0, 255).astype(np.uint8)
+                np.testing.assert_allclose(images.read().astype(int), expected.astype(int), atol=1)
+                assert launch.captured, "capture fell back to eager launches"
+        assert backend.graph_count == 2
+        backend.refit({"scale": {"w": np.full(CHANNELS, 3.0, np.float16)}})
+        assert backend.graph_count == 0  # dropped by the refit, captured again on the next call
