@@ -81,6 +81,43 @@ class LcmtrtContender:
         }
 
 
+class OptimumIntelContender:
+    """The CPU peer: optimum-intel's OVLatentConsistencyModelPipeline on the bundle's checkpoint, one worker per
+    batch size (its shapes are static), in its own environment (scripts/optimum-intel-env.sh)."""
+
+    name = "optimum-intel"
+
+    def __init__(self, bundle: Any, settings: BenchSettings, precision: str = "fp32"):
+        from lcmtrt.runtime.peer_optimum import OptimumIntelPeer, peer_checkpoint
+
+        checkpoint = peer_checkpoint(bundle)
+        self.guidance_scale = bundle.default_guidance_scale
+        self.peers: dict[int, Any] = {}
+        try:
+            for batch in settings.batches:
+                self.peers[batch] = OptimumIntelPeer(checkpoint, bundle.height, bundle.width, batch, precision,
+                                                     steps=settings.steps[0], guidance_scale=self.guidance_scale)
+        except BaseException:
+            self.close()
+            raise
+
+    def generate(self, batch: int, steps: int) -> None:
+        self.peers[batch].run_once(steps, self.guidance_scale, seed=0)
+
+    def stage_times(self, batch: int, steps: int) -> None:
+        return None  # the peer's pipeline is timed whole
+
+    def summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        first = next(iter(self.peers.values()))
+        return {"environment": first.environment(),
+                "cold_start": {"first_image_s": first.load_s, "export_s": first.export_s, "import_s": first.import_s},
+                "results": results}
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+
+
 def run_alternating(contenders: list[Any], settings: BenchSettings) -> dict[str, dict[str, Any]]:
     """Every (batch, steps) setting timed for each contender, one request of each in turn after their warm-ups, so
     the machine's drift (other load, clocks) falls on every contender alike; then the stages one by one."""

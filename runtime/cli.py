@@ -363,7 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log.info("loading the diffusers reference ...")
         contenders.append(DiffusersContender(str(args.engines)))
     if "optimum-intel" in peers:
-        from lcmtrt.runtime.peer_optimum import OptimumIntelContender
+        from lcmtrt.runtime.bench import OptimumIntelContender
 
         log.info("loading optimum-intel's OVLatentConsistencyModelPipeline ...")
         contenders.append(OptimumIntelContender(bundle, settings, args.peer_precision))
