@@ -476,9 +476,10 @@ EXPORT_INFO = ("export_max_abs_error", "graph_precision")  # build info that bel
 
 
 def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,
-                   workspace_gb: float | None = None, device: str = "CPU") -> Bundle:
-    """Engines for another backend or precision from an existing bundle's ONNX graphs, without exporting again
-    (e.g. an OpenVINO bf16 bundle from an fp32 ONNX Runtime one); written atomically like build_bundle."""
+                   workspace_gb: float | None = None, device: str = "CPU",
+                   batch_sizes: tuple[int, ...] | None = None) -> Bundle:
+    """Engines for another backend, precision or set of batch sizes from an existing bundle's ONNX graphs (their
+    batch axis is dynamic), without exporting again; written atomically like build_bundle."""
     from lcmtrt.engines import onnxruntime_build
     from lcmtrt.runtime.bundle import load_bundle
 
@@ -511,7 +512,13 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                     if rel in keep or any(rel.startswith(k + ".") for k in keep):  # a graph's external-data file too
                         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                         _link_or_copy(src.path(rel), staging / rel)
-            specs, build_info = _build_engines(dict(src.engines), staging, progress, backend, precision, ort_device,
+            batches = tuple(batch_sizes or src.batch_sizes)
+            if len(set(batches)) != len(batches):
+                raise UserError(f"batch sizes {list(batches)} must be distinct")
+            doubled = tuple(sorted(set(batches) | {2 * b for b in batches}))  # CFG's text rows
+            specs = {n: replace(e, batch_sizes=doubled if n == "text" and src.guidance_mode == "cfg" else batches)
+                     for n, e in src.engines.items()}
+            specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device,
                                                device, workspace_gb, out.parent)
             with progress.stage("write bundle.json"):
                 build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
@@ -520,7 +527,7 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                                    "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
                                    "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
                 bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
-                                 files=_digests(staging))
+                                 batch_sizes=batches, files=_digests(staging))
                 (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
             _replace_dir(staging, out)
         finally:

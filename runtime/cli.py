@@ -220,13 +220,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from lcmtrt.engines.preset import load_preset
 
     if args.source_bundle is not None:
-        given = [f for f in ("model", "height", "width", "batch", "controlnet", "adapter") if getattr(args, f)]
+        given = [f for f in ("model", "height", "width", "controlnet", "adapter") if getattr(args, f)]
         if given or args.lora or args.cfg or args.refittable:
             raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable'])[0]} "
                             "needs a new export (--preset or --config)")
         out = args.out or Path("artifacts") / f"{args.source_bundle.name}-{args.backend}-{args.precision or 'default'}"
         convert_bundle(args.source_bundle, out, backend=args.backend, precision=args.precision,
-                       workspace_gb=args.workspace_gb, device=args.device)
+                       workspace_gb=args.workspace_gb, device=args.device, batch_sizes=args.batch)
         print(out)
         return 0
 
