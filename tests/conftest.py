@@ -37,6 +37,16 @@ def tiny_sd15_bundle(tiny_sd15_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_sd15_canny_bundle(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+
+    out = tmp_path_factory.mktemp("canny") / "tiny-sd15-canny"
+    build_bundle(load_preset("tiny-sd15-canny"), out, "onnxruntime", "fp32")
+    return out
+
+
 def assert_images_match(ours: np.ndarray, reference: np.ndarray) -> None:
     """DESIGN's parity bar: every pixel within 1/255 and at least 99% of them identical."""
     assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8

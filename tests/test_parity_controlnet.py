@@ -12,8 +12,6 @@ import torch
 from PIL import Image
 
 from conftest import assert_images_match, to_uint8
-from lcmtrt.engines.build import build_bundle
-from lcmtrt.engines.preset import load_preset
 from lcmtrt.runtime.cli import main
 from lcmtrt.runtime.errors import UserError
 from lcmtrt.runtime.images import canny_map, fit_image
@@ -38,13 +36,12 @@ def control(photo: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def models(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
+def models(tiny_sd15_canny_bundle: Path):
     from diffusers import ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline
 
     from lcmtrt.export.models import resolve_model
 
-    out = tmp_path_factory.mktemp("canny") / "tiny-sd15-canny"
-    build_bundle(load_preset("tiny-sd15-canny"), out, "onnxruntime", "fp32")
+    out = tiny_sd15_canny_bundle
     controlnet = ControlNetModel.from_pretrained(resolve_model("tiny-controlnet-sd15"))
     reference = StableDiffusionControlNetPipeline.from_pretrained(
         resolve_model("tiny-sd15"), controlnet=controlnet, safety_checker=None, requires_safety_checker=False)
