@@ -154,6 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
 
     commands.add_parser("presets", help="list the built-in presets")
+
+    serve = commands.add_parser("serve", help="serve bundles over HTTP with the OpenAI Images API")
+    serve.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
+                       help="a bundle folder; the model id is its folder name unless NAME= is given; repeatable")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
+    serve.add_argument("--max-n", type=int, default=4, help="images per request at most")
+    serve.add_argument("--max-batch-wait-ms", type=float, default=10.0,
+                       help="how long a request waits for others to share its engine batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="images waiting per model before 503s")
+    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request bodies above this get 413")
+    serve.add_argument("--request-timeout-s", type=float, default=600.0, help="longest wait for a request's images")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="accept this bearer key (repeatable; also LCMTRT_API_KEY, comma-separated)")
+
+    bench_serve = commands.add_parser("bench-serve", help="load-test a running `lcmtrt serve` with the openai client")
+    bench_serve.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    bench_serve.add_argument("--model", help="model id (default: the server's first)")
+    bench_serve.add_argument("--engines", type=Path,
+                             help="the same bundle, benched offline in this run for the ratio column")
+    bench_serve.add_argument("--concurrency", type=_bounded_list("concurrency"), default=(1, 2, 4, 8, 16))
+    bench_serve.add_argument("--requests", type=int, default=32, help="requests per concurrency level at most")
+    bench_serve.add_argument("--seconds", type=float, default=60.0, help="time per concurrency level at most")
+    bench_serve.add_argument("--n", type=int, default=1, help="images per request")
+    bench_serve.add_argument("--api-key", default=os.environ.get("LCMTRT_API_KEY", "none"))
+    bench_serve.add_argument("--json", type=Path, help="also write the report as JSON")
     return parser
 
 
@@ -424,6 +451,52 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """`DIR` or `NAME=DIR`; a folder whose own name holds `=` still works when it exists."""
+    models = []
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        if not folder or Path(spec).exists():
+            models.append((Path(spec).resolve().name, Path(spec)))
+        elif not name:
+            raise UserError(f"--engines {spec!r}: NAME=DIR needs a name before '='")
+        else:
+            models.append((name, Path(folder)))
+    return models
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lcmtrt.runtime.serve import ServeConfig
+        from lcmtrt.runtime.serve_process import run_server
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra: pip install 'lcmtrt[serve]' ({e.name} is missing)") from None
+    if args.max_n < 1 or args.max_queue < 1 or args.max_body_mb <= 0 or args.request_timeout_s <= 0 \
+            or args.max_batch_wait_ms < 0:
+        raise UserError("--max-n and --max-queue must be at least 1; --max-body-mb and --request-timeout-s "
+                        "positive; --max-batch-wait-ms at least 0")
+    keys = [*args.api_key, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)]
+    config = ServeConfig(_served_models(args.engines), args.host, args.port, args.device, args.max_n,
+                         args.max_batch_wait_ms, args.max_queue, args.max_body_mb, args.request_timeout_s,
+                         tuple(keys))
+    return run_server(config)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    try:
+        from lcmtrt.runtime.bench_serve import LoadSettings, bench_serve
+    except ImportError as e:
+        raise UserError(f"bench-serve needs the openai client: pip install 'lcmtrt[serve]' ({e.name} is missing)") \
+            from None
+    if args.requests < 1 or args.seconds <= 0 or args.n < 1 or min(args.concurrency) < 1:
+        raise UserError("--requests, --n and every --concurrency must be at least 1, --seconds positive")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    settings = LoadSettings(args.url, args.model, tuple(args.concurrency), args.requests, args.seconds, args.n,
+                            args.api_key)
+    return bench_serve(settings, args.engines, args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -433,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     root.propagate = False
     commands = {"build-engines": cmd_build, "infer": cmd_infer, "bench": cmd_bench, "verify": cmd_verify,
-                "presets": cmd_presets}
+                "presets": cmd_presets, "serve": cmd_serve, "bench-serve": cmd_bench_serve}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -42,6 +42,7 @@ LIMITS = {
     "height": Range(8, 8192, integer=True),
     "width": Range(8, 8192, integer=True),
     "batch": Range(1, 256, integer=True),
+    "concurrency": Range(1, 1024, integer=True),
     "workspace_gb": Range(0.0, 4096.0, low_open=True),
     "iterations": Range(1, 100_000, integer=True),
     "warmup": Range(0, 10_000, integer=True),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backend import Backend, Binding, Buffer, open_backend
 from lcmtrt.runtime.bundle import Bundle, load_bundle
 from lcmtrt.runtime.errors import RefitError, UserError
+from lcmtrt.runtime.rows import BatchKey, PreparedRows
 from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
@@ -32,6 +33,7 @@ class Generation:
     timesteps: list[int]
     noise: str  # "torch" (diffusers-identical) or "numpy"
     engine_seconds: float = 0.0  # from each launch to its outputs being read: the rest of a request is host overhead
+    batches: list[int] = field(default_factory=list)  # the engine batch size of each launch
 
 
 @dataclass
@@ -183,6 +185,20 @@ class Pipeline:
         self,
         prompts: Sequence[str],
         seed: int | Sequence[int] | None = None,
+        **settings: Any,
+    ) -> Generation:
+        """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
+        per row (like a list of generators); None draws one. `settings` are `prepare`'s."""
+        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
+            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        rows = self.prepare(prompts, seeds, **settings)
+        done = self.run(rows)
+        return replace(done, seeds=seeds)
+
+    def prepare(
+        self,
+        prompts: Sequence[str],
+        seed: int | Sequence[int],
         steps: int | None = None,
         guidance_scale: float | Sequence[float] | None = None,
         original_inference_steps: int | None = None,
@@ -200,14 +216,14 @@ class Pipeline:
         adapter_images: Sequence[np.ndarray] | None = None,
         adapter_scale: float = 1.0,
         adapter_factor: float = 1.0,
-    ) -> Generation:
-        """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
-        per row (like a list of generators). `images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one
-        per row) turns it into image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class
-        bundles take diffusers' micro-conditioning: original_size and target_size default to (height, width).
-        ControlNet bundles take `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the
-        conditioning scale and diffusers' control_guidance_start/end. T2I-Adapter bundles take `adapter_images`
-        (uint8 [H, W, C] with the adapter's channels), adapter_conditioning_scale and _factor."""
+    ) -> PreparedRows:
+        """Validate a request, tokenize it and draw all its noise, one row per prompt; no engine runs. `images`
+        (uint8 [H, W, 3] at the bundle's size, one for all rows or one per row) turns it into image-to-image with
+        `strength` and `img2img_mode` (classic | lcm). SDXL-class bundles take diffusers' micro-conditioning:
+        original_size and target_size default to (height, width). ControlNet bundles take `control_images` (uint8
+        [H, W, 3] at the bundle's size, one or one per row), the conditioning scale and diffusers'
+        control_guidance_start/end. T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the adapter's
+        channels), adapter_conditioning_scale and _factor."""
         self._require_usable()
         prompts = list(prompts)
         rows = len(prompts)
@@ -230,73 +246,88 @@ class Pipeline:
             plan = img2img_plan(self.bundle.scheduler, steps, strength, img2img_mode, original_inference_steps)
             # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
             leading = tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
-        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
-            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        seeds = int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         if isinstance(seeds, list) and len(seeds) != rows:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
         firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
                                                self.use_torch)
         sources = None if images is None else _per_row(images, rows, "input images")
-        # (array, doubled): doubled arrays are [2, rows, ...], negative rows first, for CFG's [negative; positive]
-        host_inputs: dict[str, tuple[np.ndarray, bool]] = {}
+        # doubled inputs are [rows, 2, ...], negative first, for CFG's [negative; positive] text rows
+        inputs: dict[str, np.ndarray] = {}
+        doubled: set[str] = set()
         negatives = list(negative_prompts or [""])
         negatives = negatives * rows if len(negatives) == 1 else negatives
         if cfg and len(negatives) != rows:
             raise UserError(f"{len(negatives)} negative prompts for {rows} prompts; give one or one per prompt")
         for name, tokenizer in zip(self.id_inputs, self.tokenizers):
             ids = tokenizer.encode(prompts)
-            host_inputs[name] = (np.stack([tokenizer.encode(negatives), ids]), True) if cfg else (ids, False)
+            inputs[name] = np.stack([tokenizer.encode(negatives), ids], axis=1) if cfg else ids
+            doubled.update([name] if cfg else [])
         denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
         if "guidance_scale" in denoise_inputs:
-            host_inputs["guidance_scale"] = (scales, False)
+            inputs["guidance_scale"] = scales
         if "uncond_mask" in denoise_inputs:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
             zeros = not negative_prompts and self.bundle.text.zero_empty_negative
-            host_inputs["uncond_mask"] = (np.full(rows, 0.0 if zeros else 1.0, np.float32), False)
-        factors: dict[str, list[float]] = {}
+            inputs["uncond_mask"] = np.full(rows, 0.0 if zeros else 1.0, np.float32)
+        factors: dict[str, np.ndarray] = {}
         controls = self._control_inputs(denoise_inputs, control_images, rows, plan, control_scale, control_start,
                                         control_end)
         if controls is not None:
-            host_inputs["control_image"] = (controls[0], False)
-            factors["control_scale"] = controls[1]
+            inputs["control_image"] = controls[0]
+            factors["control_scale"] = np.tile(np.asarray(controls[1], np.float32), (rows, 1))
         adapted = self._adapter_inputs(adapter_images, rows, plan, adapter_scale, adapter_factor)
         if adapted is not None:
-            host_inputs["adapter_image"] = (adapted[0], False)
-            host_inputs["adapter_scale"] = (np.full(rows, adapter_scale, np.float32), False)
-            factors["adapter_keep"] = adapted[1]
+            inputs["adapter_image"] = adapted[0]
+            inputs["adapter_scale"] = np.full(rows, adapter_scale, np.float32)
+            factors["adapter_keep"] = np.tile(np.asarray(adapted[1], np.float32), (rows, 1))
         if "time_ids" in denoise_inputs:
             size = (self.bundle.height, self.bundle.width)
             row = np.tile(np.asarray([*(original_size or size), *crop_top_left, *(target_size or size)], np.float32),
                           (rows, 1))
-            host_inputs["time_ids"] = (np.stack([row, row]), True) if cfg else (row, False)
-        out = np.empty((rows, self.bundle.height, self.bundle.width, 3), np.uint8)
-        final = np.empty((rows, *self.bundle.latent_shape), np.float32)
-        start, engine_seconds = 0, 0.0
-        for count, batch in self._chunks(rows):
+            inputs["time_ids"] = np.stack([row, row], axis=1) if cfg else row
+            doubled.update(["time_ids"] if cfg else [])
+        return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
+                            np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
+
+    def run(self, rows: PreparedRows) -> Generation:
+        """Images for prepared rows (of one request or several joined), in engine batches of the built sizes.
+        Each row's numbers come from its own inputs only; `seeds` of the result is left empty."""
+        self._require_usable()
+        plan, img2img, cfg = rows.key.plan, rows.key.img2img, rows.key.cfg
+        count_all = len(rows)
+        out = np.empty((count_all, self.bundle.height, self.bundle.width, 3), np.uint8)
+        final = np.empty((count_all, *self.bundle.latent_shape), np.float32)
+        start, engine_seconds, batches = 0, 0.0, []
+        for count, batch in self._chunks(count_all):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._program(batch, plan, sources is not None, cfg)
+            program = self._program(batch, plan, img2img, cfg)
             buffers = self._buffers(batch, cfg)
-            for name, (array, doubled) in host_inputs.items():
-                buffers.shared[name].write(np.concatenate([pad(array[0]), pad(array[1])]) if doubled else pad(array))
+            for name, array in rows.inputs.items():
+                if name in rows.doubled:
+                    buffers.shared[name].write(np.concatenate([pad(array[:, 0]), pad(array[:, 1])]))
+                else:
+                    buffers.shared[name].write(pad(array))
             if program.encoder is None:
-                buffers.latents[0].write(pad(firsts[0]))
+                buffers.latents[0].write(pad(rows.firsts[0]))
             else:
-                program.encoder.images.write(pad(sources))
-                for buffer, drawn in zip(program.encoder.noises, firsts):
+                program.encoder.images.write(pad(rows.sources))
+                for buffer, drawn in zip(program.encoder.noises, rows.firsts):
                     buffer.write(pad(drawn))
-            for buffer, noise in zip(program.noise, step_noise):
-                buffer.write(pad(noise))
+            for step, buffer in enumerate(program.noise):
+                buffer.write(pad(rows.step_noise[:, step]))
             for name, step_buffers in program.step_inputs.items():
-                for buffer, value in zip(step_buffers, factors[name]):
-                    buffer.write(np.full(batch, value, np.float32))
+                for step, buffer in enumerate(step_buffers):
+                    buffer.write(np.ascontiguousarray(pad(rows.factors[name][:, step])))
             launched = time.perf_counter()
             program.launch()
             out[start:start + count] = buffers.images.read()[:count]
             final[start:start + count] = buffers.denoised.read()[:count]
             engine_seconds += time.perf_counter() - launched
+            batches.append(batch)
             start += count
-        return Generation(out, final, seeds, plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
-                          engine_seconds)
+        return Generation(out, final, [], plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
+                          engine_seconds, batches)
 
     def apply_loras(self, loras: Sequence[object]) -> None:
         """Replace the bundle's LoRA set with `loras` (LoraSpec: source, weight) without rebuilding; an empty list

@@ -90,6 +90,11 @@ def build_tiny(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_sd15_canny_bundle(build_tiny) -> Path:
+    return build_tiny("tiny-sd15-canny")
+
+
 def assert_images_match(ours: np.ndarray, reference: np.ndarray) -> None:
     """DESIGN's parity bar: every pixel within 1/255 and at least 99% of them identical."""
     assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8

@@ -14,7 +14,7 @@ from conftest import BACKENDS, on_backend
 
 BLOCK_HEAVY = """
 import sys
-for name in ("torch", "diffusers", "transformers", "onnx"):
+for name in ("torch", "diffusers", "transformers", "onnx", "fastapi", "uvicorn", "openai"):
     sys.modules[name] = None  # any import of them now raises ImportError
 from lcmtrt.runtime.cli import main
 code = main(sys.argv[1:])
@@ -50,3 +50,11 @@ def test_runtime_modules_import_nothing_heavy() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_serve_without_the_serve_extra_says_what_to_install(tiny_sd15_bundle: Path) -> None:
+    argv = ["serve", "--engines", str(tiny_sd15_bundle)]
+    done = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "lcmtrt: error: serving needs the serve extra: pip install 'lcmtrt[serve]' (fastapi is missing)"]

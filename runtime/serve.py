@@ -1,0 +1,365 @@
+"""`lcmtrt serve`: the OpenAI Images API over one or more bundles (FastAPI + uvicorn).
+
+The event loop only parses, admits and answers; each model's Batcher thread owns its Pipeline and runs the engines.
+A request is prepared (validated, tokenized, its noise drawn as `infer` draws it) in a thread, queued as rows, merged
+with compatible rows of other requests, and answered with its images. Errors are OpenAI-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import random
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from lcmtrt.runtime.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped
+from lcmtrt.runtime.bundle import load_bundle
+from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.serve_api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
+                                      encode_images, prepare_arguments, validated)
+from lcmtrt.runtime.serve_metrics import ServeMetrics
+
+log = logging.getLogger("lcmtrt.serve")
+access_log = logging.getLogger("lcmtrt.access")
+OPEN_PATHS = ("/health", "/metrics", "/ready")  # answered without an API key (probes and scrapers)
+
+
+@dataclass
+class ServeConfig:
+    models: list[tuple[str, Path]]  # (model id, bundle folder)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_n: int = 4
+    max_batch_wait_ms: float = 10.0
+    max_queue: int = 64  # images
+    max_body_mb: float = 20.0
+    request_timeout_s: float = 600.0
+    api_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class ServeState:
+    config: ServeConfig
+    cards: dict[str, ModelCard]
+    batchers: dict[str, Batcher]
+    metrics: ServeMetrics
+    draining: bool = False
+    in_flight: int = 0  # admitted image requests not yet answered: a drain waits for them
+    last_batch_s: dict[str, float] = field(default_factory=dict)
+
+    def ready(self) -> bool:
+        return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its images were done; nothing is sent."""
+
+
+def load_models(config: ServeConfig) -> ServeState:
+    """Read every bundle's manifest now (mistakes fail the command at once); pipelines load in their workers."""
+    from lcmtrt.runtime.backend import open_backend
+    from lcmtrt.runtime.bench import condition_images
+    from lcmtrt.runtime.pipeline import Pipeline
+
+    metrics = ServeMetrics()
+    cards, batchers = {}, {}
+    for name, path in config.models:
+        if name in cards:
+            raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
+        bundle = load_bundle(path)
+        cards[name] = ModelCard(name, bundle)
+
+        def load(bundle=bundle, name=name) -> Pipeline:
+            started = time.perf_counter()
+            pipeline = Pipeline(bundle, open_backend(bundle, config.device))
+            conditions = condition_images(bundle)
+            for size in bundle.batch_sizes:  # bind every built batch size for the default plan before serving
+                pipeline.run(pipeline.prepare(["warm up"] * size, 0, **conditions))
+            metrics.ready.labels(name).set(1)
+            log.info("model %s ready: %s, batch sizes %s, loaded and warmed in %.1f s", name, bundle.root,
+                     list(bundle.batch_sizes), time.perf_counter() - started)
+            return pipeline
+
+        def on_batch(stats: BatchStats, name=name) -> None:
+            metrics.batch_images.labels(name).observe(stats.images)
+            metrics.engine_launches.labels(name).inc(len(stats.engine_batches))
+            metrics.engine_seconds.labels(name).observe(stats.engine_seconds)
+            state.last_batch_s[name] = stats.engine_seconds
+
+        batcher_config = BatcherConfig(max(bundle.batch_sizes), config.max_batch_wait_ms / 1000, config.max_queue)
+        batchers[name] = Batcher(name, load, batcher_config, on_batch,
+                                 lambda images, name=name: metrics.queue_images.labels(name).set(images))
+        metrics.ready.labels(name).set(0)
+    state = ServeState(config, cards, batchers, metrics)
+    return state
+
+
+def create_app(state: ServeState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for batcher in state.batchers.values():
+            batcher.start()
+        yield
+        for batcher in state.batchers.values():
+            batcher.stop()
+        await run_in_threadpool(lambda: [b.join(60) for b in state.batchers.values()])
+
+    app = FastAPI(title="lcmtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(error.status_code,
+                                                                                       str(error.detail))
+        return JSONResponse(ApiError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
+        return JSONResponse(ApiError(500, "internal server error (a bug in lcmtrt; the log has the traceback)",
+                                     code="internal_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        models = {name: "failed" if b.failed else "ready" if b.ready.is_set() else "loading"
+                  for name, b in state.batchers.items()}
+        ok = state.ready() and not state.draining
+        return JSONResponse({"ready": ok, "draining": state.draining, "models": models},
+                            status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card.describe() for card in state.cards.values()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        return _card(state, model).describe()
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> JSONResponse:
+        if not request.headers.get("content-type", "").lower().startswith("application/json"):
+            raise ApiError(400, "send the request as JSON with Content-Type: application/json",
+                           code="invalid_content_type")
+        try:
+            data = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        return await _generate(state, request, validated(GenerationRequest, data, strict=True), None)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> JSONResponse:
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(400, "send image edits as multipart/form-data with an `image` file part",
+                           code="invalid_content_type")
+        limit = int(state.config.max_body_mb * 2**20)
+        try:
+            form = await request.form(max_files=4, max_fields=64, max_part_size=limit)
+        except MultiPartException as e:
+            raise ApiError(400, f"malformed multipart body: {e.message}", code="invalid_multipart") from None
+        if "mask" in form:
+            raise ApiError(400, "mask is not supported (no inpainting yet); send image and prompt only",
+                           param="mask", code="unsupported_value")
+        uploads = [v for k in ("image", "image[]") for v in form.getlist(k)]
+        if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
+            raise ApiError(400, f"send exactly one image file part (got {len(uploads)})", param="image",
+                           code="missing_value" if not uploads else "invalid_value")
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        edit = validated(EditRequest, fields, strict=False)
+        image = decode_image(await uploads[0].read(), "image")
+        return await _generate(state, request, edit, image)
+
+    return app
+
+
+def _card(state: ServeState, name: str | None) -> ModelCard:
+    if name is None:
+        if len(state.cards) == 1:
+            return next(iter(state.cards.values()))
+        raise ApiError(400, f"model is required: this server has {', '.join(state.cards)}", param="model",
+                       code="missing_value")
+    if name not in state.cards:
+        raise ApiError(404, f"the model {name!r} does not exist here; loaded models: {', '.join(state.cards)}",
+                       param="model", code="model_not_found")
+    return state.cards[name]
+
+
+def _unavailable(state: ServeState, name: str, message: str, code: str) -> ApiError:
+    """503 with a Retry-After of about the time the queue ahead needs."""
+    batcher = state.batchers[name]
+    batches = batcher.queued_images / batcher.config.max_batch + 1
+    retry = max(1, math.ceil(batches * state.last_batch_s.get(name, 1.0)))
+    return ApiError(503, message, code=code, headers={"Retry-After": str(retry)})
+
+
+async def _generate(state: ServeState, request: Request, body: GenerationRequest, image: Any) -> JSONResponse:
+    card = _card(state, body.model)
+    name, batcher, info = card.name, state.batchers[card.name], request.state.access
+    info.update(model=name, n=body.n)
+    if state.draining:
+        raise _unavailable(state, name, "the server is shutting down; retry on another replica", "shutting_down")
+    if not batcher.ready.is_set() or batcher.failed is not None:
+        raise _unavailable(state, name, f"model {name} is still loading; retry shortly", "not_ready")
+    seed = body.seed if body.seed is not None else random.randrange(2**31)
+    arguments = prepare_arguments(card, body, seed, state.config.max_n, image)
+    if batcher.queued_images + body.n > batcher.config.max_queue:  # refuse before preparing anything
+        raise _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued (limit "
+                                        f"{batcher.config.max_queue}); retry later", "queue_full")
+    state.in_flight += 1
+    state.metrics.in_flight.inc()
+    try:
+        try:
+            rows = await run_in_threadpool(batcher.pipeline.prepare, **arguments)
+        except UserError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        try:
+            job = batcher.submit(rows, asyncio.get_running_loop())
+        except QueueFull:
+            raise _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued (limit "
+                                            f"{batcher.config.max_queue}); retry later", "queue_full") from None
+        except Stopped:
+            raise _unavailable(state, name, "the server is shutting down", "shutting_down") from None
+        images = await _wait(state, request, batcher, job)
+    finally:
+        state.in_flight -= 1
+        state.metrics.in_flight.dec()
+    info.update(queue_ms=job.queue_wait_s * 1000, engine_ms=job.engine_seconds * 1000, batch=job.batch_images)
+    state.metrics.queue_wait_seconds.labels(name).observe(job.queue_wait_s)
+    encoded = await run_in_threadpool(encode_images, images, body.output_format, body.output_compression)
+    state.metrics.images.labels(name).inc(len(encoded))
+    # the header says how many images shared each engine batch this request's rows ran in
+    return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b64, "seed": seed} for b64 in encoded],
+                         "output_format": body.output_format, "size": card.size},
+                        headers={"X-Lcmtrt-Batch-Images": ",".join(map(str, job.batch_images))})
+
+
+async def _wait(state: ServeState, request: Request, batcher: Batcher, job: Job) -> Any:
+    """The job's images; on a client disconnect or the request timeout its queued rows are dropped."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job.future, gone}, timeout=state.config.request_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job.future.done():
+        return job.future.result()
+    batcher.cancel(job)
+    reason = "disconnect" if gone in done else "timeout"
+    state.metrics.cancelled.labels(batcher.name, reason).inc()
+    if reason == "disconnect":
+        raise _ClientGone()
+    raise _unavailable(state, batcher.name, f"not served within --request-timeout-s "
+                                            f"{state.config.request_timeout_s:g}; retry later", "timeout")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Gate:
+    """Plain ASGI middleware around every HTTP request: bearer keys, the body limit, metrics and one access-log
+    line. (Not BaseHTTPMiddleware, which would hide client disconnects from the handlers.)"""
+
+    def __init__(self, app: Any, state: ServeState):
+        self.app, self.state = app, state
+        self.keys = [key.encode() for key in state.config.api_keys]
+        self.limit = int(state.config.max_body_mb * 2**20)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, path = time.perf_counter(), [0], scope["path"]
+        info: dict[str, Any] = {}
+        scope.setdefault("state", {})["access"] = info
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await JSONResponse(refusal.body(), refusal.status, refusal.headers)(scope, receive, sending)
+            else:
+                await self.app(scope, self._limited(receive), sending)
+        except _ClientGone:
+            status[0] = 499  # nginx's "client closed request": nothing could be sent
+        except Exception:
+            status[0] = status[0] or 500
+            raise
+        finally:
+            self._record(scope, path, status[0], info, time.perf_counter() - started)
+
+    def _refusal(self, scope: dict) -> ApiError | None:
+        headers = dict(scope["headers"])
+        if self.keys and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+            # every key is compared, in constant time, so the timing tells nothing about which part matched
+            if not token or not any([hmac.compare_digest(token, key) for key in self.keys]):
+                return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over {self.state.config.max_body_mb:g} MB (--max-body-mb); "
+                             "send smaller images", code="request_too_large")
+
+    def _limited(self, receive: Any) -> Any:
+        """A receive that stops a body without Content-Length (chunked) at the limit."""
+        seen = [0]
+
+        async def limited() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.limit:
+                    raise self._too_large()
+            return message
+
+        return limited
+
+    def _record(self, scope: dict, path: str, status: int, info: dict[str, Any], seconds: float) -> None:
+        if not path.startswith("/v1/images/"):
+            return
+        model = info.get("model", "-")
+        self.state.metrics.requests.labels(model, path.rsplit("/", 1)[-1], str(status)).inc()
+        if status == 200:
+            self.state.metrics.request_seconds.labels(model).observe(seconds)
+        batches = ",".join(str(b) for b in info.get("batch", [])) or "-"
+        access_log.info("%s %s %d model=%s n=%s queue_ms=%.1f engine_ms=%.1f batch=%s total_ms=%.1f",
+                        scope["method"], path, status, model, info.get("n", "-"), info.get("queue_ms", 0.0),
+                        info.get("engine_ms", 0.0), batches, seconds * 1000)

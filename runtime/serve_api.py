@@ -1,0 +1,214 @@
+"""The OpenAI Images API surface of `lcmtrt serve`: request models, OpenAI-shaped errors, input images and the
+mapping of a request onto `Pipeline.prepare` exactly as `lcmtrt infer` calls it for the same settings."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lcmtrt.runtime.bundle import Bundle
+from lcmtrt.runtime.images import fit_image
+
+MAX_PROMPT_CHARS = 32000  # OpenAI's gpt-image-1 limit; CLIP reads the first 77 tokens anyway
+MAX_INPUT_PIXELS = 4096 * 4096  # larger input images are refused before decoding (decompression bombs)
+MAX_SEED = 2**63 - 1
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+        self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+Finite = dict(allow_inf_nan=False)
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/images/generations; lcmtrt's own fields come through the openai client's `extra_body`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=100, **Finite)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    original_inference_steps: int | None = Field(None, ge=1, le=1000)
+    control_image: str | None = None
+    control_scale: float = Field(1.0, ge=0, le=10, **Finite)
+    control_start: float = Field(0.0, ge=0, le=1, **Finite)
+    control_end: float = Field(1.0, ge=0, le=1, **Finite)
+    adapter_scale: float = Field(1.0, ge=0, le=10, **Finite)
+    adapter_factor: float = Field(1.0, ge=0, le=1, **Finite)
+
+
+class EditRequest(GenerationRequest):
+    """POST /v1/images/edits (multipart): image-to-image; the image arrives as a file part."""
+
+    strength: float = Field(0.8, gt=0, le=1, **Finite)
+    img2img_mode: Literal["classic", "lcm"] = "classic"
+
+
+def validated(model: type[BaseModel], data: Any, strict: bool) -> Any:
+    """The request model, or a 400 naming the first bad field (never FastAPI's 422)."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data, strict=strict)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        given = "" if first["type"] == "missing" else f" (got {_short(first.get('input'))})"
+        message = ("unknown field; remove it" if first["type"] == "extra_forbidden" else first["msg"])
+        raise ApiError(400, f"{param}: {message}{given}", param=param, code="invalid_value") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def decode_image(data: bytes, param: str) -> Image.Image:
+    """RGB, EXIF orientation applied, as infer's load_image; sizes over MAX_INPUT_PIXELS refused before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > MAX_INPUT_PIXELS:
+                raise ApiError(400, f"{param} is {opened.width}x{opened.height}; send at most {MAX_INPUT_PIXELS} "
+                                    "pixels", param=param, code="image_too_large")
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ApiError(400, f"{param} is not a readable image (PNG, JPEG, WebP, ...): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", param=param,
+                       code="invalid_image") from None
+    if image.width == 0 or image.height == 0:
+        raise ApiError(400, f"{param} is empty", param=param, code="invalid_image")
+    return image
+
+
+def decode_base64_image(text: str, param: str) -> Image.Image:
+    if text.startswith("data:") and "," in text:  # a data URL
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param} must be a base64-encoded image", param=param, code="invalid_image") from None
+    return decode_image(data, param)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a request is checked against: the loaded bundle's facts."""
+
+    name: str
+    bundle: Bundle
+
+    @property
+    def size(self) -> str:
+        return f"{self.bundle.width}x{self.bundle.height}"
+
+    @property
+    def conditioning(self) -> str | None:
+        engines = self.bundle.engines
+        if "adapter" in engines:
+            return "T2I-Adapter"
+        return "ControlNet" if "control_image" in engines["denoise"].input_names else None
+
+    def describe(self) -> dict[str, Any]:
+        b = self.bundle
+        return {"id": self.name, "object": "model", "created": int(b.root.stat().st_mtime), "owned_by": "lcmtrt",
+                "family": b.family, "size": self.size, "batch_sizes": list(b.batch_sizes), "backend": b.backend,
+                "precision": b.precision, "default_steps": b.default_steps,
+                "default_guidance_scale": b.default_guidance_scale, "guidance_mode": b.guidance_mode,
+                "conditioning": self.conditioning, "img2img": "vae_encode" in b.engines}
+
+
+def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, max_n: int,
+                      image: Image.Image | None = None) -> dict[str, Any]:
+    """Keyword arguments of Pipeline.prepare for this request, checked against the model: what infer would pass."""
+    b = card.bundle
+    if request.response_format == "url":
+        raise ApiError(400, "response_format 'url' is not supported (lcmtrt keeps no file store); use 'b64_json'",
+                       param="response_format", code="unsupported_value")
+    if request.n > max_n:
+        raise ApiError(400, f"n: at most {max_n} images per request (got {request.n})", param="n",
+                       code="invalid_value")
+    if request.size not in (None, "auto", card.size):
+        raise ApiError(400, f"size {request.size!r} is not built for model {card.name}; it has {card.size}",
+                       param="size", code="unsupported_value")
+    steps = request.num_inference_steps or b.default_steps
+    original = request.original_inference_steps or b.scheduler.original_inference_steps
+    if steps > original:
+        raise ApiError(400, f"num_inference_steps {steps} is more than original_inference_steps {original}; use at "
+                            f"most {original}", param="num_inference_steps", code="invalid_value")
+    if not request.control_start < request.control_end:
+        raise ApiError(400, f"control_start {request.control_start} must be below control_end "
+                            f"{request.control_end}", param="control_start", code="invalid_value")
+    arguments: dict[str, Any] = dict(
+        prompts=[request.prompt] * request.n, seed=seed, steps=steps, guidance_scale=request.guidance_scale,
+        original_inference_steps=request.original_inference_steps,
+        negative_prompts=[request.negative_prompt] if request.negative_prompt else None)
+    if image is not None:
+        if "vae_encode" not in b.engines:
+            raise ApiError(400, f"model {card.name} was built without image-to-image (img2img = true)",
+                           param="image", code="unsupported_value")
+        arguments.update(images=[fit_image(image, b.width, b.height)], strength=request.strength,
+                         img2img_mode=request.img2img_mode)
+    arguments.update(_conditioning(card, request))
+    return arguments
+
+
+def _conditioning(card: ModelCard, request: GenerationRequest) -> dict[str, Any]:
+    """The control map, fitted and converted as infer does for a ControlNet or a T2I-Adapter."""
+    b, kind = card.bundle, card.conditioning
+    if kind is None:
+        if request.control_image is not None:
+            raise ApiError(400, f"model {card.name} has no ControlNet or T2I-Adapter; remove control_image",
+                           param="control_image", code="unsupported_value")
+        return {}
+    if request.control_image is None:
+        raise ApiError(400, f"model {card.name} has a {kind}: send its control map as control_image (base64)",
+                       param="control_image", code="missing_value")
+    control = decode_base64_image(request.control_image, "control_image")
+    size = (b.width, b.height)
+    if kind == "ControlNet":
+        return dict(control_images=[fit_image(control, *size)], control_scale=request.control_scale,
+                    control_start=request.control_start, control_end=request.control_end)
+    gray = b.engines["adapter"].inputs[0].shape[-1] == 1
+    adapter_map = fit_image(control.convert("L"), *size)[..., None] if gray else fit_image(control, *size)
+    return dict(adapter_images=[adapter_map], adapter_scale=request.adapter_scale,
+                adapter_factor=request.adapter_factor)
+
+
+def encode_images(images: np.ndarray, output_format: str, compression: int | None) -> list[str]:
+    """Base64 of each image in the requested format (PNG is lossless: the pixels infer would save)."""
+    encoded = []
+    for array in images:
+        buffer = io.BytesIO()
+        options = {} if output_format == "png" or compression is None else {"quality": compression}
+        Image.fromarray(array).save(buffer, format=OUTPUT_FORMATS[output_format], **options)
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return encoded
