@@ -98,8 +98,11 @@ def test_tensorrt_extras_match_cuda_python_to_the_wheels_cuda_major() -> None:
     assert "tensorrt-cu13>=" in cu13 and "cuda-python>=13" in cu13 and "<14" in cu13
 
 
-def test_old_driver_is_named_not_hidden(fake, caplog: pytest.LogCaptureFixture) -> None:
+def test_old_driver_is_named_not_hidden(fake, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    from lcmtrt.engines import openvino_build
     from lcmtrt.engines.build import resolve_backend
+
+    monkeypatch.setattr(openvino_build, "openvino_available", lambda: False)  # the CPU fallback is ONNX Runtime
     from lcmtrt.engines.tensorrt_build import tensorrt_available, tensorrt_unavailable_reason
 
     fake.device_count_error = fake_trt.cudaError_t.cudaErrorInsufficientDriver
