@@ -324,89 +324,83 @@ def build_bundle(
     progress = Progress()  # the stage count is known once the checkpoint says which engines it needs
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):  # before the staging folder, so a refused build leaves nothing behind
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            with progress.stage(f"load model {preset.model}"):
-                checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
-                                             controlnet=preset.controlnet, adapter=preset.adapter)
-            loras = []
-            if preset.loras:
-                from lcmtrt.export.lora import fuse_loras
+    with staged_bundle(out) as staging:
+        with progress.stage(f"load model {preset.model}"):
+            checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
+                                         controlnet=preset.controlnet, adapter=preset.adapter)
+        loras = []
+        if preset.loras:
+            from lcmtrt.export.lora import fuse_loras
 
-                with progress.stage(f"fuse {len(preset.loras)} LoRA(s)"):
-                    loras = fuse_loras(checkpoint, preset.loras)
-            scale = checkpoint.vae_scale_factor
-            preset = preset.validate(multiple=8 * max(1, scale // 8))
-            scheduler = scheduler_config(checkpoint.scheduler_config)
-            (staging / "onnx").mkdir()
-            tokenizers = [("tokenizer", checkpoint.tokenizer)]
-            if checkpoint.tokenizer_2 is not None:
-                tokenizers.append(("tokenizer_2", checkpoint.tokenizer_2))
-            text_files, pad_ids = [], []
-            for folder, tokenizer in tokenizers:
-                (staging / folder).mkdir(exist_ok=True)
-                filename, pad_id, length = export_tokenizer(tokenizer, staging / folder)
-                text_files.append(f"{folder}/{filename}")
-                pad_ids.append(pad_id)
-            mode = guidance_mode(checkpoint, preset)
-            if preset.cfg and mode == "embedding":
-                log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
-                            "and diffusers never runs classifier-free guidance with it")
-            modules = _stage_modules(checkpoint, graph_precision, scheduler, preset, mode)
-            progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
-            examples = _example_inputs(checkpoint, preset, scheduler, modules)
-            cfg_batches = tuple(sorted(set(preset.batch_sizes) | {2 * b for b in preset.batch_sizes}))
-            engine_batches = {name: cfg_batches if name == "text" and mode == "cfg" else tuple(preset.batch_sizes)
-                              for name in modules}
-            graphs = {}
-            for name in modules:
-                with progress.stage(f"export {name} to ONNX ({graph_precision})"):
-                    module, output_names = modules[name]
-                    graphs[name] = export_graph(name, module, examples[name], output_names, BATCH_AXES.get(name, {}),
-                                                staging / "onnx", refittable and name in REFITTABLE)
-                    error = graphs[name].max_abs_error
-                    log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
-            specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
-                     for n, g in graphs.items()}
-            specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device, device,
-                                               workspace_gb, out.parent)
-            with progress.stage("write bundle.json"):
-                build_info.update({
-                    "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "host": platform.node(),
-                    "duration_s": round(progress.elapsed, 1),
-                    "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
-                    "vae_precision": vae_precision(checkpoint, precision),
-                    "graph_precision": graph_precision,
-                })
-                bundle = Bundle(
-                    root=out,
-                    family=checkpoint.family,
-                    precision=precision,
-                    backend=backend,
-                    guidance_mode=mode,
-                    height=preset.height,
-                    width=preset.width,
-                    batch_sizes=tuple(preset.batch_sizes),
-                    latent_channels=checkpoint.unet.config.in_channels,
-                    vae_scale_factor=scale,
-                    vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
-                    default_steps=preset.steps,
-                    default_guidance_scale=preset.guidance_scale,
-                    scheduler=scheduler,
-                    text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
-                    engines=specs,
-                    sources={"preset": preset.name, **_source_info(checkpoint),
-                             **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
-                    build=build_info,
-                    files=_digests(staging),
-                )
-                (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
-            _replace_dir(staging, out)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            with progress.stage(f"fuse {len(preset.loras)} LoRA(s)"):
+                loras = fuse_loras(checkpoint, preset.loras)
+        scale = checkpoint.vae_scale_factor
+        preset = preset.validate(multiple=8 * max(1, scale // 8))
+        scheduler = scheduler_config(checkpoint.scheduler_config)
+        (staging / "onnx").mkdir()
+        tokenizers = [("tokenizer", checkpoint.tokenizer)]
+        if checkpoint.tokenizer_2 is not None:
+            tokenizers.append(("tokenizer_2", checkpoint.tokenizer_2))
+        text_files, pad_ids = [], []
+        for folder, tokenizer in tokenizers:
+            (staging / folder).mkdir(exist_ok=True)
+            filename, pad_id, length = export_tokenizer(tokenizer, staging / folder)
+            text_files.append(f"{folder}/{filename}")
+            pad_ids.append(pad_id)
+        mode = guidance_mode(checkpoint, preset)
+        if preset.cfg and mode == "embedding":
+            log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
+                        "and diffusers never runs classifier-free guidance with it")
+        modules = _stage_modules(checkpoint, graph_precision, scheduler, preset, mode)
+        progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
+        examples = _example_inputs(checkpoint, preset, scheduler, modules)
+        cfg_batches = tuple(sorted(set(preset.batch_sizes) | {2 * b for b in preset.batch_sizes}))
+        engine_batches = {name: cfg_batches if name == "text" and mode == "cfg" else tuple(preset.batch_sizes)
+                          for name in modules}
+        graphs = {}
+        for name in modules:
+            with progress.stage(f"export {name} to ONNX ({graph_precision})"):
+                module, output_names = modules[name]
+                graphs[name] = export_graph(name, module, examples[name], output_names, BATCH_AXES.get(name, {}),
+                                            staging / "onnx", refittable and name in REFITTABLE)
+                error = graphs[name].max_abs_error
+                log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
+        specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
+                 for n, g in graphs.items()}
+        specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device, device,
+                                           workspace_gb, out.parent)
+        with progress.stage("write bundle.json"):
+            build_info.update({
+                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(),
+                "duration_s": round(progress.elapsed, 1),
+                "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
+                "vae_precision": vae_precision(checkpoint, precision),
+                "graph_precision": graph_precision,
+            })
+            bundle = Bundle(
+                root=out,
+                family=checkpoint.family,
+                precision=precision,
+                backend=backend,
+                guidance_mode=mode,
+                height=preset.height,
+                width=preset.width,
+                batch_sizes=tuple(preset.batch_sizes),
+                latent_channels=checkpoint.unet.config.in_channels,
+                vae_scale_factor=scale,
+                vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
+                default_steps=preset.steps,
+                default_guidance_scale=preset.guidance_scale,
+                scheduler=scheduler,
+                text=TextConfig(tuple(text_files), tuple(pad_ids), length, zero_empty_negative(checkpoint)),
+                engines=specs,
+                sources={"preset": preset.name, **_source_info(checkpoint),
+                         **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
+                build=build_info,
+                files=_digests(staging),
+            )
+            (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
     return bundle
 
@@ -503,36 +497,30 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
     progress = Progress(total=len(src.engines) + 2)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):  # before the staging folder, so a refused build leaves nothing behind
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            with progress.stage(f"copy ONNX graphs and tokenizers from {source}"):
-                keep = {e.onnx for e in src.engines.values()} | set(src.text.tokenizers)
-                for rel in src.files:
-                    if rel in keep or any(rel.startswith(k + ".") for k in keep):  # a graph's external-data file too
-                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                        _link_or_copy(src.path(rel), staging / rel)
-            batches = tuple(batch_sizes or src.batch_sizes)
-            if len(set(batches)) != len(batches):
-                raise UserError(f"batch sizes {list(batches)} must be distinct")
-            doubled = tuple(sorted(set(batches) | {2 * b for b in batches}))  # CFG's text rows
-            specs = {n: replace(e, batch_sizes=doubled if n == "text" and src.guidance_mode == "cfg" else batches)
-                     for n, e in src.engines.items()}
-            specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device,
-                                               device, workspace_gb, out.parent)
-            with progress.stage("write bundle.json"):
-                build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
-                build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                   "host": platform.node(), "duration_s": round(progress.elapsed, 1),
-                                   "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
-                                   "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
-                bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
-                                 batch_sizes=batches, files=_digests(staging))
-                (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
-            _replace_dir(staging, out)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    with staged_bundle(out) as staging:
+        with progress.stage(f"copy ONNX graphs and tokenizers from {source}"):
+            keep = {e.onnx for e in src.engines.values()} | set(src.text.tokenizers)
+            for rel in src.files:
+                if rel in keep or any(rel.startswith(k + ".") for k in keep):  # a graph's external-data file too
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(src.path(rel), staging / rel)
+        batches = tuple(batch_sizes or src.batch_sizes)
+        if len(set(batches)) != len(batches):
+            raise UserError(f"batch sizes {list(batches)} must be distinct")
+        doubled = tuple(sorted(set(batches) | {2 * b for b in batches}))  # CFG's text rows
+        specs = {n: replace(e, batch_sizes=doubled if n == "text" and src.guidance_mode == "cfg" else batches)
+                 for n, e in src.engines.items()}
+        specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device,
+                                           device, workspace_gb, out.parent)
+        with progress.stage("write bundle.json"):
+            build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
+            build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "host": platform.node(), "duration_s": round(progress.elapsed, 1),
+                               "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
+                               "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
+            bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
+                             batch_sizes=batches, files=_digests(staging))
+            (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
     return bundle
 
@@ -543,6 +531,20 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest)
+
+
+@contextmanager
+def staged_bundle(out: Path) -> Iterator[Path]:
+    """A staging folder beside `out`, renamed to `out` when the block finishes and removed if it fails: an
+    interrupted build never leaves a folder that looks like a bundle. One build at a time per `out` (build_lock)."""
+    with build_lock(out):  # before the staging folder, so a refused build leaves nothing behind
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            yield staging
+            _replace_dir(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

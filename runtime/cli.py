@@ -15,6 +15,7 @@ from lcmtrt.runtime import limits
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger("lcmtrt")
+GRID_LIMIT = 64  # a grid is one image held in memory: beyond this, one file per image
 DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_paths(output: Path, count: int, grid: bool) -> list[Path]:
+def _output_paths(output: Path, count: int, grid: bool) -> Callable[[int], Path]:
+    """The path of image i, after checking the folder can take them."""
     if output.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--output {output}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}")
     parent = output.parent if str(output.parent) else Path(".")
@@ -196,8 +198,8 @@ def _output_paths(output: Path, count: int, grid: bool) -> list[Path]:
         raise UserError(f"--output {output}: not writable")
     _probe_writable(parent, f"--output {output}")
     if count == 1 or grid:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+        return lambda i: output
+    return lambda i: output.with_name(f"{output.stem}-{i}{output.suffix}")  # named on demand: a million is fine
 
 
 def _probe_writable(folder: Path, what: str) -> None:
@@ -283,6 +285,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from lcmtrt.runtime.images import canny_map, fit_image, load_image
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    if args.grid and len(prompts) > GRID_LIMIT:
+        raise UserError(f"--grid shows at most {GRID_LIMIT} images ({len(prompts)} asked); drop --grid to write "
+                        "each image to its own file")
     paths = _output_paths(args.output, len(prompts), args.grid)
     if args.image and len(args.image) not in (1, len(prompts)):
         raise UserError(f"{len(args.image)} --image inputs for {len(prompts)} images; give one or one per image")
@@ -319,9 +324,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
     if sdxl_flags and pipeline.bundle.family != "sdxl":
         log.warning("warning: --%s only conditions SDXL-class models; ignored", sdxl_flags[0].replace("_", "-"))
-    result = pipeline.generate(
-        prompts,
-        seed=args.seed,
+    settings = dict(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         original_inference_steps=args.original_inference_steps,
@@ -340,16 +343,26 @@ def cmd_infer(args: argparse.Namespace) -> int:
         adapter_scale=args.adapter_scale,
         adapter_factor=args.adapter_factor,
     )
-    done = time.perf_counter()
     if args.save_control is not None:
         _save(Image.fromarray(shown[0]), args.save_control)
+    # each engine batch's images are written as soon as they exist: memory stays bounded whatever --num-images is
+    written, grid, result = 0, [], None
+    for result in pipeline.generate_pieces(prompts, seed=args.seed, **settings):
+        if args.grid:
+            grid += list(result.images)
+        else:
+            for image in result.images:
+                _save(Image.fromarray(image), paths(written))
+                print(paths(written))
+                written += 1
+            if written < len(prompts):
+                elapsed = time.perf_counter() - loaded
+                log.info("%d/%d images written, %.1f s elapsed, about %.0f s left", written, len(prompts), elapsed,
+                         elapsed / written * (len(prompts) - written))
+    done = time.perf_counter()
     if args.grid:
-        images = [grid_image(inputs + shown + list(result.images))]
-    else:
-        images = [Image.fromarray(i) for i in result.images]
-    for image, path in zip(images, paths):
-        _save(image, path)
-        print(path)
+        _save(grid_image(inputs + shown + grid), paths(0))
+        print(paths(0))
     log.info("%d image(s) %dx%d, seed %s, timesteps %s, noise from %s; load %.2f s, generate %.2f s",
              len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds, result.timesteps,
              result.noise, loaded - start, done - loaded)

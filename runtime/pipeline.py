@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
 
+PER_ROW_SETTINGS = ("images", "control_images", "adapter_images", "negative_prompts", "guidance_scale")  # one or per row
 PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
 
 
@@ -195,10 +196,32 @@ class Pipeline:
         done = self.run(rows)
         return replace(done, seeds=seeds)
 
+    def generate_pieces(self, prompts: Sequence[str], seed: int | Sequence[int] | None = None,
+                        piece: int | None = None, **settings: Any) -> Iterator[Generation]:
+        """generate() in consecutive pieces of at most `piece` rows (default: the largest built batch), each yielded
+        as soon as its images exist: memory bounded by a piece, the same images as one generate() call. Per-row
+        settings (images, control and adapter images, negative prompts, guidance scales) are cut with the rows."""
+        prompts = list(prompts)
+        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
+            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        if isinstance(seeds, list) and len(seeds) != len(prompts):
+            raise UserError(f"{len(seeds)} seeds given for {len(prompts)} images; give one seed or one per image")
+        images = settings.get("images")
+        stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch,
+                                          shared_first=images is not None and len(images) == 1)
+        piece = piece or max(self.bundle.batch_sizes)
+        if not stream.exact_for(self.bundle.latent_shape):  # torch's normals come in blocks of 16 values
+            piece = len(prompts)
+        for start in range(0, len(prompts), piece):
+            cut = slice(start, start + piece)
+            per_row = {k: v[cut] if k in PER_ROW_SETTINGS and _is_per_row(v, len(prompts)) else v
+                       for k, v in settings.items()}
+            yield replace(self.run(self.prepare(prompts[cut], stream, **per_row)), seeds=seeds)
+
     def prepare(
         self,
         prompts: Sequence[str],
-        seed: int | Sequence[int],
+        seed: int | Sequence[int] | noise_source.NoiseStream,
         steps: int | None = None,
         guidance_scale: float | Sequence[float] | None = None,
         original_inference_steps: int | None = None,
@@ -246,11 +269,15 @@ class Pipeline:
             plan = img2img_plan(self.bundle.scheduler, steps, strength, img2img_mode, original_inference_steps)
             # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
             leading = tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
-        seeds = int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-        if isinstance(seeds, list) and len(seeds) != rows:
-            raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
-        firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
-                                               self.use_torch)
+        if isinstance(seed, noise_source.NoiseStream):  # a piece of a longer run: its rows of the run's draws
+            totals = tuple(1 if count == 1 and seed.shared_first else seed.rows for count in leading)
+            firsts, step_noise = seed.take(rows, self.bundle.latent_shape, totals, plan.steps)
+        else:
+            seeds = int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+            if isinstance(seeds, list) and len(seeds) != rows:
+                raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
+            firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
+                                                   self.use_torch)
         sources = None if images is None else _per_row(images, rows, "input images")
         # doubled inputs are [rows, 2, ...], negative first, for CFG's [negative; positive] text rows
         inputs: dict[str, np.ndarray] = {}
@@ -404,6 +431,11 @@ class Pipeline:
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})
         times["vae_decode"] = timed(buffers.vae_decode.run)
         return times
+
+
+def _is_per_row(value: Any, rows: int) -> bool:
+    """A setting given once per row (a list of that length), as opposed to one value for all rows."""
+    return rows > 1 and isinstance(value, (list, tuple, np.ndarray)) and len(value) == rows
 
 
 def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:
