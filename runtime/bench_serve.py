@@ -8,7 +8,6 @@ same run first (while the server idles) for the ratio of served to offline image
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import urllib.request
@@ -163,7 +162,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_serve(settings: LoadSettings, engines: Path | None, json_path: Path | None) -> int:
+def bench_serve(settings: LoadSettings, engines: Path | None) -> dict[str, Any]:
+    """The load test's report: per concurrency level, and beside the offline bench when `engines` is given."""
     report: dict[str, Any] = {"settings": asdict(settings)}
     report["settings"].pop("api_key")
     if engines is not None:
@@ -172,7 +172,4 @@ def bench_serve(settings: LoadSettings, engines: Path | None, json_path: Path | 
     report.update(asyncio.run(_drive(settings)))
     if engines is not None:
         _compare(report, settings.n)
-    print(format_report(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return report

@@ -497,7 +497,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
-        from lcmtrt.runtime.bench_serve import LoadSettings, bench_serve
+        from lcmtrt.runtime.bench_serve import LoadSettings, bench_serve, format_report
     except ImportError as e:
         raise UserError(f"bench-serve needs the openai client: pip install 'lcmtrt[serve]' ({e.name} is missing)") \
             from None
@@ -507,7 +507,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
     settings = LoadSettings(args.url, args.model, tuple(args.concurrency), args.requests, args.seconds, args.n,
                             args.api_key)
-    return bench_serve(settings, args.engines, args.json)
+    report = bench_serve(settings, args.engines)
+    print(format_report(report))
+    if args.json is not None:
+        import json
+
+        _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

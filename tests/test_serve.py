@@ -273,6 +273,21 @@ def test_concurrent_requests_are_batched_and_equal_infer(server: Server, pipelin
     assert merged >= 2
 
 
+def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) -> None:
+    """bench-serve with the openai client, bounded in requests: every request answered, a row per level."""
+    from lcmtrt.runtime.cli import main
+
+    report_path = tmp_path / "serve.json"
+    code = main(["-q", "bench-serve", "--url", f"http://127.0.0.1:{server.port}", "--model", "tiny", "--api-key",
+                 KEY, "--concurrency", "1,2", "--requests", "4", "--seconds", "60", "--json", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 2]
+    assert all(level["ok"] == 4 and level["lost"] == 0 for level in report["levels"])
+    text = capsys.readouterr().out
+    assert "conc" in text and "p50" in text
+
+
 @pytest.fixture(scope="module")
 def small_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
     """A short queue, and a long wait for company, so that a lone request sits in the queue."""
