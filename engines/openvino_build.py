@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lcmtrt.runtime.bundle import TensorSpec
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# OpenVINO's names for our precisions (INFERENCE_PRECISION_HINT)
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 HEAVY_OPS = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}  # run in bf16
 NORM_OPS = {"MVN", "GroupNormalization", "NormalizeL2"}
 SCALAR_ELEMENTS = 64  # a Parameter with at most this many elements per row feeds the scalar path (coeffs, scales)
@@ -38,10 +37,9 @@ def openvino_available() -> bool:
 
 
 def openvino_version() -> str:
-    """The release, e.g. 2026.4.1 (without the build hash): IR and compiled-cache compatibility follow it."""
-    import openvino as ov
+    from lcmtrt.runtime.backend_ov import openvino_version
 
-    return ov.get_version().split("-")[0]
+    return openvino_version()
 
 
 def bf16_supported(device: str = "CPU") -> bool:
@@ -56,6 +54,8 @@ def bf16_supported(device: str = "CPU") -> bool:
 
 def check_precision(precision: str, device: str) -> None:
     """Refuse precisions the OpenVINO device cannot run, naming the flag to use instead."""
+    from lcmtrt.runtime.backend_ov import INFERENCE_PRECISION
+
     if precision not in INFERENCE_PRECISION:
         raise UserError(f"unknown precision {precision!r} for OpenVINO; choose fp32 or bf16")
     if precision == "bf16" and not bf16_supported(device):
@@ -69,26 +69,19 @@ def check_precision(precision: str, device: str) -> None:
 def check_device(device: str) -> None:
     import openvino as ov
 
-    available = ov.Core().available_devices
-    base = device.split(":")[0].split(".")[0].upper()
-    if base not in ("AUTO", "HETERO", "MULTI") and device.upper() not in available and base not in available:
-        raise UserError(f"OpenVINO device {device!r} is not available here (it has {', '.join(available)})")
+    from lcmtrt.runtime.backend_ov import check_device
+
+    check_device(ov.Core(), device)
 
 
-def _batch_free(spec: TensorSpec) -> int:
-    return int(max(1, abs(_prod(d for d in spec.shape if isinstance(d, int)))))
-
-
-def _prod(values: Iterable[int]) -> int:
-    total = 1
-    for v in values:
-        total *= v
-    return total
+def _per_row_elements(spec: TensorSpec) -> int:
+    """Elements of one row: the product of the fixed dimensions (the batch axis left out)."""
+    return math.prod(d for d in spec.shape if isinstance(d, int))
 
 
 def mark_fp32(model: Any, inputs: tuple[TensorSpec, ...]) -> dict[str, int]:
     """Mark the ops a bf16 run keeps in fp32; returns how many of each kind were marked."""
-    scalar_inputs = {t.name for t in inputs if _batch_free(t) <= SCALAR_ELEMENTS}
+    scalar_inputs = {t.name for t in inputs if _per_row_elements(t) <= SCALAR_ELEMENTS}
     ops = model.get_ordered_ops()
     scalar: set[str] = set()
     counts = {"scalar": 0, "norm": 0, "tail": 0}
@@ -183,6 +176,8 @@ def verify_fp32_marks(xml: Path, device: str, precision: str) -> tuple[int, int]
     """Compile the saved IR and count the marked ops that really run in fp32: (kept, marked). The CPU plugin drops a
     mark on ops its own rewrites rebuild, so the build reports what held, read from the runtime graph."""
     import openvino as ov
+
+    from lcmtrt.runtime.backend_ov import INFERENCE_PRECISION
 
     core = ov.Core()
     model = core.read_model(str(xml))

@@ -31,10 +31,23 @@ def cache_dir() -> Path:
     return Path(root) / "openvino"
 
 
+def openvino_version() -> str:
+    """The release, e.g. 2026.4.1 (without the build hash): IR and compiled-cache compatibility follow it."""
+    return ov.get_version().split("-")[0]
+
+
+def check_device(core: ov.Core, device: str) -> None:
+    """Refuse an OpenVINO device this host does not have (AUTO, HETERO and MULTI pick among those it has)."""
+    base = device.split(":")[0].split(".")[0].upper()
+    if base not in ("AUTO", "HETERO", "MULTI") and base not in {d.split(".")[0] for d in core.available_devices}:
+        raise UserError(f"OpenVINO device {device!r} is not available here (it has "
+                        f"{', '.join(core.available_devices)}); use --device CPU")
+
+
 def check_compatible(build: dict[str, Any], root: Path) -> None:
     """IR and cached blobs are tied to the OpenVINO release that wrote them."""
     built = build.get("openvino_version")
-    here = ov.get_version().split("-")[0]
+    here = openvino_version()
     if built is None:
         raise UserError(f"bundle {root} records no OpenVINO version; {REBUILD}")
     if built != here:
@@ -58,10 +71,7 @@ class OpenVinoBackend:
         self.bundle = bundle
         self.ov_device = bundle.build.get("ov_device", "CPU") if device == "auto" else device
         self.core = ov.Core()
-        base = self.ov_device.split(":")[0].split(".")[0].upper()
-        if base not in ("AUTO", "HETERO", "MULTI") and base not in {d.split(".")[0] for d in self.core.available_devices}:
-            raise UserError(f"OpenVINO device {self.ov_device!r} is not available here "
-                            f"(it has {', '.join(self.core.available_devices)}); use --device CPU")
+        check_device(self.core, self.ov_device)
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         self.config = {

@@ -190,8 +190,7 @@ class Pipeline:
     ) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
         per row (like a list of generators); None draws one. `settings` are `prepare`'s."""
-        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
-            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        seeds = _seeds(seed)
         rows = self.prepare(prompts, seeds, **settings)
         done = self.run(rows)
         return replace(done, seeds=seeds)
@@ -202,8 +201,7 @@ class Pipeline:
         as soon as its images exist: memory bounded by a piece, the same images as one generate() call. Per-row
         settings (images, control and adapter images, negative prompts, guidance scales) are cut with the rows."""
         prompts = list(prompts)
-        seeds: int | list[int] = random.randrange(2**31) if seed is None else (
-            int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
+        seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != len(prompts):
             raise UserError(f"{len(seeds)} seeds given for {len(prompts)} images; give one seed or one per image")
         images = settings.get("images")
@@ -273,7 +271,7 @@ class Pipeline:
             totals = tuple(1 if count == 1 and seed.shared_first else seed.rows for count in leading)
             firsts, step_noise = seed.take(rows, self.bundle.latent_shape, totals, plan.steps)
         else:
-            seeds = int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+            seeds = _seeds(seed)
             if isinstance(seeds, list) and len(seeds) != rows:
                 raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
             firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
@@ -431,6 +429,13 @@ class Pipeline:
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})
         times["vae_decode"] = timed(buffers.vae_decode.run)
         return times
+
+
+def _seeds(seed: int | Sequence[int] | None) -> int | list[int]:
+    """One seed for the batch, one per row, or a fresh random one."""
+    if seed is None:
+        return random.randrange(2**31)
+    return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
 
 
 def _is_per_row(value: Any, rows: int) -> bool:
