@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lcmtrt.export.batch_invariance import pad_to_packets
 from lcmtrt.runtime.bundle import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ def _refit_weights(path: Path, module: torch.nn.Module) -> tuple[str, ...]:
 
 
 def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]:
-    """Check the graph, infer shapes, and save it (weights in one external file when over protobuf's limit, or
-    always when `external`)."""
+    """Check the graph, infer shapes, make rows batch-invariant (batch_invariance.py), and save it (weights in one
+    external file when over protobuf's limit, or always when `external`)."""
     import onnx
 
     # The exporter already moved weights out of a graph over protobuf's limit (which cannot even be measured
@@ -114,6 +115,8 @@ def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]
         onnx.shape_inference.infer_shapes_path(str(staging), str(staging))
         # Rewrite the location to the final data name before the renames, so the graph never points at a temp file.
         model = onnx.load(str(staging), load_external_data=False)
+        if pad_to_packets(model):
+            model = onnx.shape_inference.infer_shapes(model)
         for tensor in model.graph.initializer:
             for entry in tensor.external_data:
                 if entry.key == "location":
@@ -122,8 +125,10 @@ def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]
         staging_data.replace(dest.with_name(data_name))
         staging.replace(dest)
         return dest, dest.with_name(data_name)
-    onnx.checker.check_model(model, full_check=True)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    if pad_to_packets(model):
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
     onnx.save_model(model, str(staging))
     staging.replace(dest)
     return (dest,)
