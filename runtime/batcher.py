@@ -1,8 +1,9 @@
 """Dynamic batching for one model: a worker thread owns the Pipeline and merges queued requests' rows.
 
 Requests with the same BatchKey (plan, img2img, CFG) share engine batches up to the largest batch the bundle was
-built for, counting images, so one request's `n` images may span several batches. A batch waits at most `max_wait_s`
-after its oldest request arrived for company; the oldest request always goes first, so none starves. The queue is
+built for, counting images, so one request's `n` images may span several batches. A batch waits for company only
+while `company_coming()` says more requests are on their way (received, not yet queued), and at most `max_wait_s`
+after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so none starves. The queue is
 bounded in images: `submit` refuses at once beyond it, and nothing accepted is ever dropped unless cancelled.
 """
 
@@ -76,8 +77,9 @@ class Job:
 class Batcher:
     def __init__(self, name: str, load: Callable[[], Pipeline], config: BatcherConfig,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None,
-                 on_queue: Callable[[int], None] = lambda images: None):
-        self.name, self.config = name, config
+                 on_queue: Callable[[int], None] = lambda images: None,
+                 company_coming: Callable[[], bool] = lambda: True):
+        self.name, self.config, self._company_coming = name, config, company_coming
         self._load, self._on_batch, self._on_queue = load, on_batch, on_queue
         self._cond = threading.Condition()
         self._jobs: list[Job] = []  # waiting, oldest first
@@ -109,6 +111,11 @@ class Batcher:
             self._cond.notify_all()
         self._on_queue(self._queued)
         return job
+
+    def nudge(self) -> None:
+        """company_coming() may have changed: a batch waiting for company looks again."""
+        with self._cond:
+            self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Drop a job's rows not yet computed (its client left or its wait ran out); rows running finish unused."""
@@ -164,7 +171,7 @@ class Batcher:
             oldest = self._jobs[0]
             key = oldest.rows.key
             deadline = oldest.arrived + self.config.max_wait_s
-            while (not self._stopping and self._jobs and self._jobs[0] is oldest
+            while (not self._stopping and self._jobs and self._jobs[0] is oldest and self._company_coming()
                    and sum(j.left for j in self._jobs if j.rows.key == key) < self.config.max_batch
                    and time.monotonic() < deadline):
                 self._cond.wait(deadline - time.monotonic())

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument("--max-n", type=int, default=4, help="images per request at most")
     serve.add_argument("--max-batch-wait-ms", type=float, default=10.0,
-                       help="how long a request waits for others to share its engine batch")
+                       help="how long a batch waits for requests still on their way to share it "
+                            "(a lone request never waits)")
     serve.add_argument("--max-queue", type=int, default=64, help="images waiting per model before 503s")
     serve.add_argument("--max-body-mb", type=float, default=20.0, help="request bodies above this get 413")
     serve.add_argument("--request-timeout-s", type=float, default=600.0, help="longest wait for a request's images")

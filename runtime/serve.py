@@ -60,10 +60,23 @@ class ServeState:
     metrics: ServeMetrics
     draining: bool = False
     in_flight: int = 0  # admitted image requests not yet answered: a drain waits for them
+    arriving: int = 0  # image requests received and not yet queued: the company a waiting batch expects
     last_batch_s: dict[str, float] = field(default_factory=dict)
 
     def ready(self) -> bool:
         return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())
+
+    def expect(self, scope_state: dict) -> None:
+        """An image request was received: batches may wait for it (at most --max-batch-wait-ms)."""
+        self.arriving += 1
+        scope_state["arriving"] = True
+
+    def arrived(self, scope_state: dict) -> None:
+        """The request is queued, or will never be: batches stop counting on it. Once per request."""
+        if scope_state.pop("arriving", False):
+            self.arriving -= 1
+            for batcher in self.batchers.values():
+                batcher.nudge()
 
 
 class _ClientGone(Exception):
@@ -103,7 +116,8 @@ def load_models(config: ServeConfig) -> ServeState:
 
         batcher_config = BatcherConfig(max(bundle.batch_sizes), config.max_batch_wait_ms / 1000, config.max_queue)
         batchers[name] = Batcher(name, load, batcher_config, on_batch,
-                                 lambda images, name=name: metrics.queue_images.labels(name).set(images))
+                                 lambda images, name=name: metrics.queue_images.labels(name).set(images),
+                                 lambda: state.arriving > 0)
         metrics.ready.labels(name).set(0)
     state = ServeState(config, cards, batchers, metrics)
     return state
@@ -247,6 +261,8 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
                                             f"{batcher.config.max_queue}); retry later", "queue_full") from None
         except Stopped:
             raise _unavailable(state, name, "the server is shutting down", "shutting_down") from None
+        finally:
+            state.arrived(request.scope["state"])  # after submit: a batch never launches without a queued request
         images = await _wait(state, request, batcher, job)
     finally:
         state.in_flight -= 1
@@ -306,6 +322,8 @@ class _Gate:
                 status[0] = message["status"]
             await send(message)
 
+        if scope["method"] == "POST" and path.startswith("/v1/images/"):
+            self.state.expect(scope["state"])
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -318,6 +336,7 @@ class _Gate:
             status[0] = status[0] or 500
             raise
         finally:
+            self.state.arrived(scope["state"])  # refused, invalid or failed before it was queued
             self._record(scope, path, status[0], info, time.perf_counter() - started)
 
     def _refusal(self, scope: dict) -> ApiError | None:

@@ -288,19 +288,34 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
 
 @pytest.fixture(scope="module")
 def small_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
-    """A short queue, and a long wait for company, so that a lone request sits in the queue."""
+    """A short queue, and a long wait for company, so that a request with company on its way sits in the queue."""
     running = start_server(tmp_path_factory.mktemp("serve-small"), "--engines", str(tiny_sd15_bundle),
                            "--max-queue", "4", "--max-batch-wait-ms", "3000")
     yield running
     stop(running)
 
 
+def _http_head(length: int) -> bytes:
+    return (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {length}\r\n\r\n".encode())
+
+
+def test_lone_request_does_not_wait_for_company(small_server: Server) -> None:
+    """Nothing else on its way: the batch runs at once, not after --max-batch-wait-ms (3 s here)."""
+    waited = small_server.metric("lcmtrt_queue_wait_seconds_sum")
+    status, headers, _ = small_server.post_json({"prompt": "alone", "n": 1})
+    assert status == 200 and headers["x-lcmtrt-batch-images"] == "1"
+    assert small_server.metric("lcmtrt_queue_wait_seconds_sum") - waited < 1.5
+
+
 def test_disconnected_request_is_not_computed(small_server: Server) -> None:
     batches = small_server.metric("lcmtrt_batch_images_count")
+    # a request still sending its body is on its way: the queued one waits up to 3 s for it, time enough to leave
+    uploading = socket.create_connection(("127.0.0.1", small_server.port))
+    uploading.sendall(_http_head(1000) + b'{"prompt": ')
     connection = socket.create_connection(("127.0.0.1", small_server.port))
     body = json.dumps({"prompt": "never computed", "n": 1}).encode()
-    connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    connection.sendall(_http_head(len(body)) + body)
     for _ in range(200):
         if small_server.metric("lcmtrt_queue_images") == 1:
             break
@@ -310,6 +325,7 @@ def test_disconnected_request_is_not_computed(small_server: Server) -> None:
         if small_server.metric("lcmtrt_cancelled_requests_total", reason="disconnect") == 1:
             break
         time.sleep(0.02)
+    uploading.close()
     assert small_server.metric("lcmtrt_cancelled_requests_total", reason="disconnect") == 1
     assert small_server.metric("lcmtrt_queue_images") == 0
     status, _, _ = small_server.post_json({"prompt": "computed", "n": 2})  # fills a batch: runs at once
