@@ -271,10 +271,14 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     state.metrics.queue_wait_seconds.labels(name).observe(job.queue_wait_s)
     encoded = await run_in_threadpool(encode_images, images, body.output_format, body.output_compression)
     state.metrics.images.labels(name).inc(len(encoded))
-    # the header says how many images shared each engine batch this request's rows ran in
+    total_ms = (time.perf_counter() - request.scope["state"]["started"]) * 1000
+    # how many images shared each engine batch this request's rows ran in; where the server's time went (W3C
+    # Server-Timing, shown by browsers' developer tools and read by bench-serve)
+    headers = {"X-Lcmtrt-Batch-Images": ",".join(map(str, job.batch_images)),
+               "Server-Timing": f"queue;dur={job.queue_wait_s * 1000:.1f}, engine;dur={job.engine_seconds * 1000:.1f}, "
+                                f"total;dur={total_ms:.1f}"}
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b64, "seed": seed} for b64 in encoded],
-                         "output_format": body.output_format, "size": card.size},
-                        headers={"X-Lcmtrt-Batch-Images": ",".join(map(str, job.batch_images))})
+                         "output_format": body.output_format, "size": card.size}, headers=headers)
 
 
 async def _wait(state: ServeState, request: Request, batcher: Batcher, job: Job) -> Any:
@@ -315,7 +319,7 @@ class _Gate:
             return await self.app(scope, receive, send)
         started, status, path = time.perf_counter(), [0], scope["path"]
         info: dict[str, Any] = {}
-        scope.setdefault("state", {})["access"] = info
+        scope.setdefault("state", {}).update(access=info, started=started)
 
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":

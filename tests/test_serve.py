@@ -24,6 +24,7 @@ from PIL import Image
 
 openai = pytest.importorskip("openai")
 
+from lcmtrt.runtime.bench_serve import server_timing  # noqa: E402
 from lcmtrt.runtime.cli import main  # noqa: E402
 from lcmtrt.runtime.images import fit_image  # noqa: E402
 from lcmtrt.runtime.pipeline import Pipeline  # noqa: E402
@@ -265,6 +266,8 @@ def test_concurrent_requests_are_batched_and_equal_infer(server: Server, pipelin
         shared = headers["x-lcmtrt-batch-images"]
         prompt, seed, guidance = request["prompt"], request["seed"], request["guidance_scale"]
         merged += shared != "1"
+        timing = server_timing(headers["server-timing"])
+        assert set(timing) == {"queue", "engine", "total"} and timing["queue"] + timing["engine"] <= timing["total"]
         # alone or beside another request: `infer PROMPT --seed S` at batch 1, bit for bit (test_batch_invariance.py)
         expected = pipeline.generate([prompt], seed=seed, guidance_scale=guidance).images[0]
         np.testing.assert_array_equal(decoded(body["data"][0]), expected)
@@ -282,15 +285,18 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
     report = json.loads(report_path.read_text())
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
     assert all(level["ok"] == 4 and level["lost"] == 0 for level in report["levels"])
+    # the server's own time (Server-Timing) is part of what the client waited for
+    assert all(0 < level["server_p50_ms"] <= level["p50_ms"] for level in report["levels"])
     text = capsys.readouterr().out
     assert "conc" in text and "p50" in text
 
 
 @pytest.fixture(scope="module")
 def small_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
-    """A short queue, and a long wait for company, so that a request with company on its way sits in the queue."""
+    """A short queue, and a wait for company (3 s) longer than a request may take (2 s), so that a request with
+    company on its way sits in the queue."""
     running = start_server(tmp_path_factory.mktemp("serve-small"), "--engines", str(tiny_sd15_bundle),
-                           "--max-queue", "4", "--max-batch-wait-ms", "3000")
+                           "--max-queue", "4", "--max-batch-wait-ms", "3000", "--request-timeout-s", "2")
     yield running
     stop(running)
 
@@ -331,6 +337,21 @@ def test_disconnected_request_is_not_computed(small_server: Server) -> None:
     status, _, _ = small_server.post_json({"prompt": "computed", "n": 2})  # fills a batch: runs at once
     assert status == 200
     assert small_server.metric("lcmtrt_batch_images_count") == batches + 1
+
+
+def test_request_past_its_timeout_gets_503_and_is_not_computed(small_server: Server) -> None:
+    batches = small_server.metric("lcmtrt_batch_images_count")
+    uploading = socket.create_connection(("127.0.0.1", small_server.port))  # on its way for longer than 2 s
+    uploading.sendall(_http_head(1000) + b'{"prompt": ')
+    try:
+        status, headers, answer = small_server.post_json({"prompt": "too slow", "n": 1})
+    finally:
+        uploading.close()
+    assert_openai_error(status, answer, 503, None)
+    assert answer["error"]["code"] == "timeout" and int(headers["retry-after"]) >= 1
+    assert small_server.metric("lcmtrt_cancelled_requests_total", reason="timeout") == 1
+    assert small_server.metric("lcmtrt_queue_images") == 0
+    assert small_server.metric("lcmtrt_batch_images_count") == batches
 
 
 def rss_mb(pid: int) -> float:
