@@ -377,6 +377,7 @@ def build_bundle(
                 "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
                 "vae_precision": vae_precision(checkpoint, precision),
                 "graph_precision": graph_precision,
+                "batch_invariant": True,  # Sin/Cos padded to whole packets (export/batch_invariance.py)
             })
             bundle = Bundle(
                 root=out,
@@ -466,7 +467,8 @@ def _digests(staging: Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
 
 
-EXPORT_INFO = ("export_max_abs_error", "graph_precision")  # build info that belongs to the ONNX graphs, not the engines
+# build info that belongs to the ONNX graphs, not the engines
+EXPORT_INFO = ("export_max_abs_error", "graph_precision", "batch_invariant")
 
 
 def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,

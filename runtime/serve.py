@@ -96,6 +96,10 @@ def load_models(config: ServeConfig) -> ServeState:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
         cards[name] = ModelCard(name, bundle)
+        if not bundle.build.get("batch_invariant"):
+            log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
+                        "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
+                        name, path)
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()

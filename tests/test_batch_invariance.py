@@ -72,6 +72,7 @@ def _alone_and_merged(pipeline: Pipeline, extra_alone: dict, extra_beside: dict,
 def test_row_alone_equals_row_in_a_batch(build_tiny, backend: str, preset: str) -> None:
     pipeline = Pipeline.load(build_tiny(preset, backend))
     assert pipeline.bundle.batch_sizes == (1, 2)
+    assert pipeline.bundle.build["batch_invariant"] is True  # recorded at export, kept by `build-engines --from`
     _alone_and_merged(pipeline, *CASES[preset])
 
 

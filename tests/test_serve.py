@@ -168,6 +168,7 @@ def test_models_health_metrics_and_keys(server: Server) -> None:
     tiny = next(m for m in listing["data"] if m["id"] == "tiny")
     assert status == 200 and tiny["size"] == "64x64" and tiny["batch_sizes"] == [1, 2] and tiny["family"] == "sd15"
     assert server.request("GET", "/health", key=None)[0] == 200
+    assert "batch-invariant" not in server.log.read_text()  # freshly exported bundles need no warning
     assert server.request("GET", "/metrics", key=None)[0] == 200
     for key in (None, "wrong-key", KEY + "x"):
         status, _, body = server.request("GET", "/v1/models", key=key)
