@@ -99,7 +99,7 @@ def plot_bench(report: dict[str, Any], path: str | Path) -> Path:
                   for s in settings]
         positions = [x + (i - (len(contenders) - 1) / 2) * bar for x in range(len(settings))]
         _bar_labels(ax, ax.bar(positions, values, bar, label=name, color=COLORS[i % len(COLORS)]), "{:.3g}")
-    ax.set_xticks(range(len(settings)), settings, fontsize=7.5)
+    ax.set_xticks(range(len(settings)), [s.replace("-", "\n") for s in settings], fontsize=7.5)
     ax.set_title("throughput", fontsize=9)
     ax.set_ylabel("images/s (p50)", fontsize=7.5)
     ax.tick_params(axis="y", labelsize=7.5)

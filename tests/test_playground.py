@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_serve import KEY, Server, start_server, stop
+from test_serve import KEY, Server, decoded, multipart, png_bytes, start_server, stop
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
 
@@ -44,10 +44,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
+def page_server(tiny_sd15_bundle: Path, tiny_sd15_canny_bundle: Path, tmp_path_factory) -> Server:
     """--max-queue 1: a request for 2 images is refused with 503 at once, deterministically (never admitted)."""
     running = start_server(tmp_path_factory.mktemp("playground"), "--engines", f"tiny={tiny_sd15_bundle}",
-                           "--max-queue", "1", "--max-batch-wait-ms", "0")
+                           "--engines", f"canny={tiny_sd15_canny_bundle}", "--max-queue", "1",
+                           "--max-batch-wait-ms", "0")
     yield running
     stop(running)
 
@@ -94,6 +95,7 @@ def open_with_key(driver, server: Server) -> None:
 
 def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: Server, tmp_path: Path) -> None:
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     status, headers, html = page_server.request("GET", "/", key=None)  # open: the page asks for the key itself
     assert status == 200 and "lcmtrt playground" in html and "default-src 'none'" in headers["content-security-policy"]
@@ -111,7 +113,7 @@ def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: S
                                              "num_inference_steps": card["default_steps"],
                                              "guidance_scale": card["default_guidance_scale"]})
     assert status == 200
-    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))))
+    expected = decoded(body["data"][0])
     assert shown.shape == (64, 64, 3)
     np.testing.assert_array_equal(shown, expected)
     meta = browser.find_element("css selector", "#results li").text
@@ -146,6 +148,51 @@ def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: S
     # "Reuse settings" puts a result's seed back into the form
     browser.find_elements("css selector", "#results li .actions button")[1].click()
     assert browser.find_element("id", "seed").get_attribute("value") == "1234"
+
+    # image to image: a picked file goes to /v1/images/edits as multipart; the pixels equal the API's edit
+    source = tmp_path / "source.png"
+    source.write_bytes(png_bytes(shown))
+    browser.find_element("id", "init-image").send_keys(str(source))
+    wait(browser, lambda d: d.find_element("id", "init-preview").is_displayed(), "no preview of the input image")
+    set_field(browser, "prompt", "a blue lighthouse")
+    set_field(browser, "seed", "77")
+    set_field(browser, "strength", "0.5")
+    Select(browser.find_element("id", "img2img-mode")).select_by_value("lcm")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: "img2img lcm 0.5" in d.find_element("css selector", "#results li").text, "no edit shown")
+    fields = {"model": "tiny", "prompt": "a blue lighthouse", "seed": "77", "strength": "0.5", "img2img_mode": "lcm",
+              "num_inference_steps": str(card["default_steps"]), "guidance_scale": str(card["default_guidance_scale"])}
+    body, kind = multipart(fields, {"image": ("source.png", source.read_bytes())})
+    status, _, answer = page_server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    assert status == 200, answer
+    np.testing.assert_array_equal(result_pixels(browser), decoded(answer["data"][0]))
+
+
+def test_controlnet_map_is_sent_and_shown_beside_the_result(browser, page_server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    open_with_key(browser, page_server)
+    assert not browser.find_element("id", "control").is_displayed()
+    Select(browser.find_element("id", "model")).select_by_value("canny")
+    assert browser.find_element("id", "control").is_displayed()
+    control = np.zeros((80, 96, 3), np.uint8)
+    control[20:60, 30:70] = 255
+    (tmp_path / "control.png").write_bytes(png_bytes(control))
+    browser.find_element("id", "control-image").send_keys(str(tmp_path / "control.png"))
+    wait(browser, lambda d: d.find_element("id", "control-preview").is_displayed(), "no preview of the control map")
+    set_field(browser, "prompt", "a house")
+    set_field(browser, "seed", "2")
+    set_field(browser, "control-scale", "0.7")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#results li img.control-map"), "no control map shown")
+    card = next(m for m in page_server.request("GET", "/v1/models")[2]["data"] if m["id"] == "canny")
+    status, _, body = page_server.post_json({
+        "model": "canny", "prompt": "a house", "seed": 2, "control_scale": 0.7,
+        "control_image": base64.b64encode(png_bytes(control)).decode(), "num_inference_steps": card["default_steps"],
+        "guidance_scale": card["default_guidance_scale"]})
+    assert status == 200, body
+    np.testing.assert_array_equal(result_pixels(browser), decoded(body["data"][0]))
+    screenshot(browser, tmp_path, "playground-controlnet.png")
 
 
 def test_page_fits_a_phone(browser, page_server: Server, tmp_path: Path) -> None:
