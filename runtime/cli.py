@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference", type=Path, metavar="FP32_BUNDLE",
                        help="report PSNR, max difference and %% of pixels within 1/255 against this fp32 bundle")
     bench.add_argument("--device", default="auto", help=DEVICE_HELP)
+    bench.add_argument("--plot", type=Path, metavar="FILE.png",
+                       help="also draw the report: stage times per compared system, images/s (needs lcmtrt[bench])")
 
     verify = commands.add_parser("verify", help="hash every file of a bundle against bundle.json")
     verify.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--n", type=int, default=1, help="images per request")
     bench_serve.add_argument("--api-key", default=os.environ.get("LCMTRT_API_KEY", "none"))
     bench_serve.add_argument("--json", type=Path, help="also write the report as JSON")
+    bench_serve.add_argument("--plot", type=Path, metavar="FILE.png",
+                             help="also draw latency and images/s against concurrency (needs lcmtrt[bench])")
     return parser
 
 
@@ -377,12 +381,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
-    if args.json is not None:
-        if not args.json.parent.is_dir():
-            raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
-        if args.json.is_dir():
-            raise UserError(f"--json {args.json} is a folder; give a file name")
-        _probe_writable(args.json.parent, f"--json {args.json}")
+    _check_report_paths(args)
     bundle = load_bundle(args.engines)
     peers = list(dict.fromkeys(args.compare or []))
     if peers and condition_images(bundle):
@@ -428,7 +427,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json is not None:
         _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plot is not None:
+        from lcmtrt.runtime.plots import plot_bench
+
+        plot_bench(report, args.plot)
     return 0
+
+
+def _check_report_paths(args: argparse.Namespace) -> None:
+    """--json and --plot must be writable files (and --plot drawable) before minutes of measuring."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        _probe_writable(path.parent, f"{flag} {path}")
+    if args.plot is not None:
+        if args.plot.suffix.lower() != ".png":
+            raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
+        from lcmtrt.runtime.plots import require_matplotlib
+
+        require_matplotlib()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -504,8 +525,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             from None
     if args.requests < 1 or args.seconds <= 0 or args.n < 1 or min(args.concurrency) < 1:
         raise UserError("--requests, --n and every --concurrency must be at least 1, --seconds positive")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    _check_report_paths(args)
     settings = LoadSettings(args.url, args.model, tuple(args.concurrency), args.requests, args.seconds, args.n,
                             args.api_key)
     report = bench_serve(settings, args.engines)
@@ -514,6 +534,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         import json
 
         _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plot is not None:
+        from lcmtrt.runtime.plots import plot_serve
+
+        plot_serve(report, args.plot)
     return 0
 
 

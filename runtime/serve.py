@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,7 +36,15 @@ from lcmtrt.runtime.serve_metrics import ServeMetrics
 
 log = logging.getLogger("lcmtrt.serve")
 access_log = logging.getLogger("lcmtrt.access")
-OPEN_PATHS = ("/health", "/metrics", "/ready")  # answered without an API key (probes and scrapers)
+# answered without an API key: probes, scrapers, and the playground page (which asks for the key itself)
+OPEN_PATHS = ("/", "/health", "/metrics", "/ready")
+# the playground may load nothing from elsewhere: inline style and script, images from data: and blob: URLs, and
+# requests to this server only
+PLAYGROUND_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 @dataclass
@@ -138,6 +147,7 @@ def create_app(state: ServeState) -> FastAPI:
         await run_in_threadpool(lambda: [b.join(60) for b in state.batchers.values()])
 
     app = FastAPI(title="lcmtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    playground = importlib.resources.files("lcmtrt.runtime").joinpath("playground.html").read_text("utf-8")
     app.state.serve = state
     app.add_middleware(_Gate, state=state)
 
@@ -157,6 +167,11 @@ def create_app(state: ServeState) -> FastAPI:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
         return JSONResponse(ApiError(500, "internal server error (a bug in lcmtrt; the log has the traceback)",
                                      code="internal_error").body(), status_code=500)
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        """The playground: one self-contained page that talks to this server's API."""
+        return HTMLResponse(playground, headers=PLAYGROUND_HEADERS)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -238,6 +253,13 @@ def _unavailable(state: ServeState, name: str, message: str, code: str) -> ApiEr
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry)})
 
 
+def _queue_full(state: ServeState, name: str, n: int) -> ApiError:
+    batcher = state.batchers[name]
+    return _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued and this request "
+                                     f"adds {n} (limit {batcher.config.max_queue}, --max-queue); retry later",
+                        "queue_full")
+
+
 async def _generate(state: ServeState, request: Request, body: GenerationRequest, image: Any) -> JSONResponse:
     card = _card(state, body.model)
     name, batcher, info = card.name, state.batchers[card.name], request.state.access
@@ -249,8 +271,7 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     arguments = prepare_arguments(card, body, seed, state.config.max_n, image)
     if batcher.queued_images + body.n > batcher.config.max_queue:  # refuse before preparing anything
-        raise _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued (limit "
-                                        f"{batcher.config.max_queue}); retry later", "queue_full")
+        raise _queue_full(state, name, body.n)
     state.in_flight += 1
     state.metrics.in_flight.inc()
     try:
@@ -261,8 +282,7 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
         try:
             job = batcher.submit(rows, asyncio.get_running_loop())
         except QueueFull:
-            raise _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued (limit "
-                                            f"{batcher.config.max_queue}); retry later", "queue_full") from None
+            raise _queue_full(state, name, body.n) from None
         except Stopped:
             raise _unavailable(state, name, "the server is shutting down", "shutting_down") from None
         finally:

@@ -3,10 +3,12 @@ binds nothing, writes its inputs before the first launch and reads only after th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lcmtrt.runtime import backend_ort
 from lcmtrt.runtime.cli import main
@@ -33,9 +35,10 @@ def test_requests_do_no_per_step_work(tiny_sd15_bundle: Path, monkeypatch: pytes
 
 
 def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:
-    report_path = tmp_path / "bench.json"
+    report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    plot = ["--plot", str(plot_path)] if importlib.util.find_spec("matplotlib") else []  # the bench extra
     code = main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--batch", "1", "--steps", "1,2",
-                 "--iterations", "2", "--warmup", "0", "--compare", "diffusers", "--json", str(report_path)])
+                 "--iterations", "2", "--warmup", "0", "--compare", "diffusers", "--json", str(report_path), *plot])
     out = capsys.readouterr().out
     assert code == 0
     assert "vs diffusers" in out and "batch1-steps2" in out
@@ -45,6 +48,11 @@ def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, 
     assert ours["images_per_s"] > 0 and ours["end_to_end"]["p50_ms"] <= ours["end_to_end"]["p99_ms"]
     assert set(ours["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
     assert report["lcmtrt"]["environment"]["backend"] == "onnxruntime"
+    if plot:  # the stages of both systems and images/s, drawn from the same report
+        from lcmtrt.runtime.plots import bench_size
+
+        with Image.open(plot_path) as image:
+            assert image.format == "PNG" and image.size == bench_size(report) == (3 * 460, 390)
     assert report["lcmtrt"]["cold_start"]["first_image_s"] >= report["lcmtrt"]["cold_start"]["load_s"]
     assert set(report["speedup"]["diffusers"]["batch1-steps1"]) == {"end_to_end_p50", "images_per_s", "text",
                                                                    "denoise_step", "vae_decode"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.util
 import io
 import json
 import signal
@@ -279,9 +280,10 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
     """bench-serve with the openai client, bounded in requests: every request answered, a row per level."""
     from lcmtrt.runtime.cli import main
 
-    report_path = tmp_path / "serve.json"
+    report_path, plot_path = tmp_path / "serve.json", tmp_path / "serve.png"
+    plot = ["--plot", str(plot_path)] if importlib.util.find_spec("matplotlib") else []  # the bench extra
     code = main(["-q", "bench-serve", "--url", f"http://127.0.0.1:{server.port}", "--model", "tiny", "--api-key",
-                 KEY, "--concurrency", "1,2", "--requests", "4", "--seconds", "60", "--json", str(report_path)])
+                 KEY, "--concurrency", "1,2", "--requests", "4", "--seconds", "60", "--json", str(report_path), *plot])
     assert code == 0
     report = json.loads(report_path.read_text())
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
@@ -290,6 +292,11 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
     assert all(0 < level["server_p50_ms"] <= level["p50_ms"] for level in report["levels"])
     text = capsys.readouterr().out
     assert "conc" in text and "p50" in text
+    if plot:  # latency and images/s against concurrency
+        from lcmtrt.runtime.plots import SERVE_SIZE
+
+        with Image.open(plot_path) as image:
+            assert image.format == "PNG" and image.size == SERVE_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,213 @@
+"""The playground page of `lcmtrt serve` in a real headless chromium (Debian's chromium and chromium-driver): it asks
+for the API key, generates an image whose pixels equal the API's for the same request, shows a 503 and a 400 as
+readable messages, and fits a phone-width screen. Screenshots are kept in $LCMTRT_TEST_ARTIFACTS (default
+artifacts/tests/)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serve import KEY, Server, decoded, multipart, png_bytes, start_server, stop
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
+
+CHROMIUM = os.environ.get("LCMTRT_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("LCMTRT_CHROMEDRIVER", "/usr/bin/chromedriver")
+ARTIFACTS = Path(os.environ.get("LCMTRT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts" / "tests"))
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).is_file()]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,900", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_server(tiny_sd15_bundle: Path, tiny_sd15_canny_bundle: Path, tmp_path_factory) -> Server:
+    """--max-queue 1: a request for 2 images is refused with 503 at once, deterministically (never admitted)."""
+    running = start_server(tmp_path_factory.mktemp("playground"), "--engines", f"tiny={tiny_sd15_bundle}",
+                           "--engines", f"canny={tiny_sd15_canny_bundle}", "--max-queue", "1",
+                           "--max-batch-wait-ms", "0")
+    yield running
+    stop(running)
+
+
+def wait(driver, condition, message: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition, message)
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    element = driver.find_element("id", element_id)
+    element.clear()
+    element.send_keys(value)
+
+
+def screenshot(driver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    driver.save_screenshot(str(path))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, ARTIFACTS / name)
+    return path
+
+
+def result_pixels(driver, index: int = 0) -> np.ndarray:
+    src = driver.find_elements("css selector", "#results li img.result-image")[index].get_attribute("src")
+    assert src.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+
+
+def open_with_key(driver, server: Server) -> None:
+    from selenium.webdriver.support import expected_conditions as ec
+
+    driver.get(f"http://127.0.0.1:{server.port}/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.refresh()
+    wait(driver, ec.visibility_of_element_located(("id", "key-panel")), "the page did not ask for the API key")
+    set_field(driver, "api-key", KEY)
+    driver.find_element("id", "save-key").click()
+    wait(driver, lambda d: d.find_element("id", "model").get_attribute("value") == "tiny", "no model listed")
+    assert driver.execute_script("return sessionStorage.getItem('lcmtrt-api-key')") == KEY
+    assert not driver.find_element("id", "key-panel").is_displayed()
+
+
+def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    status, headers, html = page_server.request("GET", "/", key=None)  # open: the page asks for the key itself
+    assert status == 200 and "lcmtrt playground" in html and "default-src 'none'" in headers["content-security-policy"]
+    assert "http://" not in html and "https://" not in html  # nothing from the internet
+    open_with_key(browser, page_server)
+    card = page_server.request("GET", "/v1/models")[2]["data"][0]
+    assert browser.find_element("id", "steps").get_attribute("value") == str(card["default_steps"])
+
+    set_field(browser, "prompt", "a lighthouse on a cliff")
+    set_field(browser, "seed", "1234")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#results li img.result-image"), "no image appeared")
+    shown = result_pixels(browser)
+    status, _, body = page_server.post_json({"model": "tiny", "prompt": "a lighthouse on a cliff", "seed": 1234,
+                                             "num_inference_steps": card["default_steps"],
+                                             "guidance_scale": card["default_guidance_scale"]})
+    assert status == 200
+    expected = decoded(body["data"][0])
+    assert shown.shape == (64, 64, 3)
+    np.testing.assert_array_equal(shown, expected)
+    meta = browser.find_element("css selector", "#results li").text
+    assert "seed 1234" in meta and "a lighthouse on a cliff" in meta and "Last seed used: 1234" in \
+        browser.find_element("id", "seed-hint").text
+
+    # Ctrl+Enter with a random seed: a second result, newest first, with its seed shown back
+    browser.find_element("id", "random-seed").click()
+    seed = int(browser.find_element("id", "seed").get_attribute("value"))
+    browser.find_element("id", "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait(browser, lambda d: len(d.find_elements("css selector", "#results li")) == 2, "Ctrl+Enter did not generate")
+    assert f"seed {seed}" in browser.find_elements("css selector", "#results li")[0].text
+
+    # 503: two images never fit a queue of one; the message and its Retry-After are shown, not swallowed
+    set_field(browser, "n", "2")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: "503" in d.find_element("id", "error").text, "no message for the 503")
+    error = browser.find_element("id", "error").text
+    assert "Server busy (503)" in error and "adds 2 (limit 1" in error and "waiting 1 s" in error
+    assert browser.find_element("id", "generate").is_enabled()
+    assert len(browser.find_elements("css selector", "#results li")) == 2
+    screenshot(browser, tmp_path, "playground.png")
+
+    # 400: the server's message for a bad field
+    set_field(browser, "n", "1")
+    set_field(browser, "steps", "51")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: "(400)" in d.find_element("id", "error").text, "no message for the 400")
+    assert "num_inference_steps" in browser.find_element("id", "error").text
+    set_field(browser, "steps", str(card["default_steps"]))
+
+    # "Reuse settings" puts a result's seed back into the form
+    browser.find_elements("css selector", "#results li .actions button")[1].click()
+    assert browser.find_element("id", "seed").get_attribute("value") == "1234"
+
+    # image to image: a picked file goes to /v1/images/edits as multipart; the pixels equal the API's edit
+    source = tmp_path / "source.png"
+    source.write_bytes(png_bytes(shown))
+    browser.find_element("id", "init-image").send_keys(str(source))
+    wait(browser, lambda d: d.find_element("id", "init-preview").is_displayed(), "no preview of the input image")
+    set_field(browser, "prompt", "a blue lighthouse")
+    set_field(browser, "seed", "77")
+    set_field(browser, "strength", "0.5")
+    Select(browser.find_element("id", "img2img-mode")).select_by_value("lcm")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: "img2img lcm 0.5" in d.find_element("css selector", "#results li").text, "no edit shown")
+    fields = {"model": "tiny", "prompt": "a blue lighthouse", "seed": "77", "strength": "0.5", "img2img_mode": "lcm",
+              "num_inference_steps": str(card["default_steps"]), "guidance_scale": str(card["default_guidance_scale"])}
+    body, kind = multipart(fields, {"image": ("source.png", source.read_bytes())})
+    status, _, answer = page_server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    assert status == 200, answer
+    np.testing.assert_array_equal(result_pixels(browser), decoded(answer["data"][0]))
+
+
+def test_controlnet_map_is_sent_and_shown_beside_the_result(browser, page_server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    open_with_key(browser, page_server)
+    assert not browser.find_element("id", "control").is_displayed()
+    Select(browser.find_element("id", "model")).select_by_value("canny")
+    assert browser.find_element("id", "control").is_displayed()
+    control = np.zeros((80, 96, 3), np.uint8)
+    control[20:60, 30:70] = 255
+    (tmp_path / "control.png").write_bytes(png_bytes(control))
+    browser.find_element("id", "control-image").send_keys(str(tmp_path / "control.png"))
+    wait(browser, lambda d: d.find_element("id", "control-preview").is_displayed(), "no preview of the control map")
+    set_field(browser, "prompt", "a house")
+    set_field(browser, "seed", "2")
+    set_field(browser, "control-scale", "0.7")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#results li img.control-map"), "no control map shown")
+    card = next(m for m in page_server.request("GET", "/v1/models")[2]["data"] if m["id"] == "canny")
+    status, _, body = page_server.post_json({
+        "model": "canny", "prompt": "a house", "seed": 2, "control_scale": 0.7,
+        "control_image": base64.b64encode(png_bytes(control)).decode(), "num_inference_steps": card["default_steps"],
+        "guidance_scale": card["default_guidance_scale"]})
+    assert status == 200, body
+    np.testing.assert_array_equal(result_pixels(browser), decoded(body["data"][0]))
+    screenshot(browser, tmp_path, "playground-controlnet.png")
+
+
+def test_page_fits_a_phone(browser, page_server: Server, tmp_path: Path) -> None:
+    browser.set_window_size(390, 844)
+    try:
+        open_with_key(browser, page_server)
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than a phone"
+        for element_id in ("prompt", "seed", "generate"):
+            element = browser.find_element("id", element_id)
+            assert element.is_displayed() and element.rect["x"] + element.rect["width"] <= 390
+        unlabeled = browser.execute_script("""
+            return [...document.querySelectorAll('input, select, textarea')]
+              .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id)""")
+        assert unlabeled == []
+        screenshot(browser, tmp_path, "playground-phone.png")
+    finally:
+        browser.set_window_size(1280, 900)
