@@ -1,8 +1,12 @@
 """`lcmtrt bench-serve`: drive a running `lcmtrt serve` with the official openai client at rising concurrency.
 
 Per level: requests/s, images/s, client-side p50/p90/p99 latency, the server-side p50 (its Server-Timing header),
-the server's mean batch (from /metrics), 503s and lost requests (neither served nor refused with 503). With `--engines`, the same bundle is benched offline in the
-same run first (while the server idles) for the ratio of served to offline images/s at the batch the level can fill.
+the server's mean batch (from /metrics), 503s and lost requests (neither served nor refused with 503). With
+`--engines`, the same bundle is benched offline in the same run first (while the server idles) for the ratio of
+served to offline images/s at the batch the level can fill.
+Against Ray Serve, each level also counts the requests each replica served (the X-Lcmtrt-Replica header); with
+`--baseline-url` (a single-host `lcmtrt serve` of the same bundle) concurrency-1 requests alternate between the two
+servers in the same run, and the difference of their latencies is the Ray proxy's overhead per request.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class LoadSettings:
     seconds: float = 60.0  # per level at most
     n: int = 1
     api_key: str = "none"
+    baseline_url: str | None = None  # a single-host server to alternate with at concurrency 1
 
 
 async def _metric_sums(base: str, model: str) -> tuple[float, float]:
@@ -59,6 +64,8 @@ async def _level(openai_client: Any, model: str, concurrency: int, settings: Loa
     latencies: list[float] = []
     server_ms: list[float] = []  # the server's own time per request (its Server-Timing header)
     outcome = {"ok": 0, "refused_503": 0, "lost": 0}
+    replicas: dict[str, int] = {}
+    batches: list[list[int]] = []  # per served request: the engine batches its rows ran in
     deadline = time.monotonic() + settings.seconds
 
     async def worker() -> None:
@@ -81,6 +88,10 @@ async def _level(openai_client: Any, model: str, concurrency: int, settings: Loa
             latencies.append(time.perf_counter() - start)
             server_ms.append(server_timing(raw.headers.get("server-timing", "")).get("total", float("nan")))
             outcome["ok"] += 1
+            replica = raw.headers.get("x-lcmtrt-replica")
+            if replica:
+                replicas[replica] = replicas.get(replica, 0) + 1
+            batches.append([int(b) for b in raw.headers.get("x-lcmtrt-batch-images", "").split(",") if b])
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -89,7 +100,8 @@ async def _level(openai_client: Any, model: str, concurrency: int, settings: Loa
     return {"concurrency": concurrency, **outcome, "seconds": elapsed, "requests_per_s": outcome["ok"] / elapsed,
             "images_per_s": outcome["ok"] * settings.n / elapsed, "p50_ms": float(np.percentile(ms, 50)),
             "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-            "server_p50_ms": float(np.percentile(server_ms or [float("nan")], 50))}
+            "server_p50_ms": float(np.percentile(server_ms or [float("nan")], 50)), "replicas": replicas,
+            "mean_batch_from_headers": _mean_batch(batches, settings.n)}
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -105,6 +117,32 @@ def server_timing(header: str) -> dict[str, float]:
                 except ValueError:
                     pass
     return timings
+
+
+def _mean_batch(batches: list[list[int]], n: int) -> float:
+    """Images per engine batch from the responses' headers: a batch of b images is 1/b of it per image in it
+    (exact for n=1; for a request split over batches its images are taken as evenly spread)."""
+    share = sum(n / len(sizes) / b for sizes in batches if sizes for b in sizes)
+    return len(batches) * n / share if share else float("nan")
+
+
+async def _alternated(target: Any, baseline: Any, model: str, baseline_model: str, settings: LoadSettings
+                      ) -> dict[str, Any]:
+    """Concurrency 1, requests alternating between the target (Ray) and the baseline (single host), first one then
+    the other, so both see the same host load; the per-pair difference of latencies is the proxy's overhead."""
+    times: dict[str, list[float]] = {"target": [], "baseline": []}
+    for ticket in range(settings.requests):
+        order = [("target", target, model), ("baseline", baseline, baseline_model)]
+        for name, client, model_id in (order if ticket % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            await client.images.generate(model=model_id, prompt=PROMPT, n=settings.n, response_format="b64_json",
+                                         extra_body={"seed": ticket})
+            times[name].append(time.perf_counter() - start)
+    target_ms, baseline_ms = (np.asarray(times[k]) * 1000 for k in ("target", "baseline"))
+    return {"url": settings.baseline_url, "pairs": settings.requests,
+            "target_p50_ms": float(np.median(target_ms)), "baseline_p50_ms": float(np.median(baseline_ms)),
+            "overhead_p50_ms": float(np.median(target_ms - baseline_ms)),
+            "overhead_mean_ms": float(np.mean(target_ms - baseline_ms))}
 
 
 async def _drive(settings: LoadSettings) -> dict[str, Any]:
@@ -128,10 +166,33 @@ async def _drive(settings: LoadSettings) -> dict[str, Any]:
         after = await _metric_sums(base, card.id)
         batches = after[1] - before[1]
         level["mean_batch"] = (after[0] - before[0]) / batches if batches else float("nan")
+        if level["replicas"]:  # /metrics answers from one replica only: the responses' headers cover them all
+            level["mean_batch"] = level["mean_batch_from_headers"]
         levels.append(level)
         log.info("concurrency %d: %.2f images/s", concurrency, level["images_per_s"])
+    result = {"model": card.model_dump(), "levels": levels}
+    if settings.baseline_url is not None:
+        result["baseline"] = await _with_baseline(openai_client, card.id, settings)
     await openai_client.close()
-    return {"model": card.model_dump(), "levels": levels}
+    return result
+
+
+async def _with_baseline(openai_client: Any, model: str, settings: LoadSettings) -> dict[str, Any]:
+    import openai
+
+    base = settings.baseline_url.rstrip("/").removesuffix("/v1")
+    baseline = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=settings.api_key, max_retries=0,
+                                  timeout=max(60.0, settings.seconds))
+    try:
+        ids = [m.id for m in (await baseline.models.list()).data]
+    except openai.APIError as e:
+        raise UserError(f"--baseline-url {settings.baseline_url}: no lcmtrt server answers there ({e})") from None
+    baseline_model = model if model in ids else ids[0]
+    await baseline.images.generate(model=baseline_model, prompt=PROMPT, n=settings.n, extra_body={"seed": 0})
+    try:
+        return await _alternated(openai_client, baseline, model, baseline_model, settings)
+    finally:
+        await baseline.close()
 
 
 def _offline(engines: Path) -> dict[str, Any]:
@@ -181,6 +242,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"concurrency 1: served p50 is {report['p50_over_offline_ms_at_1']:+.1f} ms over offline p50 "
                      f"at the client (SDK and HTTP included), {report['server_p50_over_offline_ms_at_1']:+.1f} ms "
                      "in the server (Server-Timing total)")
+    for r in report["levels"]:
+        if r["replicas"]:
+            split = ", ".join(f"{name} {count}" for name, count in sorted(r["replicas"].items()))
+            lines.append(f"concurrency {r['concurrency']}: requests per replica: {split}")
+    if "baseline" in report:
+        b = report["baseline"]
+        lines.append(f"concurrency 1, {b['pairs']} alternated pairs against {b['url']}: p50 {b['target_p50_ms']:.1f} "
+                     f"ms here vs {b['baseline_p50_ms']:.1f} ms there; overhead per request p50 "
+                     f"{b['overhead_p50_ms']:+.1f} ms (mean {b['overhead_mean_ms']:+.1f} ms)")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -59,6 +59,7 @@ class ServeConfig:
     max_body_mb: float = 20.0
     request_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = ()
+    replica: str = ""  # set inside a Ray Serve replica: named in X-Lcmtrt-Replica and lcmtrt_replica_requests
 
 
 @dataclass
@@ -90,6 +91,20 @@ class ServeState:
 
 class _ClientGone(Exception):
     """The client closed the connection before its images were done; nothing is sent."""
+
+
+def parse_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """`DIR` or `NAME=DIR`; a folder whose own name holds `=` still works when it exists."""
+    models = []
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        if not folder or Path(spec).exists():
+            models.append((Path(spec).resolve().name, Path(spec)))
+        elif not name:
+            raise UserError(f"--engines {spec!r}: NAME=DIR needs a name before '='")
+        else:
+            models.append((name, Path(folder)))
+    return models
 
 
 def load_models(config: ServeConfig) -> ServeState:
@@ -136,11 +151,18 @@ def load_models(config: ServeConfig) -> ServeState:
     return state
 
 
-def create_app(state: ServeState) -> FastAPI:
+def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI:
+    """The app; with `ready_before_serving` its start-up waits until every model is loaded and warmed (a Ray
+    replica: Ray routes to it only then, and a model that fails to load fails the replica)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for batcher in state.batchers.values():
             batcher.start()
+        if ready_before_serving:
+            await run_in_threadpool(lambda: [b.ready.wait() for b in state.batchers.values()])
+            failed = [b.failed for b in state.batchers.values() if b.failed is not None]
+            if failed:
+                raise RuntimeError(f"a model failed to load: {failed[0]}") from failed[0]
         yield
         for batcher in state.batchers.values():
             batcher.stop()
@@ -336,6 +358,7 @@ class _Gate:
     def __init__(self, app: Any, state: ServeState):
         self.app, self.state = app, state
         self.keys = [key.encode() for key in state.config.api_keys]
+        self.replica = [(b"x-lcmtrt-replica", state.config.replica.encode())] if state.config.replica else []
         self.limit = int(state.config.max_body_mb * 2**20)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -348,6 +371,8 @@ class _Gate:
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.replica:  # every answer says which replica gave it
+                    message = {**message, "headers": [*message.get("headers", []), *self.replica]}
             await send(message)
 
         if scope["method"] == "POST" and path.startswith("/v1/images/"):
@@ -406,6 +431,8 @@ class _Gate:
         self.state.metrics.requests.labels(model, path.rsplit("/", 1)[-1], str(status)).inc()
         if status == 200:
             self.state.metrics.request_seconds.labels(model).observe(seconds)
+            if self.state.config.replica:
+                self.state.metrics.replica_requests.labels(self.state.config.replica, model).inc()
         batches = ",".join(str(b) for b in info.get("batch", [])) or "-"
         access_log.info("%s %s %d model=%s n=%s queue_ms=%.1f engine_ms=%.1f batch=%s total_ms=%.1f",
                         scope["method"], path, status, model, info.get("n", "-"), info.get("queue_ms", 0.0),

@@ -33,6 +33,8 @@ class ServeMetrics:
                                  "done, by reason (disconnect, timeout)", ["model", "reason"], registry=r)
         self.in_flight = Gauge("lcmtrt_requests_in_flight", "Image requests admitted and not yet answered",
                                registry=r)
+        self.replica_requests = Counter("lcmtrt_replica_requests", "Image requests served (200) by this Ray Serve "
+                                        "replica, by replica id and model", ["replica", "model"], registry=r)
         self.ready = Gauge("lcmtrt_model_ready", "1 when the model is loaded and warmed", ["model"], registry=r)
 
     def exposition(self) -> bytes:
