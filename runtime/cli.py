@@ -1,4 +1,5 @@
-"""The `lcmtrt` command: build-engines, infer, presets. User mistakes print one line and exit with code 2."""
+"""The `lcmtrt` command: build-engines, infer, bench, verify, presets (serve and bench-serve in cli_serve.py). User
+mistakes print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-from lcmtrt.runtime import limits
+from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded, bounded_list, check_report_paths, probe_writable, write_atomic
+from lcmtrt.runtime.cli_serve import add_serve_commands, cmd_bench_serve, cmd_serve
 from lcmtrt.runtime.errors import UserError
-
-if TYPE_CHECKING:
-    from lcmtrt.runtime.serve_ray import RayConfig
 
 log = logging.getLogger("lcmtrt")
 GRID_LIMIT = 64  # a grid is one image held in memory: beyond this, one file per image
-DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 
 
@@ -28,31 +26,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _bounded(name: str) -> Callable[[str], float]:
-    """An argparse type: the number must lie in limits.LIMITS[name] (finite, in range), else a one-line error."""
-    def parse(text: str) -> float:
-        try:
-            return limits.parse(name, text)
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
-
-
-def _bounded_list(name: str) -> Callable[[str], tuple[int, ...]]:
-    """Comma-separated integers, each in limits.LIMITS[name]."""
-    one = _bounded(name)
-
-    def parse(text: str) -> tuple[int, ...]:
-        return tuple(int(one(part)) for part in text.split(","))
-
-    parse.__name__ = name
-    return parse
-
-
 def _seeds(text: str) -> int | list[int]:
-    seeds = list(_bounded_list("seed")(text))
+    seeds = list(bounded_list("seed")(text))
     return seeds[0] if len(seeds) == 1 else seeds
 
 
@@ -83,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=("fp16", "fp32", "bf16"),
                        help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX")
     build.add_argument("--device", default="CPU", help="OpenVINO device the bundle targets: CPU, GPU, NPU, ...")
-    build.add_argument("--height", type=_bounded("height"))
-    build.add_argument("--width", type=_bounded("width"))
-    build.add_argument("--batch", type=_bounded_list("batch"), help="batch sizes to build, e.g. 1,4")
-    build.add_argument("--workspace-gb", type=_bounded("workspace_gb"), help="TensorRT builder workspace limit")
+    build.add_argument("--height", type=bounded("height"))
+    build.add_argument("--width", type=bounded("width"))
+    build.add_argument("--batch", type=bounded_list("batch"), help="batch sizes to build, e.g. 1,4")
+    build.add_argument("--workspace-gb", type=bounded("workspace_gb"), help="TensorRT builder workspace limit")
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
     build.add_argument("--controlnet", help="hub id or folder of a ControlNet replacing the preset's")
@@ -100,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
     infer.add_argument("prompt", nargs="+", help="one image per prompt (times --num-images)")
     infer.add_argument("--negative-prompt", default="")
-    infer.add_argument("--num-images", type=_bounded("num_images"), default=1, help="images per prompt")
+    infer.add_argument("--num-images", type=bounded("num_images"), default=1, help="images per prompt")
     infer.add_argument("--seed", type=_seeds, help="one seed for the batch, or one per image (comma-separated)")
-    infer.add_argument("--steps", type=_bounded("steps"))
-    infer.add_argument("--guidance-scale", type=_bounded("guidance_scale"))
-    infer.add_argument("--original-inference-steps", type=_bounded("original_inference_steps"))
+    infer.add_argument("--steps", type=bounded("steps"))
+    infer.add_argument("--guidance-scale", type=bounded("guidance_scale"))
+    infer.add_argument("--original-inference-steps", type=bounded("original_inference_steps"))
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
     infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
     infer.add_argument("--image", action="append", type=Path,
                        help="image-to-image input: once for all prompts, or once per image")
-    infer.add_argument("--strength", type=_bounded("strength"), default=0.8, help="image-to-image strength in (0, 1]")
+    infer.add_argument("--strength", type=bounded("strength"), default=0.8, help="image-to-image strength in (0, 1]")
     infer.add_argument("--img2img-mode", choices=("classic", "lcm"), default="classic",
                        help="classic: drop the first steps (AutoPipelineForImage2Image); lcm: all steps, shorter "
                             "schedule (LatentConsistencyModelImg2ImgPipeline)")
@@ -121,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
     infer.add_argument("--canny", nargs="?", const=(100, 200), type=_pair, metavar="LOW,HIGH",
                        help="compute the canny map of --control-image with OpenCV (default thresholds 100,200)")
-    infer.add_argument("--control-scale", type=_bounded("control_scale"), default=1.0, help="ControlNet conditioning scale")
-    infer.add_argument("--control-start", type=_bounded("control_start"), default=0.0, help="diffusers' control_guidance_start")
-    infer.add_argument("--control-end", type=_bounded("control_end"), default=1.0, help="diffusers' control_guidance_end")
+    infer.add_argument("--control-scale", type=bounded("control_scale"), default=1.0, help="ControlNet conditioning scale")
+    infer.add_argument("--control-start", type=bounded("control_start"), default=0.0, help="diffusers' control_guidance_start")
+    infer.add_argument("--control-end", type=bounded("control_end"), default=1.0, help="diffusers' control_guidance_end")
     infer.add_argument("--save-control", type=Path, help="write the control map used (first one)")
-    infer.add_argument("--adapter-scale", type=_bounded("adapter_scale"), default=1.0, help="T2I-Adapter conditioning scale")
-    infer.add_argument("--adapter-factor", type=_bounded("adapter_factor"), default=1.0,
+    infer.add_argument("--adapter-scale", type=bounded("adapter_scale"), default=1.0, help="T2I-Adapter conditioning scale")
+    infer.add_argument("--adapter-factor", type=bounded("adapter_factor"), default=1.0,
                        help="fraction of the steps the T2I-Adapter conditions (diffusers' adapter_conditioning_factor)")
     infer.add_argument("--lora", action="append", metavar="ID_OR_FILE[:WEIGHT]",
                        help="use this LoRA set instead of the bundle's (refittable bundles); repeatable; "
@@ -138,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
     bench.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
-    bench.add_argument("--batch", type=_bounded_list("batch"), help="batch sizes to measure (default: all built)")
-    bench.add_argument("--steps", type=_bounded_list("steps"), help="step counts to measure, e.g. 1,2,4 (default: preset's)")
-    bench.add_argument("--iterations", type=_bounded("iterations"), default=5)
-    bench.add_argument("--warmup", type=_bounded("warmup"), default=1)
+    bench.add_argument("--batch", type=bounded_list("batch"), help="batch sizes to measure (default: all built)")
+    bench.add_argument("--steps", type=bounded_list("steps"), help="step counts to measure, e.g. 1,2,4 (default: preset's)")
+    bench.add_argument("--iterations", type=bounded("iterations"), default=5)
+    bench.add_argument("--warmup", type=bounded("warmup"), default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
     bench.add_argument("--compare", action="append", choices=("diffusers", "optimum-intel"),
                        help="time a peer on the same checkpoint, alternated with lcmtrt in this run; repeatable "
@@ -161,47 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
-    serve = commands.add_parser("serve", help="serve bundles over HTTP with the OpenAI Images API")
-    serve.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
-                       help="a bundle folder; the model id is its folder name unless NAME= is given; repeatable")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
-    serve.add_argument("--max-n", type=int, default=4, help="images per request at most")
-    serve.add_argument("--max-batch-wait-ms", type=float, default=10.0,
-                       help="how long a batch waits for requests still on their way to share it "
-                            "(a lone request never waits)")
-    serve.add_argument("--max-queue", type=int, default=64, help="images waiting per model before 503s")
-    serve.add_argument("--max-body-mb", type=float, default=20.0, help="request bodies above this get 413")
-    serve.add_argument("--request-timeout-s", type=float, default=600.0, help="longest wait for a request's images")
-    serve.add_argument("--api-key", action="append", default=[],
-                       help="accept this bearer key (repeatable; also LCMTRT_API_KEY, comma-separated)")
-    serve.add_argument("--ray", action="store_true",
-                       help="serve on Ray Serve: the same app on --replicas replicas (pip install 'lcmtrt[ray]')")
-    serve.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, each with every bundle "
-                       "(default 1)")
-    serve.add_argument("--ray-address", help="with --ray: join this Ray cluster (HOST:PORT, ray://HOST:PORT or "
-                       "auto) instead of starting a local Ray instance")
-    serve.add_argument("--gpus-per-replica", type=float, default=None, help="with --ray: GPUs per replica (0.5 "
-                       "puts two on a GPU; default 0)")
-    serve.add_argument("--cpus-per-replica", type=float, default=None, help="with --ray: CPUs per replica "
-                       "(default 1)")
-
-    bench_serve = commands.add_parser("bench-serve", help="load-test a running `lcmtrt serve` with the openai client")
-    bench_serve.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
-    bench_serve.add_argument("--model", help="model id (default: the server's first)")
-    bench_serve.add_argument("--engines", type=Path,
-                             help="the same bundle, benched offline in this run for the ratio column")
-    bench_serve.add_argument("--concurrency", type=_bounded_list("concurrency"), default=(1, 2, 4, 8, 16))
-    bench_serve.add_argument("--requests", type=int, default=32, help="requests per concurrency level at most")
-    bench_serve.add_argument("--seconds", type=float, default=60.0, help="time per concurrency level at most")
-    bench_serve.add_argument("--n", type=int, default=1, help="images per request")
-    bench_serve.add_argument("--api-key", default=os.environ.get("LCMTRT_API_KEY", "none"))
-    bench_serve.add_argument("--json", type=Path, help="also write the report as JSON")
-    bench_serve.add_argument("--plot", type=Path, metavar="FILE.png",
-                             help="also draw latency and images/s against concurrency (needs lcmtrt[bench])")
-    bench_serve.add_argument("--baseline-url", help="a single-host `lcmtrt serve` of the same bundle: concurrency-1 "
-                             "requests alternate between it and --url for the per-request overhead (e.g. Ray's proxy)")
+    add_serve_commands(commands)
     return parser
 
 
@@ -216,21 +151,10 @@ def _output_paths(output: Path, count: int, grid: bool) -> Callable[[int], Path]
         raise UserError(f"--output {output} is a folder; give an image file name")
     if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise UserError(f"--output {output}: not writable")
-    _probe_writable(parent, f"--output {output}")
+    probe_writable(parent, f"--output {output}")
     if count == 1 or grid:
         return lambda i: output
     return lambda i: output.with_name(f"{output.stem}-{i}{output.suffix}")  # named on demand: a million is fine
-
-
-def _probe_writable(folder: Path, what: str) -> None:
-    """Create and remove a file in `folder`: access() says yes for root on /proc and read-only mounts, and finding
-    out after minutes of generation would be too late."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".lcmtrt-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
 def _save(image, path: Path) -> None:
@@ -396,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
 
-    _check_report_paths(args)
+    check_report_paths(args)
     bundle = load_bundle(args.engines)
     peers = list(dict.fromkeys(args.compare or []))
     if peers and condition_images(bundle):
@@ -441,41 +365,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     bundle.precision)
     print(format_report(report))
     if args.json is not None:
-        _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     if args.plot is not None:
         from lcmtrt.runtime.plots import plot_bench
 
         plot_bench(report, args.plot)
     return 0
-
-
-def _check_report_paths(args: argparse.Namespace) -> None:
-    """--json and --plot must be writable files (and --plot drawable) before minutes of measuring."""
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
-        if not path.parent.is_dir():
-            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
-        if path.is_dir():
-            raise UserError(f"{flag} {path} is a folder; give a file name")
-        _probe_writable(path.parent, f"{flag} {path}")
-    if args.plot is not None:
-        if args.plot.suffix.lower() != ".png":
-            raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
-        from lcmtrt.runtime.plots import require_matplotlib
-
-        require_matplotlib()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -498,78 +393,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     for name in preset_names():
         print(f"{name:24s} {load_preset(name).description}")
-    return 0
-
-
-def _ray_settings(args: argparse.Namespace) -> RayConfig | None:
-    """The --ray flags checked (None without --ray); Ray itself is imported only when asked for."""
-    ray_flags = {"--replicas": args.replicas, "--ray-address": args.ray_address,
-                 "--gpus-per-replica": args.gpus_per_replica, "--cpus-per-replica": args.cpus_per_replica}
-    if not args.ray:
-        given = [flag for flag, value in ray_flags.items() if value is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} only apply with --ray")
-        return None
-    try:
-        import ray.serve  # noqa: F401
-    except ImportError:
-        raise UserError("--ray needs Ray Serve: pip install 'lcmtrt[ray]' (or pip install 'ray[serve]')") from None
-    from lcmtrt.runtime.serve_ray import RayConfig
-
-    ray_config = RayConfig(1 if args.replicas is None else args.replicas, args.ray_address,
-                           args.gpus_per_replica or 0.0, 1.0 if args.cpus_per_replica is None else args.cpus_per_replica)
-    if ray_config.replicas < 1:
-        raise UserError(f"--replicas {ray_config.replicas}: give at least 1")
-    for flag, value in (("--gpus-per-replica", ray_config.gpus_per_replica),
-                        ("--cpus-per-replica", ray_config.cpus_per_replica)):
-        if not 0 <= value < float("inf"):
-            raise UserError(f"{flag} {value:g}: give a number of at least 0 (fractions share a device)")
-    return ray_config
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from lcmtrt.runtime.serve import ServeConfig, parse_models
-        from lcmtrt.runtime.serve_process import run_server
-    except ImportError as e:
-        raise UserError(f"serving needs the serve extra: pip install 'lcmtrt[serve]' ({e.name} is missing)") from None
-    ray_config = _ray_settings(args)
-    if args.max_n < 1 or args.max_queue < 1 or args.max_body_mb <= 0 or args.request_timeout_s <= 0 \
-            or args.max_batch_wait_ms < 0:
-        raise UserError("--max-n and --max-queue must be at least 1; --max-body-mb and --request-timeout-s "
-                        "positive; --max-batch-wait-ms at least 0")
-    keys = [*args.api_key, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)]
-    config = ServeConfig(parse_models(args.engines), args.host, args.port, args.device, args.max_n,
-                         args.max_batch_wait_ms, args.max_queue, args.max_body_mb, args.request_timeout_s,
-                         tuple(keys))
-    if ray_config is not None:
-        from lcmtrt.runtime.serve_ray_process import run_on_ray
-
-        return run_on_ray(config, ray_config)
-    return run_server(config)
-
-
-def cmd_bench_serve(args: argparse.Namespace) -> int:
-    try:
-        from lcmtrt.runtime.bench_serve import LoadSettings, bench_serve, format_report
-    except ImportError as e:
-        raise UserError(f"bench-serve needs the openai client: pip install 'lcmtrt[serve]' ({e.name} is missing)") \
-            from None
-    if args.requests < 1 or args.seconds <= 0 or args.n < 1 or min(args.concurrency) < 1:
-        raise UserError("--requests, --n and every --concurrency must be at least 1, --seconds positive")
-    _check_report_paths(args)
-    settings = LoadSettings(args.url, args.model, tuple(args.concurrency), args.requests, args.seconds, args.n,
-                            args.api_key, args.baseline_url)
-    report = bench_serve(settings, args.engines)
-    print(format_report(report))
-    if args.json is not None:
-        import json
-
-        _write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plot is not None:
-        from lcmtrt.runtime.plots import plot_serve
-
-        plot_serve(report, args.plot)
     return 0
 
 

@@ -1,0 +1,77 @@
+"""What the `lcmtrt` commands share: bounded argparse types and checks on the files a report is written to."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from lcmtrt.runtime import limits
+from lcmtrt.runtime.errors import UserError
+
+DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
+
+
+def bounded(name: str) -> Callable[[str], float]:
+    """An argparse type: the number must lie in limits.LIMITS[name] (finite, in range), else a one-line error."""
+    def parse(text: str) -> float:
+        try:
+            return limits.parse(name, text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def bounded_list(name: str) -> Callable[[str], tuple[int, ...]]:
+    """Comma-separated integers, each in limits.LIMITS[name]."""
+    one = bounded(name)
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(one(part)) for part in text.split(","))
+
+    parse.__name__ = name
+    return parse
+
+
+def probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: access() says yes for root on /proc and read-only mounts, and finding
+    out after minutes of generation would be too late."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lcmtrt-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+
+
+def check_report_paths(args: argparse.Namespace) -> None:
+    """--json and --plot must be writable files (and --plot drawable) before minutes of measuring."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        probe_writable(path.parent, f"{flag} {path}")
+    if args.plot is not None:
+        if args.plot.suffix.lower() != ".png":
+            raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
+        from lcmtrt.runtime.plots import require_matplotlib
+
+        require_matplotlib()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
