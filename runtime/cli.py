@@ -1,4 +1,4 @@
-"""The `lcmtrt` command: build-engines, infer, bench, verify, presets (serve and bench-serve in cli_serve.py). User
+"""The `lcmtrt` command: build-engines, infer, bench, verify, presets (serve and bench-serve in serve_cli.py). User
 mistakes print one line and exit with code 2."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded, bounded_list, check_report_paths, probe_writable, write_atomic
-from lcmtrt.runtime.cli_serve import add_serve_commands, cmd_bench_serve, cmd_serve
+from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded, bounded_list, check_report_paths, probe_writable, write_reports
+from lcmtrt.runtime.serve_cli import add_serve_commands, cmd_bench_serve, cmd_serve
 from lcmtrt.runtime.errors import UserError
 
 log = logging.getLogger("lcmtrt")
@@ -314,8 +314,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from lcmtrt.runtime.bench import (BenchSettings, DiffusersContender, LcmtrtContender, condition_images, fidelity,
                                       format_report, run_alternating, speedups)
     from lcmtrt.runtime.bundle import load_bundle
@@ -364,13 +362,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log.warning("warning: a %s bundle: give --reference FP32_BUNDLE to report how close its images are",
                     bundle.precision)
     print(format_report(report))
-    if args.json is not None:
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plot is not None:
-        from lcmtrt.runtime.plots import plot_bench
-
-        plot_bench(report, args.plot)
+    write_reports(args, report, _plot_bench)
     return 0
+
+
+def _plot_bench(report: dict, path: Path) -> None:
+    from lcmtrt.runtime.plots import plot_bench  # matplotlib only when a plot is asked for
+
+    plot_bench(report, path)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lcmtrt.runtime import limits
 from lcmtrt.runtime.errors import UserError
@@ -75,3 +75,13 @@ def write_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_reports(args: argparse.Namespace, report: dict[str, Any], draw: Callable[[dict[str, Any], Path], None]) -> None:
+    """--json (atomically) and --plot (drawn by `draw`) of a finished measurement, where asked for."""
+    if args.json is not None:
+        import json
+
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plot is not None:
+        draw(report, args.plot)

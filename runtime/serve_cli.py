@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded_list, check_report_paths, write_atomic
+from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
 from lcmtrt.runtime.errors import UserError
 
 if TYPE_CHECKING:
@@ -120,12 +120,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                             args.api_key, args.baseline_url)
     report = bench_serve(settings, args.engines)
     print(format_report(report))
-    if args.json is not None:
-        import json
-
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plot is not None:
-        from lcmtrt.runtime.plots import plot_serve
-
-        plot_serve(report, args.plot)
+    write_reports(args, report, _plot_serve)
     return 0
+
+
+def _plot_serve(report: dict, path: Path) -> None:
+    from lcmtrt.runtime.plots import plot_serve  # matplotlib only when a plot is asked for
+
+    plot_serve(report, path)
