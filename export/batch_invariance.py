@@ -22,42 +22,47 @@ PACKET_OPS = ("Sin", "Cos")  # element-wise ops whose CPU kernels round a packet
 def pad_to_packets(model) -> int:
     """Rewrite each Sin/Cos `op(x)` as `Reshape(Slice(op(Pad(Reshape(x, [-1, L])))), shape(x))`, padding the last
     axis L up to a multiple of PACKET. L is read in the graph (the exporter leaves the time embedding's shapes
-    unknown to ONNX shape inference); the extra nodes cost a few scalar ops. Returns how many nodes were rewritten."""
+    unknown to ONNX shape inference); an input shared by Sin and Cos is padded once, and the extra nodes cost a few
+    scalar ops. Returns how many nodes were rewritten."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    constants = {"minus_one": [-1], "zero": [0], "packet": [PACKET], "zero_zero_zero": [0, 0, 0], "one": [1]}
-    nodes, rewritten = [], 0
+    constants = {"minus_one": [-1], "zero": [0], "one": [1], "packet": [PACKET], "zero_zero_zero": [0, 0, 0]}
+    c = {k: f"packet/{k}" for k in constants}
+    nodes, padded, rewritten = [], {}, 0  # padded: input -> (its shape, its last dim, the padded 2-D tensor)
     for node in graph.node:
         if node.op_type not in PACKET_OPS:
             nodes.append(node)
             continue
-        tag = f"{node.name or node.output[0]}/packet"
-        name = {k: f"{tag}/{k}" for k in ("shape", "last", "rows", "flat", "rem", "short", "extra", "pads",
-                                          "padded", "computed", "cut")}
-        graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), f"{tag}/{k}")
-                                 for k, v in constants.items())
-        c = {k: f"{tag}/{k}" for k in constants}
+        x = node.input[0]
+        if x not in padded:
+            t = {k: f"{x}/packet/{k}" for k in ("shape", "last", "rows", "flat", "rem", "short", "extra", "pads",
+                                                "padded")}
+            nodes += [
+                helper.make_node("Shape", [x], [t["shape"]], name=t["shape"]),
+                helper.make_node("Shape", [x], [t["last"]], start=-1, name=t["last"]),
+                helper.make_node("Concat", [c["minus_one"], t["last"]], [t["rows"]], axis=0, name=t["rows"]),
+                helper.make_node("Reshape", [x, t["rows"]], [t["flat"]], name=t["flat"]),
+                # extra = (PACKET - L mod PACKET) mod PACKET; pads = [0, 0, 0, extra] for the 2-D [rows, L]
+                helper.make_node("Mod", [t["last"], c["packet"]], [t["rem"]], name=t["rem"]),
+                helper.make_node("Sub", [c["packet"], t["rem"]], [t["short"]], name=t["short"]),
+                helper.make_node("Mod", [t["short"], c["packet"]], [t["extra"]], name=t["extra"]),
+                helper.make_node("Concat", [c["zero_zero_zero"], t["extra"]], [t["pads"]], axis=0, name=t["pads"]),
+                helper.make_node("Pad", [t["flat"], t["pads"]], [t["padded"]], name=t["padded"]),
+            ]
+            padded[x] = (t["shape"], t["last"], t["padded"])
+        shape, last, flat = padded[x]
+        computed, cut = f"{node.output[0]}/packet/computed", f"{node.output[0]}/packet/cut"
         nodes += [
-            helper.make_node("Shape", [node.input[0]], [name["shape"]], name=f"{tag}/Shape"),
-            helper.make_node("Shape", [node.input[0]], [name["last"]], start=-1, name=f"{tag}/Last"),
-            helper.make_node("Concat", [c["minus_one"], name["last"]], [name["rows"]], axis=0, name=f"{tag}/Rows"),
-            helper.make_node("Reshape", [node.input[0], name["rows"]], [name["flat"]], name=f"{tag}/Flatten"),
-            # extra = (PACKET - L mod PACKET) mod PACKET; pads = [0, 0, 0, extra] for the 2-D [rows, L]
-            helper.make_node("Mod", [name["last"], c["packet"]], [name["rem"]], name=f"{tag}/Rem"),
-            helper.make_node("Sub", [c["packet"], name["rem"]], [name["short"]], name=f"{tag}/Short"),
-            helper.make_node("Mod", [name["short"], c["packet"]], [name["extra"]], name=f"{tag}/Extra"),
-            helper.make_node("Concat", [c["zero_zero_zero"], name["extra"]], [name["pads"]], axis=0,
-                             name=f"{tag}/Pads"),
-            helper.make_node("Pad", [name["flat"], name["pads"]], [name["padded"]], name=f"{tag}/Pad"),
-            helper.make_node(node.op_type, [name["padded"]], [name["computed"]], name=node.name),
-            helper.make_node("Slice", [name["computed"], c["zero"], name["last"], c["one"]], [name["cut"]],
-                             name=f"{tag}/Slice"),
-            helper.make_node("Reshape", [name["cut"], name["shape"]], list(node.output), name=f"{tag}/Restore"),
+            helper.make_node(node.op_type, [flat], [computed], name=node.name),
+            helper.make_node("Slice", [computed, c["zero"], last, c["one"]], [cut], name=cut),
+            helper.make_node("Reshape", [cut, shape], list(node.output), name=f"{node.output[0]}/packet/restore"),
         ]
         rewritten += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
     if rewritten:
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), c[k])
+                                 for k, v in constants.items())
+        del graph.node[:]
+        graph.node.extend(nodes)
         log.debug("padded %d Sin/Cos inputs to whole %d-lane packets", rewritten, PACKET)
     return rewritten
