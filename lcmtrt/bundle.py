@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ gpu="$work/sd15-random-512-fp16" cpu="$work/sd15-random-512-fp32"
 step build-gpu 300 lcmtrt build-engines --preset sd15-random --backend onnxruntime --precision fp16 \
   --height 512 --width 512 --batch 1,4 --out "$gpu" || exit 1
 step cuda-graphs 120 "$py" -c "import json, sys
-from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend
-from lcmtrt.runtime.bundle import load_bundle
+from lcmtrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from lcmtrt.bundle import load_bundle
 backend = OnnxRuntimeBackend(load_bundle(sys.argv[1]), 'cuda')
 json.dump({'engines': sorted(backend.sessions), 'cuda_graph_engines': sorted(backend.cuda_graph_engines)},
           open(sys.argv[2], 'w'))" "$gpu" "$out/cuda-graphs.json"

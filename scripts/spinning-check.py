@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from lcmtrt.runtime import backend_ort
-from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend
-from lcmtrt.runtime.bundle import load_bundle
+from lcmtrt.runtime.backends import onnxruntime as backend_ort
+from lcmtrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from lcmtrt.bundle import load_bundle
 from lcmtrt.runtime.pipeline import Pipeline
 
 

@@ -373,7 +373,7 @@ def install(monkeypatch: Any, version: str = "10.13.0.35", with_utils: bool = Tr
         monkeypatch.delitem(sys.modules, "cuda.bindings.utils", raising=False)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "lcmtrt.runtime.backend_trt", raising=False)
+    monkeypatch.delitem(sys.modules, "lcmtrt.runtime.backends.tensorrt", raising=False)
     from lcmtrt.engines import tensorrt_build
 
     tensorrt_build.trt_logger.cache_clear()  # the cached logger subclasses the real or an earlier fake ILogger

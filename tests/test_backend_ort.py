@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lcmtrt.runtime import backend_ort
-from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend, OrtBuffer
-from lcmtrt.runtime.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
-from lcmtrt.runtime.errors import RefitError
+from lcmtrt.runtime.backends import onnxruntime as backend_ort
+from lcmtrt.runtime.backends.onnxruntime import OnnxRuntimeBackend, OrtBuffer
+from lcmtrt.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
+from lcmtrt.errors import RefitError
 
 
 class FakeIoBinding:

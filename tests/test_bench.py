@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lcmtrt.runtime import backend_ort
-from lcmtrt.runtime.cli import main
+from lcmtrt.runtime.backends import onnxruntime as backend_ort
+from lcmtrt.cli.main import main
 from lcmtrt.runtime.pipeline import Pipeline
 
 
@@ -49,7 +49,7 @@ def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, 
     assert set(ours["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
     assert report["lcmtrt"]["environment"]["backend"] == "onnxruntime"
     if plot:  # the stages of both systems and images/s, drawn from the same report
-        from lcmtrt.runtime.plots import bench_size
+        from lcmtrt.bench.plots import bench_size
 
         with Image.open(plot_path) as image:
             assert image.format == "PNG" and image.size == bench_size(report) == (3 * 460, 390)

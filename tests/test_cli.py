@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import pytest
 
 from lcmtrt.engines.build import build_bundle
 from lcmtrt.engines.preset import load_preset
-from lcmtrt.runtime.bundle import load_bundle
+from lcmtrt.bundle import load_bundle
 from lcmtrt.runtime.pipeline import Pipeline
 
 NORMS = {"InstanceNormalization", "LayerNormalization", "GroupNormalization"}

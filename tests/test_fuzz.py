@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 
 NUMBERS = ["0", "-1", "1e30", "nan", "inf", "-inf", "abc", "0.5", "3"]
 INFER_NUMBERS = ["--guidance-scale", "--steps", "--num-images", "--seed", "--original-inference-steps",

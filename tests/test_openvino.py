@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_images_match, on_backend
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 from lcmtrt.runtime.pipeline import Pipeline
 
 ov = pytest.importorskip("openvino")

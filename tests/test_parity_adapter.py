@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_images_match, to_uint8
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 from lcmtrt.runtime.images import canny_map, fit_image
 from lcmtrt.runtime.pipeline import Pipeline
 

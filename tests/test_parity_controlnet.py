@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import assert_images_match, to_uint8
-from lcmtrt.runtime.cli import main
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.cli.main import main
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.images import canny_map, fit_image
 from lcmtrt.runtime.pipeline import Pipeline
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_images_match, on_backend, to_uint8
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "an astronaut in a garden, watercolor"

@@ -14,8 +14,9 @@ from conftest import assert_images_match, to_uint8
 from lcmtrt.engines.build import build_bundle
 from lcmtrt.engines.preset import load_preset
 from lcmtrt.export.lora import LoraSpec, resolve
-from lcmtrt.runtime.cli import main
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.export.refit import apply_loras
+from lcmtrt.cli.main import main
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "papercut, a cute fox"
@@ -24,7 +25,7 @@ NEGATIVE = "blurry, low quality"
 
 def reference_with_loras(preset_name: str, with_loras: bool = True):
     """diffusers' pipeline for the preset's model with its LoRAs loaded, weighted and fused the diffusers way."""
-    from lcmtrt.export.models import reference_pipeline
+    from lcmtrt.export.reference import reference_pipeline
 
     preset = load_preset(preset_name)
     sources = {"model": preset.model, "loras": [spec.to_json() for spec in preset.loras] if with_loras else []}
@@ -131,9 +132,9 @@ def test_lora_swap_without_rebuild(lcmtrt_cache: Path, tmp_path: Path) -> None:
     assert pipeline.bundle.engines["denoise"].refit_weights
     run = lambda p: p.generate([PROMPT], seed=0, steps=4, guidance_scale=2.0, negative_prompts=[NEGATIVE]).images
     first_a = run(pipeline)
-    pipeline.apply_loras(set_b)
+    apply_loras(pipeline, set_b)
     swapped_b = run(pipeline)
-    pipeline.apply_loras(set_a)
+    apply_loras(pipeline, set_a)
     again_a = run(pipeline)
     np.testing.assert_array_equal(again_a, first_a)
     assert np.abs(swapped_b.astype(int) - first_a).max() > 1
@@ -148,7 +149,7 @@ def test_lora_swap_without_rebuild(lcmtrt_cache: Path, tmp_path: Path) -> None:
 def test_swap_needs_a_refittable_bundle(models) -> None:
     _, ours, _ = models
     with pytest.raises(UserError, match="--refittable"):
-        ours.apply_loras([])
+        apply_loras(ours, [])
 
 
 def _rss_mib() -> float:
@@ -170,7 +171,7 @@ def test_swaps_keep_buffers_and_do_not_grow_memory(lcmtrt_cache: Path, tmp_path:
 
     import onnxruntime as ort
 
-    from lcmtrt.export.lora import fused_weights
+    from lcmtrt.export.refit import fused_weights
 
     preset = load_preset("tiny-lcm-lora-sd15").with_overrides(batch_sizes=(1,), img2img=False)
     build_bundle(preset, tmp_path / "refit", "onnxruntime", "fp32", refittable=True)
@@ -179,7 +180,7 @@ def test_swaps_keep_buffers_and_do_not_grow_memory(lcmtrt_cache: Path, tmp_path:
     first = run()
     batches, programs = dict(pipeline._batches), dict(pipeline._programs)
     other = (LoraSpec("tiny-lcm-lora-sd15", 1.0), LoraSpec("tiny-style-lora-sd15", 0.3))
-    pipeline.apply_loras(other)
+    apply_loras(pipeline, other)
     assert np.abs(run().astype(int) - first).max() > 1  # the swap is live on the kept bindings
     assert pipeline._batches == batches and pipeline._programs == programs
     assert all(pipeline._batches[k] is v for k, v in batches.items())

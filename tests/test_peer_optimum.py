@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.peer_optimum import ENV_SCRIPT, OptimumIntelPeer, default_peer_python
+from lcmtrt.errors import UserError
+from lcmtrt.bench.peers.optimum_intel import ENV_SCRIPT, OptimumIntelPeer, default_peer_python
 
 PEER_PYTHON = default_peer_python()
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 
 pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
 
-from lcmtrt.runtime.plots import SERVE_SIZE, bench_size, plot_bench, plot_serve  # noqa: E402
+from lcmtrt.bench.plots import SERVE_SIZE, bench_size, plot_bench, plot_serve  # noqa: E402
 
 
 def result(p50: float, stages: bool = True) -> dict:

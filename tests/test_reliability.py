@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lcmtrt.engines.build import build_bundle, build_lock
+from lcmtrt.engines.build import build_bundle
+from lcmtrt.engines.staging import build_lock
 from lcmtrt.engines.preset import load_preset
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 
 def test_second_build_into_the_same_out_is_refused(lcmtrt_cache: Path, tmp_path: Path) -> None:

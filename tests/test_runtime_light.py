@@ -16,7 +16,7 @@ BLOCK_HEAVY = """
 import sys
 for name in ("torch", "diffusers", "transformers", "onnx", "fastapi", "uvicorn", "openai"):
     sys.modules[name] = None  # any import of them now raises ImportError
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 code = main(sys.argv[1:])
 leaked = [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx")
           and sys.modules[m] is not None]
@@ -43,8 +43,8 @@ def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path, backen
 
 def test_runtime_modules_import_nothing_heavy() -> None:
     code = ("import sys\n"
-            "import lcmtrt.runtime.cli, lcmtrt.runtime.pipeline, lcmtrt.runtime.backend_ort, lcmtrt.runtime.scheduler\n"
-            "import lcmtrt.runtime.backend_ov\n"
+            "import lcmtrt.cli.main, lcmtrt.runtime.pipeline, lcmtrt.runtime.backends.onnxruntime, lcmtrt.runtime.scheduler\n"
+            "import lcmtrt.runtime.backends.openvino\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'onnx'})\n"
             "print(','.join(heavy))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from lcmtrt.runtime.bundle import SchedulerConfig
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.bundle import SchedulerConfig
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.scheduler import (
     COEFF_COLUMNS,
     StepPlan,

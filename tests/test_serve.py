@@ -25,8 +25,8 @@ from PIL import Image
 
 openai = pytest.importorskip("openai")
 
-from lcmtrt.runtime.bench_serve import server_timing  # noqa: E402
-from lcmtrt.runtime.cli import main  # noqa: E402
+from lcmtrt.bench.serving import server_timing  # noqa: E402
+from lcmtrt.cli.main import main  # noqa: E402
 from lcmtrt.runtime.images import fit_image  # noqa: E402
 from lcmtrt.runtime.pipeline import Pipeline  # noqa: E402
 
@@ -72,7 +72,7 @@ def start_server(tmp_path: Path, *args: str) -> Server:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = tmp_path / f"serve-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "lcmtrt.runtime.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "lcmtrt.cli.main", "serve", "--port", str(port),
                                 "--api-key", KEY, *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = Server(process, port, log)
     for _ in range(600):  # loading and warming the tiny bundles takes seconds
@@ -278,7 +278,7 @@ def test_concurrent_requests_are_batched_and_equal_infer(server: Server, pipelin
 
 def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) -> None:
     """bench-serve with the openai client, bounded in requests: every request answered, a row per level."""
-    from lcmtrt.runtime.cli import main
+    from lcmtrt.cli.main import main
 
     report_path, plot_path = tmp_path / "serve.json", tmp_path / "serve.png"
     plot = ["--plot", str(plot_path)] if importlib.util.find_spec("matplotlib") else []  # the bench extra
@@ -293,7 +293,7 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
     text = capsys.readouterr().out
     assert "conc" in text and "p50" in text
     if plot:  # latency and images/s against concurrency
-        from lcmtrt.runtime.plots import SERVE_SIZE
+        from lcmtrt.bench.plots import SERVE_SIZE
 
         with Image.open(plot_path) as image:
             assert image.format == "PNG" and image.size == SERVE_SIZE

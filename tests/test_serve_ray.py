@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 
 KEY = "test-key"
 
@@ -110,7 +110,7 @@ def ray_server(tiny_sd15_bundle: Path, tmp_path_factory) -> RayServer:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = tmp_path_factory.mktemp("serve-ray") / "serve.log"
-    process = subprocess.Popen([sys.executable, "-m", "lcmtrt.runtime.cli", "serve", "--ray", "--replicas", "2",
+    process = subprocess.Popen([sys.executable, "-m", "lcmtrt.cli.main", "serve", "--ray", "--replicas", "2",
                                 "--cpus-per-replica", "0.5", "--engines", f"tiny={tiny_sd15_bundle}", "--port",
                                 str(port), "--api-key", KEY, "--max-queue", "8", "--max-batch-wait-ms", "50"],
                                stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "RAY_DEDUP_LOGS": "0"})

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lcmtrt.runtime import noise
-from lcmtrt.runtime.cli import main
+from lcmtrt.cli.main import main
 from lcmtrt.runtime.pipeline import Pipeline
 
 LATENT = (4, 8, 8)

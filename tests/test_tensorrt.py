@@ -10,7 +10,7 @@ import pytest
 
 from lcmtrt.engines import tensorrt_build
 from lcmtrt.engines.tensorrt_build import check_compatibility, parser_errors, tensorrt_available, write_atomic
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 L4 = {"tensorrt_version": "10.8.0.43", "compute_capability": "8.9", "gpu_name": "NVIDIA L4"}
 
@@ -113,8 +113,8 @@ def trt_backend(tmp_path: Path):
     pytest.importorskip("tensorrt")
     if not tensorrt_available():
         pytest.skip("no CUDA device")
-    from lcmtrt.runtime.backend_trt import TensorRTBackend
-    from lcmtrt.runtime.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
+    from lcmtrt.runtime.backends.tensorrt import TensorRTBackend
+    from lcmtrt.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
 
     _affine_onnx(tmp_path / "affine.onnx")
     profiles = [{"x": (1, WIDTH)}, {"x": (2, WIDTH)}]  # one static profile per bundle batch size, in order
@@ -230,8 +230,8 @@ def trt_two_engines(tmp_path: Path):
     pytest.importorskip("tensorrt")
     if not tensorrt_available():
         pytest.skip("no CUDA device")
-    from lcmtrt.runtime.backend_trt import TensorRTBackend
-    from lcmtrt.runtime.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
+    from lcmtrt.runtime.backends.tensorrt import TensorRTBackend
+    from lcmtrt.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
 
     _scale_onnx(tmp_path / "scale.onnx")
     _quantize_onnx(tmp_path / "quantize.onnx")

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from lcmtrt.export.clip_tokenizer import clip_vocab_archive, export_tokenizer, write_clip_tokenizer
-from lcmtrt.runtime.bundle import TextConfig
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.bundle import TextConfig
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.tokenizer import PromptTokenizer, load_tokenizers
 
 try:

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
+from lcmtrt.runtime.conditioning import condition_images
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
@@ -88,7 +89,7 @@ class OptimumIntelContender:
     name = "optimum-intel"
 
     def __init__(self, bundle: Any, settings: BenchSettings, precision: str = "fp32"):
-        from lcmtrt.runtime.peer_optimum import OptimumIntelPeer, peer_checkpoint
+        from lcmtrt.bench.peers.optimum_intel import OptimumIntelPeer, peer_checkpoint
 
         checkpoint = peer_checkpoint(bundle)
         self.guidance_scale = bundle.default_guidance_scale
@@ -166,7 +167,7 @@ def bench_lcmtrt(bundle_dir: str, device: str, settings: BenchSettings) -> dict[
 
 def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps: int) -> dict[str, Any]:
     """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts and seed."""
-    from lcmtrt.runtime.bundle import load_bundle
+    from lcmtrt.bundle import load_bundle
 
     reference_bundle = load_bundle(reference_dir)
     ours = Pipeline.load(bundle_dir, device)
@@ -184,18 +185,6 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps
             "images": len(prompts), "steps": steps,
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
             "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
-
-
-def condition_images(bundle: Any) -> dict[str, list[np.ndarray]]:
-    """A ControlNet or T2I-Adapter bundle is timed with a synthetic condition map (a centred square's edges)."""
-    engines = bundle.engines
-    if "control_image" not in engines["denoise"].input_names and "adapter" not in engines:
-        return {}
-    channels = engines["adapter"].inputs[0].shape[-1] if "adapter" in engines else 3
-    edges = np.zeros((bundle.height, bundle.width, channels), np.uint8)
-    top, left, bottom, right = bundle.height // 4, bundle.width // 4, 3 * bundle.height // 4, 3 * bundle.width // 4
-    edges[[top, bottom], left:right] = edges[top:bottom, [left, right]] = 255
-    return {"adapter_images" if "adapter" in engines else "control_images": [edges]}
 
 
 def cpu_model() -> str:
@@ -242,8 +231,8 @@ class DiffusersContender:
     def __init__(self, bundle_dir: str):
         import torch
 
-        from lcmtrt.export.models import reference_pipeline
-        from lcmtrt.runtime.bundle import load_bundle
+        from lcmtrt.export.reference import reference_pipeline
+        from lcmtrt.bundle import load_bundle
 
         self.bundle = bundle = load_bundle(bundle_dir, verify_hashes=False)
         gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 DPI = 100

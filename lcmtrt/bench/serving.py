@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
@@ -196,8 +196,8 @@ async def _with_baseline(openai_client: Any, model: str, settings: LoadSettings)
 
 
 def _offline(engines: Path) -> dict[str, Any]:
-    from lcmtrt.runtime.bench import BenchSettings, bench_lcmtrt
-    from lcmtrt.runtime.bundle import load_bundle
+    from lcmtrt.bench.offline import BenchSettings, bench_lcmtrt
+    from lcmtrt.bundle import load_bundle
 
     bundle = load_bundle(engines)
     settings = BenchSettings(bundle.batch_sizes, (bundle.default_steps,), iterations=10, warmup=2)

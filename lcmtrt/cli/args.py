@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from lcmtrt.runtime import limits
-from lcmtrt.runtime.errors import UserError
+from lcmtrt import limits
+from lcmtrt.errors import UserError
 
 DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
 
@@ -61,7 +61,7 @@ def check_report_paths(args: argparse.Namespace) -> None:
     if args.plot is not None:
         if args.plot.suffix.lower() != ".png":
             raise UserError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
-        from lcmtrt.runtime.plots import require_matplotlib
+        from lcmtrt.bench.plots import require_matplotlib
 
         require_matplotlib()
 
@@ -85,3 +85,21 @@ def write_reports(args: argparse.Namespace, report: dict[str, Any], draw: Callab
         write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     if args.plot is not None:
         draw(report, args.plot)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def seeds_arg(text: str) -> int | list[int]:
+    seeds = list(bounded_list("seed")(text))
+    return seeds[0] if len(seeds) == 1 else seeds
+
+
+def pair_arg(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated integers like 1024,1024, got {text!r}") from None
+    return first, second

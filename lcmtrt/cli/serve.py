@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcmtrt.runtime.cli_args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.cli.args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
+from lcmtrt.errors import UserError
 
 if TYPE_CHECKING:
-    from lcmtrt.runtime.serve_ray import RayConfig
+    from lcmtrt.serve.ray_app import RayConfig
 
 
 def add_serve_commands(commands: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def _ray_settings(args: argparse.Namespace) -> RayConfig | None:
         import ray.serve  # noqa: F401
     except ImportError:
         raise UserError("--ray needs Ray Serve: pip install 'lcmtrt[ray]' (or pip install 'ray[serve]')") from None
-    from lcmtrt.runtime.serve_ray import RayConfig
+    from lcmtrt.serve.ray_app import RayConfig
 
     ray_config = RayConfig(1 if args.replicas is None else args.replicas, args.ray_address,
                            args.gpus_per_replica or 0.0, 1.0 if args.cpus_per_replica is None else args.cpus_per_replica)
@@ -87,8 +87,8 @@ def _ray_settings(args: argparse.Namespace) -> RayConfig | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from lcmtrt.runtime.serve import ServeConfig, parse_models
-        from lcmtrt.runtime.serve_process import run_server
+        from lcmtrt.serve.app import ServeConfig, parse_models
+        from lcmtrt.serve.process import run_server
     except ImportError as e:
         raise UserError(f"serving needs the serve extra: pip install 'lcmtrt[serve]' ({e.name} is missing)") from None
     ray_config = _ray_settings(args)
@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          args.max_batch_wait_ms, args.max_queue, args.max_body_mb, args.request_timeout_s,
                          tuple(keys))
     if ray_config is not None:
-        from lcmtrt.runtime.serve_ray_process import run_on_ray
+        from lcmtrt.serve.ray_process import run_on_ray
 
         return run_on_ray(config, ray_config)
     return run_server(config)
@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
-        from lcmtrt.runtime.bench_serve import LoadSettings, bench_serve, format_report
+        from lcmtrt.bench.serving import LoadSettings, bench_serve, format_report
     except ImportError as e:
         raise UserError(f"bench-serve needs the openai client: pip install 'lcmtrt[serve]' ({e.name} is missing)") \
             from None
@@ -125,6 +125,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _plot_serve(report: dict, path: Path) -> None:
-    from lcmtrt.runtime.plots import plot_serve  # matplotlib only when a plot is asked for
+    from lcmtrt.bench.plots import plot_serve  # matplotlib only when a plot is asked for
 
     plot_serve(report, path)

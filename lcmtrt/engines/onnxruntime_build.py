@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.bundle import TensorSpec
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.bundle import TensorSpec
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def openvino_available() -> bool:
 
 
 def openvino_version() -> str:
-    from lcmtrt.runtime.backend_ov import openvino_version
+    from lcmtrt.runtime.backends.openvino import openvino_version
 
     return openvino_version()
 
@@ -54,7 +54,7 @@ def bf16_supported(device: str = "CPU") -> bool:
 
 def check_precision(precision: str, device: str) -> None:
     """Refuse precisions the OpenVINO device cannot run, naming the flag to use instead."""
-    from lcmtrt.runtime.backend_ov import INFERENCE_PRECISION
+    from lcmtrt.runtime.backends.openvino import INFERENCE_PRECISION
 
     if precision not in INFERENCE_PRECISION:
         raise UserError(f"unknown precision {precision!r} for OpenVINO; choose fp32 or bf16")
@@ -69,7 +69,7 @@ def check_precision(precision: str, device: str) -> None:
 def check_device(device: str) -> None:
     import openvino as ov
 
-    from lcmtrt.runtime.backend_ov import check_device
+    from lcmtrt.runtime.backends.openvino import check_device
 
     check_device(ov.Core(), device)
 
@@ -177,7 +177,7 @@ def verify_fp32_marks(xml: Path, device: str, precision: str) -> tuple[int, int]
     mark on ops its own rewrites rebuild, so the build reports what held, read from the runtime graph."""
     import openvino as ov
 
-    from lcmtrt.runtime.backend_ov import INFERENCE_PRECISION
+    from lcmtrt.runtime.backends.openvino import INFERENCE_PRECISION
 
     core = ov.Core()
     model = core.read_model(str(xml))

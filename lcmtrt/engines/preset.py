@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmtrt.export.lora import LoraSpec
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 VOCAB_ARCHIVE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408

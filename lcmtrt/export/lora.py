@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
+from lcmtrt.export.models import resolve_model
+from lcmtrt.export.tiny import TINY_LORAS
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,6 @@ class LoraSpec:
 
 def resolve(spec: LoraSpec) -> tuple[str, str | None]:
     """(what load_lora_weights takes, weight_name); refuses pickle files, which can run code when loaded."""
-    from lcmtrt.export.models import resolve_model
-    from lcmtrt.export.tiny import TINY_LORAS
-
     if spec.source in TINY_LORAS:
         folder = Path(resolve_model(spec.source))
         return str(folder), TINY_LORAS[spec.source]
@@ -109,31 +108,3 @@ def fuse_loras(checkpoint: Any, loras: tuple[LoraSpec, ...]) -> list[dict[str, A
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, removes the adapter layers
     return recorded
-
-
-def fused_weights(bundle: Any, loras: tuple[LoraSpec, ...]) -> dict[str, dict[str, Any]]:
-    """{engine: {weight name: numpy array}} for a refittable bundle with `loras` fused instead of its own: the
-    bundle's source checkpoint is loaded again and fused by the same diffusers code as the build, so swapping
-    A -> B -> A gives exactly A's weights (nothing is applied on top of earlier swaps)."""
-    import numpy as np
-
-    from lcmtrt.export.models import load_checkpoint
-
-    sources = bundle.sources
-    checkpoint = load_checkpoint(sources["model"], sources.get("revision"), unet=sources.get("unet"),
-                                 vae=sources.get("vae"))
-    if loras:
-        fuse_loras(checkpoint, loras)
-    roots = {"unet": checkpoint.unet, "text_encoder": checkpoint.text_encoder,
-             "text_encoder_2": checkpoint.text_encoder_2}
-    dtype = np.float16 if bundle.precision == "fp16" else np.float32
-    weights: dict[str, dict[str, Any]] = {}
-    for engine in bundle.engines.values():
-        if not engine.refit_weights:
-            continue
-        weights[engine.name] = {}
-        for name in engine.refit_weights:
-            root, _, parameter = name.partition(".")
-            tensor = roots[root].get_parameter(parameter)
-            weights[engine.name][name] = np.ascontiguousarray(tensor.detach().numpy().astype(dtype))
-    return weights

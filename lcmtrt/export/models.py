@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmtrt.export.tiny import TINY_LORAS, TINY_MODELS, tiny_checkpoint
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _load_unet(source: str, revision: str | None) -> Any:
+def load_unet(source: str, revision: str | None) -> Any:
     """A UNet from a pipeline repo's unet/ folder, or from a bare UNet repo (like latent-consistency/lcm-sdxl)."""
     from diffusers import UNet2DConditionModel
 
@@ -91,7 +91,7 @@ def _load_unet(source: str, revision: str | None) -> Any:
             raise
 
 
-def _load_vae(source: str) -> Any:
+def load_vae(source: str) -> Any:
     """A bare VAE repo or folder: AutoencoderKL, or AutoencoderTiny (TAESD) as its config names it."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
@@ -113,8 +113,8 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
     kwargs = {"revision": revision} if revision else {}
     weights = {**kwargs, **SAFE}  # tokenizers and scheduler configs have no weights
     try:
-        unet_model = _load_unet(unet, None) if unet else _load_unet(path, revision)
-        vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+        unet_model = load_unet(unet, None) if unet else load_unet(path, revision)
+        vae_model = load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
         # LCMScheduler.from_config semantics: a base model's other scheduler config keeps only the shared settings
@@ -154,35 +154,3 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, "controlnet": controlnet,
                "adapter": adapter},
     )
-
-
-def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = True) -> Any:
-    """diffusers' text-to-image pipeline for a bundle's checkpoint with LCMScheduler and the bundle's LoRAs fused:
-    what the bundle reproduces. `embedding`: the UNet takes guidance through time_cond_proj_dim (else CFG)."""
-    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
-
-    from lcmtrt.export.lora import LoraSpec, resolve
-
-    quiet_libraries()
-    parts = {}
-    if sources.get("unet"):
-        parts["unet"] = _load_unet(sources["unet"], None)
-    if sources.get("vae"):
-        parts["vae"] = _load_vae(sources["vae"])
-    path = resolve_model(sources["model"])
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **SAFE, **parts)
-    else:
-        cls = LatentConsistencyModelPipeline if embedding else StableDiffusionPipeline
-        pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **SAFE, **parts)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    loras = [LoraSpec(**entry) for entry in sources.get("loras", [])]
-    for index, spec in enumerate(loras):
-        location, weight_name = resolve(spec)
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=f"lora_{index}", use_safetensors=True)
-    if loras:
-        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], adapter_weights=[spec.weight for spec in loras])
-        pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

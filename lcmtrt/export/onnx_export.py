@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lcmtrt.export.batch_invariance import pad_to_packets
-from lcmtrt.runtime.bundle import TensorSpec
+from lcmtrt.bundle import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 FITS = ("stretch", "crop")
 MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (Pillow's own bomb limit is 89M, with a warning)

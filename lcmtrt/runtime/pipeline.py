@@ -13,16 +13,16 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from lcmtrt.runtime import noise as noise_source
-from lcmtrt.runtime.backend import Backend, Binding, Buffer, open_backend
-from lcmtrt.runtime.bundle import Bundle, load_bundle
-from lcmtrt.runtime.errors import RefitError, UserError
+from lcmtrt.runtime.backends import Backend, Binding, Buffer, open_backend
+from lcmtrt.bundle import Bundle, load_bundle
+from lcmtrt.errors import RefitError, UserError
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
 from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
+from lcmtrt.runtime.settings import GenerationSettings
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
 
-PER_ROW_SETTINGS = ("images", "control_images", "adapter_images", "negative_prompts", "guidance_scale")  # one or per row
 PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
 
 
@@ -182,29 +182,27 @@ class Pipeline:
             left -= chunks[-1][0]
         return chunks
 
-    def generate(
-        self,
-        prompts: Sequence[str],
-        seed: int | Sequence[int] | None = None,
-        **settings: Any,
-    ) -> Generation:
+    def generate(self, prompts: Sequence[str], seed: int | Sequence[int] | None = None,
+                 settings: GenerationSettings | None = None, **given: Any) -> Generation:
         """One image per prompt. `seed` is one int for the batch (like diffusers' `torch.manual_seed(seed)`) or one
-        per row (like a list of generators); None draws one. `settings` are `prepare`'s."""
+        per row (like a list of generators); None draws one. `settings`, or the same as keyword arguments."""
         seeds = _seeds(seed)
-        rows = self.prepare(prompts, seeds, **settings)
+        rows = self.prepare(prompts, seeds, GenerationSettings.of(settings, **given))
         done = self.run(rows)
         return replace(done, seeds=seeds)
 
     def generate_pieces(self, prompts: Sequence[str], seed: int | Sequence[int] | None = None,
-                        piece: int | None = None, **settings: Any) -> Iterator[Generation]:
+                        piece: int | None = None, settings: GenerationSettings | None = None,
+                        **given: Any) -> Iterator[Generation]:
         """generate() in consecutive pieces of at most `piece` rows (default: the largest built batch), each yielded
         as soon as its images exist: memory bounded by a piece, the same images as one generate() call. Per-row
         settings (images, control and adapter images, negative prompts, guidance scales) are cut with the rows."""
+        settings = GenerationSettings.of(settings, **given)
         prompts = list(prompts)
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != len(prompts):
             raise UserError(f"{len(seeds)} seeds given for {len(prompts)} images; give one seed or one per image")
-        images = settings.get("images")
+        images = settings.images
         stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch,
                                           shared_first=images is not None and len(images) == 1)
         piece = piece or max(self.bundle.batch_sizes)
@@ -212,72 +210,61 @@ class Pipeline:
             piece = len(prompts)
         for start in range(0, len(prompts), piece):
             cut = slice(start, start + piece)
-            per_row = {k: v[cut] if k in PER_ROW_SETTINGS and _is_per_row(v, len(prompts)) else v
-                       for k, v in settings.items()}
-            yield replace(self.run(self.prepare(prompts[cut], stream, **per_row)), seeds=seeds)
+            yield replace(self.run(self.prepare(prompts[cut], stream, settings.piece(cut, len(prompts)))),
+                          seeds=seeds)
 
-    def prepare(
-        self,
-        prompts: Sequence[str],
-        seed: int | Sequence[int] | noise_source.NoiseStream,
-        steps: int | None = None,
-        guidance_scale: float | Sequence[float] | None = None,
-        original_inference_steps: int | None = None,
-        negative_prompts: Sequence[str] | None = None,
-        images: Sequence[np.ndarray] | None = None,
-        strength: float = 0.8,
-        img2img_mode: str = "classic",
-        original_size: tuple[int, int] | None = None,
-        crop_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        control_images: Sequence[np.ndarray] | None = None,
-        control_scale: float = 1.0,
-        control_start: float = 0.0,
-        control_end: float = 1.0,
-        adapter_images: Sequence[np.ndarray] | None = None,
-        adapter_scale: float = 1.0,
-        adapter_factor: float = 1.0,
-    ) -> PreparedRows:
-        """Validate a request, tokenize it and draw all its noise, one row per prompt; no engine runs. `images`
-        (uint8 [H, W, 3] at the bundle's size, one for all rows or one per row) turns it into image-to-image with
-        `strength` and `img2img_mode` (classic | lcm). SDXL-class bundles take diffusers' micro-conditioning:
-        original_size and target_size default to (height, width). ControlNet bundles take `control_images` (uint8
-        [H, W, 3] at the bundle's size, one or one per row), the conditioning scale and diffusers'
-        control_guidance_start/end. T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the adapter's
-        channels), adapter_conditioning_scale and _factor."""
+    def prepare(self, prompts: Sequence[str], seed: int | Sequence[int] | noise_source.NoiseStream,
+                settings: GenerationSettings | None = None) -> PreparedRows:
+        """Validate a request, tokenize it and draw all its noise, one row per prompt; no engine runs."""
         self._require_usable()
+        s = settings or GenerationSettings()
         prompts = list(prompts)
         rows = len(prompts)
         if rows == 0:
             raise UserError("no prompt given")
-        scales = guidance_scale if guidance_scale is not None else self.bundle.default_guidance_scale
+        scales = s.guidance_scale if s.guidance_scale is not None else self.bundle.default_guidance_scale
         scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
-        cfg = self._uses_cfg(scales, bool(negative_prompts and any(negative_prompts)))
-        steps = self.bundle.default_steps if steps is None else steps
-        shared_image = images is not None and len(images) == 1
-        if images is None:
-            plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=original_inference_steps)
-            leading: tuple[int, ...] = (rows,)  # the initial latents
-        else:
-            if "vae_encode" not in self.bundle.engines:
-                raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
-            shape = (self.bundle.height, self.bundle.width, 3)
-            if any(np.shape(image) != shape for image in images):
-                raise ValueError(f"input images must be uint8 arrays of shape {shape}")
-            plan = img2img_plan(self.bundle.scheduler, steps, strength, img2img_mode, original_inference_steps)
-            # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
-            leading = tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
+        cfg = self._uses_cfg(scales, bool(s.negative_prompts and any(s.negative_prompts)))
+        plan, leading = self._plan(s, rows)
+        firsts, step_noise = self._draw(seed, rows, leading, plan)
+        sources = None if s.images is None else _per_row(s.images, rows, "input images")
+        inputs, doubled = self._text_inputs(prompts, s.negative_prompts, scales, cfg)
+        factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
+        return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
+                            np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
+
+    def _plan(self, s: GenerationSettings, rows: int) -> tuple[StepPlan, tuple[int, ...]]:
+        """The step plan, and how many rows each leading draw (initial latents, or the encoder's noises) has."""
+        steps = self.bundle.default_steps if s.steps is None else s.steps
+        if s.images is None:
+            plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=s.original_inference_steps)
+            return plan, (rows,)  # the initial latents
+        if "vae_encode" not in self.bundle.engines:
+            raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
+        shape = (self.bundle.height, self.bundle.width, 3)
+        if any(np.shape(image) != shape for image in s.images):
+            raise ValueError(f"input images must be uint8 arrays of shape {shape}")
+        plan = img2img_plan(self.bundle.scheduler, steps, s.strength, s.img2img_mode, s.original_inference_steps)
+        shared_image = len(s.images) == 1
+        # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
+        return plan, tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
+
+    def _draw(self, seed: int | Sequence[int] | noise_source.NoiseStream, rows: int, leading: tuple[int, ...],
+              plan: StepPlan) -> tuple[list[np.ndarray], np.ndarray]:
+        """Every random draw of the request, in diffusers' order: the leading draws, then each step's noise."""
         if isinstance(seed, noise_source.NoiseStream):  # a piece of a longer run: its rows of the run's draws
             totals = tuple(1 if count == 1 and seed.shared_first else seed.rows for count in leading)
-            firsts, step_noise = seed.take(rows, self.bundle.latent_shape, totals, plan.steps)
-        else:
-            seeds = _seeds(seed)
-            if isinstance(seeds, list) and len(seeds) != rows:
-                raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
-            firsts, step_noise = noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps,
-                                                   self.use_torch)
-        sources = None if images is None else _per_row(images, rows, "input images")
-        # doubled inputs are [rows, 2, ...], negative first, for CFG's [negative; positive] text rows
+            return seed.take(rows, self.bundle.latent_shape, totals, plan.steps)
+        seeds = _seeds(seed)
+        if isinstance(seeds, list) and len(seeds) != rows:
+            raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
+        return noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps, self.use_torch)
+
+    def _text_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
+                     cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
+        """Token ids and guidance inputs. Doubled inputs are [rows, 2, ...], negative first, for CFG's
+        [negative; positive] text rows."""
+        rows = len(prompts)
         inputs: dict[str, np.ndarray] = {}
         doubled: set[str] = set()
         negatives = list(negative_prompts or [""])
@@ -295,25 +282,31 @@ class Pipeline:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
             zeros = not negative_prompts and self.bundle.text.zero_empty_negative
             inputs["uncond_mask"] = np.full(rows, 0.0 if zeros else 1.0, np.float32)
+        return inputs, doubled
+
+    def _conditioning_inputs(self, inputs: dict[str, np.ndarray], doubled: set[str], s: GenerationSettings,
+                             rows: int, plan: StepPlan, cfg: bool) -> dict[str, np.ndarray]:
+        """ControlNet, T2I-Adapter and SDXL micro-conditioning inputs, added to `inputs`; returns the per-step
+        factors."""
+        denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
         factors: dict[str, np.ndarray] = {}
-        controls = self._control_inputs(denoise_inputs, control_images, rows, plan, control_scale, control_start,
-                                        control_end)
+        controls = self._control_inputs(denoise_inputs, s.control_images, rows, plan, s.control_scale,
+                                        s.control_start, s.control_end)
         if controls is not None:
             inputs["control_image"] = controls[0]
             factors["control_scale"] = np.tile(np.asarray(controls[1], np.float32), (rows, 1))
-        adapted = self._adapter_inputs(adapter_images, rows, plan, adapter_scale, adapter_factor)
+        adapted = self._adapter_inputs(s.adapter_images, rows, plan, s.adapter_scale, s.adapter_factor)
         if adapted is not None:
             inputs["adapter_image"] = adapted[0]
-            inputs["adapter_scale"] = np.full(rows, adapter_scale, np.float32)
+            inputs["adapter_scale"] = np.full(rows, s.adapter_scale, np.float32)
             factors["adapter_keep"] = np.tile(np.asarray(adapted[1], np.float32), (rows, 1))
         if "time_ids" in denoise_inputs:
             size = (self.bundle.height, self.bundle.width)
-            row = np.tile(np.asarray([*(original_size or size), *crop_top_left, *(target_size or size)], np.float32),
-                          (rows, 1))
+            row = np.tile(np.asarray([*(s.original_size or size), *s.crop_top_left, *(s.target_size or size)],
+                                     np.float32), (rows, 1))
             inputs["time_ids"] = np.stack([row, row], axis=1) if cfg else row
             doubled.update(["time_ids"] if cfg else [])
-        return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
-                            np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
+        return factors
 
     def run(self, rows: PreparedRows) -> Generation:
         """Images for prepared rows (of one request or several joined), in engine batches of the built sizes.
@@ -354,24 +347,22 @@ class Pipeline:
         return Generation(out, final, [], plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
                           engine_seconds, batches)
 
-    def apply_loras(self, loras: Sequence[object]) -> None:
-        """Replace the bundle's LoRA set with `loras` (LoraSpec: source, weight) without rebuilding; an empty list
-        gives the base model. Needs a bundle built with --refittable and the export extra (torch, diffusers).
-        Buffers and bindings are kept (the backend swaps weights under them); a swap that fails after some weights
-        changed leaves this pipeline unusable rather than running a half-swapped model."""
+    def require_refittable(self) -> None:
+        """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
         self._require_usable()
         if not any(engine.refit_weights for engine in self.bundle.engines.values()):
             raise UserError(f"bundle {self.bundle.root} was built without --refittable; rebuild it with "
                             "`lcmtrt build-engines --refittable` to swap LoRAs")
-        refit = getattr(self.backend, "refit", None)
-        if refit is None:
+        if getattr(self.backend, "refit", None) is None:
             raise UserError(f"the {self.backend.name} backend cannot swap weights")
+
+    def refit(self, weights: dict[str, dict[str, np.ndarray]]) -> None:
+        """Replace refittable weights ({engine: {weight name: array}}, from lcmtrt.export.refit) without rebuilding.
+        Buffers and bindings are kept (the backend swaps weights under them); a swap that fails after some weights
+        changed leaves this pipeline unusable rather than running a half-swapped model."""
+        self.require_refittable()
         try:
-            from lcmtrt.export.lora import fused_weights
-        except ImportError:
-            raise UserError("swapping LoRAs needs the export extra: pip install 'lcmtrt[export]'") from None
-        try:
-            refit(fused_weights(self.bundle, tuple(loras)))
+            self.backend.refit(weights)
         except RefitError as e:
             if e.changed:
                 self._unusable = (f"this pipeline is unusable: a LoRA swap failed after replacing some weights ({e}); "
@@ -436,11 +427,6 @@ def _seeds(seed: int | Sequence[int] | None) -> int | list[int]:
     if seed is None:
         return random.randrange(2**31)
     return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-
-
-def _is_per_row(value: Any, rows: int) -> bool:
-    """A setting given once per row (a list of that length), as opposed to one value for all rows."""
-    return rows > 1 and isinstance(value, (list, tuple, np.ndarray)) and len(value) == rows
 
 
 def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:

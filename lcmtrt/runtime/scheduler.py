@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lcmtrt.runtime.bundle import SchedulerConfig
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.bundle import SchedulerConfig
+from lcmtrt.errors import UserError
 
 SIGMA_DATA = np.float32(0.5)  # diffusers' fixed sigma_data for the consistency boundary condition
 COEFF_COLUMNS = (

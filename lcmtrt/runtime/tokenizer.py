@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 if TYPE_CHECKING:
-    from lcmtrt.runtime.bundle import Bundle
+    from lcmtrt.bundle import Bundle
 
 REBUILD = "rebuild the bundle with `lcmtrt build-engines`"
 

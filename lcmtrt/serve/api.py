@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lcmtrt.runtime.bundle import Bundle
+from lcmtrt.bundle import Bundle
 from lcmtrt.runtime.images import fit_image
+from lcmtrt.runtime.settings import GenerationSettings
 
 MAX_PROMPT_CHARS = 32000  # OpenAI's gpt-image-1 limit; CLIP reads the first 77 tokens anyway
 MAX_INPUT_PIXELS = 4096 * 4096  # larger input images are refused before decoding (decompression bombs)
@@ -167,18 +168,17 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
     if not request.control_start < request.control_end:
         raise ApiError(400, f"control_start {request.control_start} must be below control_end "
                             f"{request.control_end}", param="control_start", code="invalid_value")
-    arguments: dict[str, Any] = dict(
-        prompts=[request.prompt] * request.n, seed=seed, steps=steps, guidance_scale=request.guidance_scale,
-        original_inference_steps=request.original_inference_steps,
+    settings: dict[str, Any] = dict(
+        steps=steps, guidance_scale=request.guidance_scale, original_inference_steps=request.original_inference_steps,
         negative_prompts=[request.negative_prompt] if request.negative_prompt else None)
     if image is not None:
         if "vae_encode" not in b.engines:
             raise ApiError(400, f"model {card.name} was built without image-to-image (img2img = true)",
                            param="image", code="unsupported_value")
-        arguments.update(images=[fit_image(image, b.width, b.height)], strength=request.strength,
-                         img2img_mode=request.img2img_mode)
-    arguments.update(_conditioning(card, request))
-    return arguments
+        settings.update(images=[fit_image(image, b.width, b.height)], strength=request.strength,
+                        img2img_mode=request.img2img_mode)
+    settings.update(_conditioning(card, request))
+    return dict(prompts=[request.prompt] * request.n, seed=seed, settings=GenerationSettings(**settings))
 
 
 def _conditioning(card: ModelCard, request: GenerationRequest) -> dict[str, Any]:

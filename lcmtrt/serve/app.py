@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,12 +27,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from lcmtrt.runtime.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped
-from lcmtrt.runtime.bundle import load_bundle
-from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.serve_api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
+from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped
+from lcmtrt.bundle import load_bundle
+from lcmtrt.errors import UserError
+from lcmtrt.serve.api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
                                       encode_images, prepare_arguments, validated)
-from lcmtrt.runtime.serve_metrics import ServeMetrics
+from lcmtrt.serve.metrics import ServeMetrics
 
 log = logging.getLogger("lcmtrt.serve")
 access_log = logging.getLogger("lcmtrt.access")
@@ -109,9 +109,10 @@ def parse_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 def load_models(config: ServeConfig) -> ServeState:
     """Read every bundle's manifest now (mistakes fail the command at once); pipelines load in their workers."""
-    from lcmtrt.runtime.backend import open_backend
-    from lcmtrt.runtime.bench import condition_images
+    from lcmtrt.runtime.backends import open_backend
+    from lcmtrt.runtime.conditioning import condition_images
     from lcmtrt.runtime.pipeline import Pipeline
+    from lcmtrt.runtime.settings import GenerationSettings
 
     metrics = ServeMetrics()
     cards, batchers = {}, {}
@@ -130,7 +131,7 @@ def load_models(config: ServeConfig) -> ServeState:
             pipeline = Pipeline(bundle, open_backend(bundle, config.device))
             conditions = condition_images(bundle)
             for size in bundle.batch_sizes:  # bind every built batch size for the default plan before serving
-                pipeline.run(pipeline.prepare(["warm up"] * size, 0, **conditions))
+                pipeline.run(pipeline.prepare(["warm up"] * size, 0, GenerationSettings(**conditions)))
             metrics.ready.labels(name).set(1)
             log.info("model %s ready: %s, batch sizes %s, loaded and warmed in %.1f s", name, bundle.root,
                      list(bundle.batch_sizes), time.perf_counter() - started)
@@ -154,6 +155,18 @@ def load_models(config: ServeConfig) -> ServeState:
 def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI:
     """The app; with `ready_before_serving` its start-up waits until every model is loaded and warmed (a Ray
     replica: Ray routes to it only then, and a model that fails to load fails the replica)."""
+    app = FastAPI(title="lcmtrt", lifespan=_lifespan(state, ready_before_serving), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.serve = state
+    app.add_middleware(_Gate, state=state)
+    _add_error_handlers(app)
+    _add_status_routes(app, state)
+    _add_image_routes(app, state)
+    return app
+
+
+def _lifespan(state: ServeState, ready_before_serving: bool) -> Callable[[FastAPI], Any]:
+    """Start every model's batcher (waiting for them to warm when asked), and stop and join them on shutdown."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for batcher in state.batchers.values():
@@ -168,11 +181,11 @@ def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI
             batcher.stop()
         await run_in_threadpool(lambda: [b.join(60) for b in state.batchers.values()])
 
-    app = FastAPI(title="lcmtrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    playground = importlib.resources.files("lcmtrt.runtime").joinpath("playground.html").read_text("utf-8")
-    app.state.serve = state
-    app.add_middleware(_Gate, state=state)
+    return lifespan
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's JSON shape: API errors as raised, routing errors named, bugs as a logged 500."""
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -189,6 +202,11 @@ def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=error)
         return JSONResponse(ApiError(500, "internal server error (a bug in lcmtrt; the log has the traceback)",
                                      code="internal_error").body(), status_code=500)
+
+
+def _add_status_routes(app: FastAPI, state: ServeState) -> None:
+    """The playground page, liveness, readiness, metrics and the model list."""
+    playground = importlib.resources.files("lcmtrt.serve").joinpath("playground.html").read_text("utf-8")
 
     @app.get("/")
     async def page() -> HTMLResponse:
@@ -219,6 +237,9 @@ def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI
     async def model(model: str) -> dict[str, Any]:
         return _card(state, model).describe()
 
+
+def _add_image_routes(app: FastAPI, state: ServeState) -> None:
+    """The OpenAI Images API: generations (JSON) and edits (multipart, one image)."""
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
@@ -251,8 +272,6 @@ def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI
         edit = validated(EditRequest, fields, strict=False)
         image = decode_image(await uploads[0].read(), "image")
         return await _generate(state, request, edit, image)
-
-    return app
 
 
 def _card(state: ServeState, name: str | None) -> ModelCard:

@@ -13,8 +13,8 @@ from types import FrameType
 
 import uvicorn
 
-from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.serve import ServeConfig, ServeState, create_app, load_models
+from lcmtrt.errors import UserError
+from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models
 
 log = logging.getLogger("lcmtrt.serve")
 

@@ -8,7 +8,7 @@ own backpressure) is rewritten into the same OpenAI error JSON by `proxy_middlew
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH.
 
 Entry points: `lcmtrt serve --ray` (serve_ray_process.py), and `serve run` / `serve deploy` on `app_builder`:
-    serve run lcmtrt.runtime.serve_ray:app_builder engines=artifacts/tiny-sd15 replicas=2
+    serve run lcmtrt.serve.ray_app:app_builder engines=artifacts/tiny-sd15 replicas=2
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from fastapi import FastAPI
 from ray import serve
 from starlette.middleware import Middleware
 
-from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.serve import ServeConfig, ServeState, create_app, load_models, parse_models
+from lcmtrt.errors import UserError
+from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models, parse_models
 
 log = logging.getLogger("lcmtrt.serve")
 APP_NAME = "lcmtrt"
 DEPLOYMENT_NAME = "LcmtrtReplica"  # the name a `serve deploy` YAML uses to set replicas, GPUs and autoscaling
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "lcmtrt.runtime.serve_ray:proxy_middlewares"
+PROXY_CALLBACK = "lcmtrt.serve.ray_app:proxy_middlewares"
 
 
 @dataclass
@@ -113,7 +113,7 @@ def build_app(config: ServeConfig, ray_config: RayConfig) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """For `serve run lcmtrt.runtime.serve_ray:app_builder engines=DIR[,NAME=DIR] [replicas=N] ...` and the
+    """For `serve run lcmtrt.serve.ray_app:app_builder engines=DIR[,NAME=DIR] [replicas=N] ...` and the
     `import_path` of a `serve deploy` config; the keys are `lcmtrt serve`'s flags with underscores."""
     known = {"engines", "device", "max_n", "max_batch_wait_ms", "max_queue", "max_body_mb", "request_timeout_s",
              "api_keys", "replicas", "gpus_per_replica", "cpus_per_replica"}
@@ -188,7 +188,7 @@ def proxy_middlewares() -> list[Middleware]:
 
 def check_bundles(config: ServeConfig) -> None:
     """Read each bundle that exists here now, so a mistake fails the command before Ray starts anything."""
-    from lcmtrt.runtime.bundle import load_bundle
+    from lcmtrt.bundle import load_bundle
 
     for name, path in config.models:
         if Path(path).exists():

@@ -17,9 +17,9 @@ from types import FrameType
 import ray
 from ray import serve
 
-from lcmtrt.runtime.errors import UserError
-from lcmtrt.runtime.serve import ServeConfig
-from lcmtrt.runtime.serve_ray import (APP_NAME, PROXY_CALLBACK, PROXY_CALLBACK_ENV, RayConfig, build_app,
+from lcmtrt.errors import UserError
+from lcmtrt.serve.app import ServeConfig
+from lcmtrt.serve.ray_app import (APP_NAME, PROXY_CALLBACK, PROXY_CALLBACK_ENV, RayConfig, build_app,
                                       check_bundles)
 
 log = logging.getLogger("lcmtrt.serve")

@@ -2,7 +2,7 @@
 batch and steps, driven in a worker process so lcmtrt never imports torch or optimum.
 
 optimum-intel pins older diffusers, transformers and huggingface-hub than lcmtrt's exporter, so it lives in its own
-venv (scripts/optimum-intel-env.sh); the worker (peer_optimum_worker.py) runs with that venv's Python and answers
+venv (scripts/optimum-intel-env.sh); the worker (optimum_intel_worker.py) runs with that venv's Python and answers
 JSON lines. All times are measured inside the worker, so the pipe adds nothing to them.
 """
 
@@ -15,14 +15,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ENV_SCRIPT = "scripts/optimum-intel-env.sh"
 DEFAULT_VENV = ".venv-optimum"
 PRECISIONS = ("fp32", "default")  # fp32: INFERENCE_PRECISION_HINT f32; default: OpenVINO's own (bf16 on bf16 CPUs)
-WORKER = Path(__file__).with_name("peer_optimum_worker.py")
+WORKER = Path(__file__).with_name("optimum_intel_worker.py")
 
 
 def default_peer_python() -> Path:
@@ -30,7 +30,7 @@ def default_peer_python() -> Path:
     lcmtrt runs from, else in the current folder (an installed lcmtrt has no checkout)."""
     if os.environ.get("LCMTRT_OPTIMUM_PYTHON"):
         return Path(os.environ["LCMTRT_OPTIMUM_PYTHON"])
-    candidates = [root / DEFAULT_VENV / "bin" / "python" for root in (Path(__file__).resolve().parents[1], Path.cwd())]
+    candidates = [root / DEFAULT_VENV / "bin" / "python" for root in (Path(__file__).resolve().parents[3], Path.cwd())]
     return next((c for c in candidates if c.is_file()), candidates[0])
 
 

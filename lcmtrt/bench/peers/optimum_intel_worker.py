@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-log = logging.getLogger("lcmtrt.peer_optimum_worker")
+log = logging.getLogger("lcmtrt.optimum_intel_worker")
 
 ENV_SCRIPT = "scripts/optimum-intel-env.sh"
 EXPORT_WEIGHT_FORMAT = "fp32"  # explicit: optimum-intel compresses models over 1B parameters to int8 by default

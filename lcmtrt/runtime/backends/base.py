@@ -10,10 +10,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from lcmtrt.runtime.bundle import Bundle
-from lcmtrt.runtime.errors import UserError
-
-BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 
 
 class Buffer(Protocol):
@@ -76,24 +72,3 @@ class Backend(Protocol):
 
     def timed(self, run: Callable[[], None]) -> float:
         """Seconds the device spends on `run` (CUDA events on a GPU, the wall clock on a CPU)."""
-
-
-def open_backend(bundle: Bundle, device: str = "auto") -> Backend:
-    """The backend the bundle was built for; `device` picks ONNX Runtime's provider (auto | cpu | cuda) or
-    OpenVINO's device (auto | CPU | GPU | NPU ...)."""
-    if bundle.backend == "tensorrt":
-        from lcmtrt.runtime.backend_trt import TensorRTBackend
-
-        return TensorRTBackend(bundle)
-    if bundle.backend == "onnxruntime":
-        from lcmtrt.runtime.backend_ort import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, device)
-    if bundle.backend == "openvino":
-        try:
-            from lcmtrt.runtime.backend_ov import OpenVinoBackend
-        except ImportError:
-            raise UserError(f"bundle {bundle.root} was built for OpenVINO, which is not installed here: "
-                            "pip install 'lcmtrt[openvino]'") from None
-        return OpenVinoBackend(bundle, device)
-    raise UserError(f"bundle {bundle.root} names unknown backend {bundle.backend!r}; rebuild it")

@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from lcmtrt.runtime.bundle import Bundle
-from lcmtrt.runtime.errors import RefitError, UserError
+from lcmtrt.bundle import Bundle
+from lcmtrt.errors import RefitError, UserError
 
 log = logging.getLogger(__name__)
 NO_SPINNING = "session.intra_op.allow_spinning"

@@ -15,9 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import openvino as ov
 
-from lcmtrt.runtime.backend import HostBuffer
-from lcmtrt.runtime.bundle import Bundle
-from lcmtrt.runtime.errors import UserError
+from lcmtrt.runtime.backends.base import HostBuffer
+from lcmtrt.bundle import Bundle
+from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ try:  # cuda-python >= 12.9.1; int() on a handle works before it and is deprecat
 except ImportError:
     get_cuda_native_handle = int
 
-from lcmtrt.runtime.backend import Buffer
-from lcmtrt.runtime.bundle import Bundle, EngineSpec
-from lcmtrt.runtime.errors import RefitError, UserError
+from lcmtrt.runtime.backends.base import Buffer
+from lcmtrt.bundle import Bundle, EngineSpec
+from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.backends.tensorrt_host import check_compatibility, device_info, trt_logger
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,6 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle) -> None:
-        # the TensorRT facts are shared with the build; imported here because runtime/ imports nothing from engines/
-        # at module level (DESIGN.md)
-        from lcmtrt.engines.tensorrt_build import check_compatibility, device_info, trt_logger
-
         self.bundle = bundle
         self.stream: Any = None
         self.capturing = False

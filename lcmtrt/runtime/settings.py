@@ -1,0 +1,60 @@
+"""What one generation request asks for besides its prompts and seed: the settings `Pipeline.prepare` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+# settings given either once for all rows or once per row; a piece of a long run takes its rows' share
+PER_ROW = ("images", "control_images", "adapter_images", "negative_prompts", "guidance_scale")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """`images` (uint8 [H, W, 3] at the bundle's size, one for all rows or one per row) turns a request into
+    image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class bundles take diffusers'
+    micro-conditioning: original_size and target_size default to (height, width). ControlNet bundles take
+    `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the conditioning scale and
+    diffusers' control_guidance_start/end. T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the
+    adapter's channels), adapter_conditioning_scale and _factor. None means the bundle's default."""
+
+    steps: int | None = None
+    guidance_scale: float | Sequence[float] | None = None
+    original_inference_steps: int | None = None
+    negative_prompts: Sequence[str] | None = None
+    images: Sequence[np.ndarray] | None = None
+    strength: float = 0.8
+    img2img_mode: str = "classic"
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    control_images: Sequence[np.ndarray] | None = None
+    control_scale: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
+    adapter_images: Sequence[np.ndarray] | None = None
+    adapter_scale: float = 1.0
+    adapter_factor: float = 1.0
+
+    @classmethod
+    def of(cls, settings: GenerationSettings | None = None, **given: Any) -> GenerationSettings:
+        """`settings`, or one built from keyword arguments; an unknown name is a TypeError naming it."""
+        if settings is not None and given:
+            raise TypeError("pass either a GenerationSettings or keyword settings, not both")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise TypeError(f"unknown generation setting {unknown[0]!r}")
+        return settings if settings is not None else cls(**given)
+
+    def piece(self, cut: slice, rows: int) -> GenerationSettings:
+        """The settings of rows `cut` of a run of `rows`: per-row values are cut, the rest kept."""
+        return replace(self, **{name: getattr(self, name)[cut] for name in PER_ROW
+                                if _is_per_row(getattr(self, name), rows)})
+
+
+def _is_per_row(value: Any, rows: int) -> bool:
+    """A setting given once per row (a list of that length), as opposed to one value for all rows."""
+    return rows > 1 and isinstance(value, (list, tuple, np.ndarray)) and len(value) == rows
