@@ -11,10 +11,13 @@ diffusers' numbers.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # diffusers encodes one input image shared by all rows once (one VAE sample draw); every other draw has a row per image
 DRAWN_ONCE_PER_SHARED_IMAGE = frozenset({"sample_noise"})
@@ -25,19 +28,24 @@ def leading_rows(names: Sequence[str], rows: int, shared_image: bool) -> tuple[i
     return tuple(1 if shared_image and name in DRAWN_ONCE_PER_SHARED_IMAGE else rows for name in names)
 
 
-def torch_available() -> bool:
+def choose_source() -> str:
+    """"torch" when torch imports (diffusers' numbers; importing it now spares the first request a second), else
+    "numpy". A torch that is installed but does not import falls back to numpy with a warning."""
     if os.environ.get("LCMTRT_NOISE") == "numpy":
-        return False
+        return "numpy"
     try:
-        return importlib.util.find_spec("torch") is not None
+        if importlib.util.find_spec("torch") is None:
+            return "numpy"
     except (ImportError, ValueError):  # a blocked or half-installed torch counts as absent
-        return False
-
-
-def prepare(use_torch: bool) -> None:
-    """Import torch now (about a second) so that the first request does not pay for it."""
-    if use_torch:
+        return "numpy"
+    try:
         import torch  # noqa: F401
+    except Exception as e:  # a broken install raises anything (OSError for a missing CUDA library): never fatal here
+        reason = str(e).splitlines()[0] if str(e) else ""
+        log.warning("warning: torch is installed but does not import (%s: %s): noise is drawn with numpy, so seeds "
+                    "do not reproduce diffusers' images", type(e).__name__, reason)
+        return "numpy"
+    return "torch"
 
 
 class _Source:

@@ -88,8 +88,8 @@ class Pipeline:
         self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
         self._coeffs: dict[StepPlan, list[Buffer]] = {}
         self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
-        self.use_torch = noise_source.torch_available()
-        noise_source.prepare(self.use_torch)
+        self.noise = noise_source.choose_source()  # "torch" (diffusers' numbers) or "numpy": said in every answer
+        self.use_torch = self.noise == "torch"
         self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
 
     @classmethod
@@ -342,8 +342,7 @@ class Pipeline:
             engine_seconds += time.perf_counter() - launched
             batches.append(batch)
             start += count
-        return Generation(out, final, [], plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
-                          engine_seconds, batches)
+        return Generation(out, final, [], plan.timesteps.tolist(), self.noise, engine_seconds, batches)
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
