@@ -1,9 +1,11 @@
 """Image-to-image on the tiny SD1.5-like LCM vs diffusers run here with the same seed, on a real photograph:
 classic (StableDiffusionImg2ImgPipeline + LCMScheduler) and lcm (LatentConsistencyModelImg2ImgPipeline), and the
-TAESD (AutoencoderTiny) bundle vs the same pipelines with AutoencoderTiny."""
+TAESD (AutoencoderTiny) bundle vs the same pipelines with AutoencoderTiny; `--num-images N` from one image, in pieces
+of the built batch sizes, vs num_images_per_prompt=N."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +58,23 @@ def ours(tiny_sd15_bundle: Path, backend: str) -> Pipeline:
     return Pipeline.load(on_backend(tiny_sd15_bundle, backend))
 
 
-def run_reference(pipe, prompts, images, generator, steps, strength, guidance=8.0):
+def run_reference(pipe, prompts, images, generator, steps, strength, guidance=8.0, num_images=1):
     with torch.no_grad():
         return to_uint8(pipe(prompts, image=[Image.fromarray(i) for i in images], num_inference_steps=steps,
                              strength=strength, guidance_scale=guidance, generator=generator,
-                             output_type="np").images)
+                             num_images_per_prompt=num_images, output_type="np").images)
+
+
+def num_images_in_pieces(pipeline: Pipeline, batch_sizes: tuple[int, ...], image: np.ndarray, mode: str,
+                         count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """`infer PROMPT --image X --num-images count --seed 0` on a bundle built for `batch_sizes`: the images of
+    generate_pieces, and those of one generate() call."""
+    pipeline = Pipeline(replace(pipeline.bundle, batch_sizes=batch_sizes), pipeline.backend)
+    settings = dict(steps=4, images=[image], strength=0.5, img2img_mode=mode)
+    pieces = list(pipeline.generate_pieces([PROMPT] * count, seed=0, **settings))
+    assert [len(p.images) for p in pieces] == ([2, 1] if 2 in batch_sizes else [1] * count)
+    whole = pipeline.generate([PROMPT] * count, seed=0, **settings).images
+    return np.concatenate([p.images for p in pieces]), whole
 
 
 def _runs(mode: str, steps: int, strength: float) -> bool:
@@ -100,6 +114,16 @@ def test_batch_of_two(ours, reference, astronaut, coffee, mode: str) -> None:
     assert_images_match(result.images, expected)
 
 
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+@pytest.mark.parametrize("batch_sizes", [(1, 2), (1,)])  # tiny-sd15's; lcm-sdxl and lcm-ssd-1b build batch 1 only
+def test_num_images_from_one_image(ours, reference, astronaut, mode: str, batch_sizes: tuple[int, ...]) -> None:
+    """diffusers encodes the shared image once (one VAE sample draw), then draws add_noise noise for all 3 rows."""
+    images, whole = num_images_in_pieces(ours, batch_sizes, astronaut, mode)
+    expected = run_reference(reference[mode], [PROMPT], [astronaut], torch.manual_seed(0), 4, 0.5, num_images=3)
+    assert_images_match(images, expected)
+    np.testing.assert_array_equal(images, whole)
+
+
 @pytest.fixture(scope="module")
 def taesd_bundle(build_tiny, backend: str) -> Path:
     return build_tiny("tiny-sd15-taesd", backend)
@@ -136,3 +160,15 @@ def test_taesd_image_to_image(taesd_bundle: Path, taesd_reference: dict, astrona
     expected = run_reference(taesd_reference[mode], [PROMPT, "coffee"], [astronaut, coffee],
                              [torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)], 4, 0.5)
     assert_images_match(result.images, expected)
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+@pytest.mark.parametrize("batch_sizes", [(1, 2), (1,)])
+def test_taesd_num_images_from_one_image(taesd_bundle: Path, taesd_reference: dict, astronaut, mode: str,
+                                         batch_sizes: tuple[int, ...]) -> None:
+    """TAESD's only draw before the steps is add_noise's, one row per image even from one shared image."""
+    images, whole = num_images_in_pieces(Pipeline.load(taesd_bundle), batch_sizes, astronaut, mode)
+    expected = run_reference(taesd_reference[mode], [PROMPT], [astronaut], torch.manual_seed(0), 4, 0.5,
+                             num_images=3)
+    assert_images_match(images, expected)
+    np.testing.assert_array_equal(images, whole)

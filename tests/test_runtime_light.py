@@ -41,6 +41,22 @@ def test_infer_runs_without_torch(tiny_sd15_bundle: Path, tmp_path: Path, backen
     np.testing.assert_array_equal(np.asarray(Image.open(out)), first)
 
 
+def test_broken_torch_falls_back_to_numpy_noise(tiny_sd15_bundle: Path, tmp_path: Path) -> None:
+    """torch installed but failing to import (here: a missing CUDA library) draws numpy noise, with a warning."""
+    broken = tmp_path / "site" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libcudnn.so.9: cannot open shared object file')\n")
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(broken.parent)!r})\n"
+            "from lcmtrt.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["infer", "--engines", str(tiny_sd15_bundle), "a cat", "--seed", "7", "--output", str(tmp_path / "a.png")]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch is installed but does not import (OSError: libcudnn.so.9" in done.stderr
+    assert "noise from numpy" in done.stderr
+
+
 def test_runtime_modules_import_nothing_heavy() -> None:
     code = ("import sys\n"
             "import lcmtrt.cli.main, lcmtrt.runtime.pipeline, lcmtrt.runtime.backends.onnxruntime, lcmtrt.runtime.scheduler\n"

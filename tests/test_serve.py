@@ -317,8 +317,9 @@ def _http_head(length: int) -> bytes:
 def test_lone_request_does_not_wait_for_company(small_server: Server) -> None:
     """Nothing else on its way: the batch runs at once, not after --max-batch-wait-ms (3 s here)."""
     waited = small_server.metric("lcmtrt_queue_wait_seconds_sum")
-    status, headers, _ = small_server.post_json({"prompt": "alone", "n": 1})
+    status, headers, answer = small_server.post_json({"prompt": "alone", "n": 1})
     assert status == 200 and headers["x-lcmtrt-batch-images"] == "1"
+    assert answer["noise"] == "torch"  # which generator made the seed's noise: torch's numbers equal diffusers'
     assert small_server.metric("lcmtrt_queue_wait_seconds_sum") - waited < 1.5
 
 

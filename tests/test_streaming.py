@@ -1,8 +1,10 @@
 """Runs of any length: noise handed out in pieces equals one draw, infer writes each engine batch's images as soon
-as they exist (memory bounded by the largest batch), and an interrupted run keeps what it wrote, with no partial file."""
+as they exist (memory bounded by the largest batch), and an interrupted run keeps what it wrote, with no partial file.
+Text-to-image and image-to-image (one shared input image, one per row, and TAESD's single encoder draw)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +16,38 @@ from lcmtrt.cli.main import main
 from lcmtrt.runtime.pipeline import Pipeline
 
 LATENT = (4, 8, 8)
+PIECES = [(3, 1, 3), (2, 2, 2, 1), (1,) * 7]  # the built batch sizes cut a run; a one-row piece may follow larger ones
 
 
 @pytest.mark.parametrize("use_torch", [True, False])
 @pytest.mark.parametrize("seeds", [7, [3, 1, 4, 1, 5, 9, 2]])
-@pytest.mark.parametrize("leading", [(7,), (1, 7)])  # text-to-image; image-to-image from one shared image
-def test_pieces_equal_one_draw(use_torch: bool, seeds, leading: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("names, shared_image", [
+    (("latents",), False),  # text-to-image
+    (("sample_noise", "noise"), False),  # image-to-image, one input image per row
+    (("sample_noise", "noise"), True),  # one input image shared by every row: its VAE sample is drawn once
+    (("noise",), True),  # TAESD encodes deterministically: only add_noise's draw, one row per image
+])
+@pytest.mark.parametrize("pieces", PIECES)
+def test_pieces_equal_one_draw(use_torch: bool, seeds, names: tuple[str, ...], shared_image: bool,
+                               pieces: tuple[int, ...]) -> None:
+    leading = noise.leading_rows(names, 7, shared_image)
     firsts, steps = noise.draw(seeds, 7, LATENT, leading, 4, use_torch)
-    stream = noise.NoiseStream(seeds, 7, use_torch, shared_first=leading[0] == 1)
+    stream = noise.NoiseStream(seeds, 7, use_torch, shared_image=shared_image)
     stream.SKIP_BLOCK = 2  # position the phases in several small draws
-    pieces = [stream.take(count, LATENT, leading, 4) for count in (3, 1, 3)]
+    taken = [stream.take(count, LATENT, names, 4) for count in pieces]
     for k, first in enumerate(firsts):
-        np.testing.assert_array_equal(np.concatenate([p[0][k] for p in pieces]), first)
-    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces], axis=1), steps)
+        np.testing.assert_array_equal(np.concatenate([p[0][k] for p in taken]), first)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in taken], axis=1), steps)
     with pytest.raises(ValueError, match="rows taken"):
-        stream.take(1, LATENT, leading, 4)
+        stream.take(1, LATENT, names, 4)
+
+
+def test_only_the_vae_sample_of_a_shared_image_is_drawn_once() -> None:
+    """diffusers encodes one shared image once (one VAE sample row) and draws add_noise noise for every row."""
+    assert noise.leading_rows(("sample_noise", "noise"), 3, shared_image=True) == (1, 3)
+    assert noise.leading_rows(("noise",), 3, shared_image=True) == (3,)
+    assert noise.leading_rows(("sample_noise", "noise"), 3, shared_image=False) == (3, 3)
+    assert noise.leading_rows(("latents",), 3, shared_image=True) == (3,)
 
 
 def test_pieces_equal_one_generate(tiny_sd15_bundle: Path) -> None:
@@ -38,6 +57,52 @@ def test_pieces_equal_one_generate(tiny_sd15_bundle: Path) -> None:
     pieces = list(pipeline.generate_pieces(prompts, seed=11, steps=2, guidance_scale=[8.0, 7.0, 6.0, 5.0, 4.0]))
     assert [len(p.images) for p in pieces] == [2, 2, 1]  # the largest built batch at a time
     np.testing.assert_array_equal(np.concatenate([p.images for p in pieces]), whole.images)
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A smooth colour image at the tiny bundle's 64x64: image-to-image's input."""
+    y, x = np.mgrid[0:64, 0:64]
+    return np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["classic", "lcm"])
+@pytest.mark.parametrize("batch_sizes, sizes", [((1, 2), [2, 2, 1]), ((1,), [1] * 5)])
+def test_img2img_pieces_equal_one_generate(tiny_sd15_bundle: Path, photo: np.ndarray, mode: str,
+                                           batch_sizes: tuple[int, ...], sizes: list[int]) -> None:
+    """One shared input image for every row, cut by the built batch sizes: batch 1 only (lcm-sdxl, lcm-ssd-1b) and a
+    one-row piece after two-row ones (tiny-sd15)."""
+    loaded = Pipeline.load(tiny_sd15_bundle)
+    pipeline = Pipeline(replace(loaded.bundle, batch_sizes=batch_sizes), loaded.backend)
+    settings = dict(steps=3, images=[photo], strength=0.6, img2img_mode=mode)
+    whole = pipeline.generate(["a cat"] * 5, seed=4, **settings)
+    pieces = list(pipeline.generate_pieces(["a cat"] * 5, seed=4, **settings))
+    assert [len(p.images) for p in pieces] == sizes
+    np.testing.assert_array_equal(np.concatenate([p.images for p in pieces]), whole.images)
+    np.testing.assert_array_equal(np.concatenate([p.latents for p in pieces]), whole.latents)
+    assert len({image.tobytes() for image in whole.images}) == 5  # each row its own add_noise and step noise
+
+
+def test_img2img_pieces_with_one_image_per_row(tiny_sd15_bundle: Path, photo: np.ndarray) -> None:
+    pipeline = Pipeline.load(tiny_sd15_bundle)
+    images = [photo, photo[::-1], photo[:, ::-1]]
+    settings = dict(steps=2, images=images, strength=0.5, img2img_mode="lcm")
+    whole = pipeline.generate(["a", "b", "c"], seed=9, **settings)
+    pieces = list(pipeline.generate_pieces(["a", "b", "c"], seed=9, **settings))
+    assert [len(p.images) for p in pieces] == [2, 1]
+    np.testing.assert_array_equal(np.concatenate([p.images for p in pieces]), whole.images)
+
+
+def test_infer_image_with_num_images(tiny_sd15_bundle: Path, photo: np.ndarray, tmp_path: Path) -> None:
+    """`infer --image X --num-images 3` on tiny-sd15 (batch sizes 1 and 2): a batch of 2, then 1, and no traceback."""
+    source = tmp_path / "cat.png"
+    Image.fromarray(photo).save(source)
+    out = tmp_path / "many.png"
+    assert main(["-q", "infer", "--engines", str(tiny_sd15_bundle), "a cat", "--image", str(source),
+                 "--num-images", "3", "--seed", "0", "--output", str(out)]) == 0
+    expected = Pipeline.load(tiny_sd15_bundle).generate(["a cat"] * 3, seed=0, images=[photo]).images
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"many-{i}.png")), expected[i])
 
 
 def test_infer_writes_each_batch_and_stays_bounded(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch,

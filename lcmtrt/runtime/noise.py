@@ -1,33 +1,51 @@
 """Host-side random draws in diffusers' order.
 
-A generation draws some leading tensors (text-to-image: the initial latents; image-to-image: the VAE's sample noise
-unless the VAE is deterministic, then the add_noise noise), then one draw per step except the last. With torch
-importable, one seed reproduces diffusers' `generator=torch.manual_seed(seed)` exactly (one generator for the whole
-batch) and a list of seeds reproduces diffusers' list of generators (one per row). Without torch, numpy's PCG64 is
-used: deterministic per seed, but not diffusers' numbers.
+A generation draws some leading tensors, named as the engine inputs they fill (text-to-image: "latents", the initial
+latents; image-to-image: "sample_noise", the VAE's sample noise, unless the VAE is deterministic, then "noise", the
+add_noise noise), then one draw per step except the last. With torch importable, one seed reproduces diffusers'
+`generator=torch.manual_seed(seed)` exactly (one generator for the whole batch) and a list of seeds reproduces
+diffusers' list of generators (one per row). Without torch, numpy's PCG64 is used: deterministic per seed, but not
+diffusers' numbers.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from typing import Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
-def torch_available() -> bool:
+# diffusers encodes one input image shared by all rows once (one VAE sample draw); every other draw has a row per image
+DRAWN_ONCE_PER_SHARED_IMAGE = frozenset({"sample_noise"})
+
+
+def leading_rows(names: Sequence[str], rows: int, shared_image: bool) -> tuple[int, ...]:
+    """How many rows each leading draw of a `rows`-image run has: one for a shared image's VAE sample, else `rows`."""
+    return tuple(1 if shared_image and name in DRAWN_ONCE_PER_SHARED_IMAGE else rows for name in names)
+
+
+def choose_source() -> str:
+    """"torch" when torch imports (diffusers' numbers; importing it now spares the first request a second), else
+    "numpy". A torch that is installed but does not import falls back to numpy with a warning."""
     if os.environ.get("LCMTRT_NOISE") == "numpy":
-        return False
+        return "numpy"
     try:
-        return importlib.util.find_spec("torch") is not None
+        if importlib.util.find_spec("torch") is None:
+            return "numpy"
     except (ImportError, ValueError):  # a blocked or half-installed torch counts as absent
-        return False
-
-
-def prepare(use_torch: bool) -> None:
-    """Import torch now (about a second) so that the first request does not pay for it."""
-    if use_torch:
+        return "numpy"
+    try:
         import torch  # noqa: F401
+    except Exception as e:  # a broken install raises anything (OSError for a missing CUDA library): never fatal here
+        reason = str(e).splitlines()[0] if str(e) else ""
+        log.warning("warning: torch is installed but does not import (%s: %s): noise is drawn with numpy, so seeds "
+                    "do not reproduce diffusers' images", type(e).__name__, reason)
+        return "numpy"
+    return "torch"
 
 
 class _Source:
@@ -69,7 +87,7 @@ class _Source:
 
 def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leading: tuple[int, ...], steps: int,
          use_torch: bool) -> tuple[list[np.ndarray], np.ndarray]:
-    """`leading[k]` rows for each leading draw, broadcast to `rows` (diffusers encodes one shared input image once),
+    """`leading[k]` rows for each leading draw (leading_rows: 1 for a shared image's VAE sample), broadcast to `rows`,
     then step noise [steps, rows, *latent_shape] whose last step is all zeros."""
     firsts = [np.empty((rows, *latent_shape), np.float32) for _ in leading]
     noise = np.zeros((steps, rows, *latent_shape), np.float32)
@@ -98,50 +116,54 @@ class NoiseStream:
     One seed is one generator whose draws run phase by phase (leading tensors, then each step) over all rows, so each
     phase gets its own copy of the generator, advanced once past the earlier phases. That is exact when a piece's
     rows are a multiple of 16 values: torch fills normals in blocks of 16 (numpy draws value by value). A list of
-    seeds is one generator per row, which pieces split trivially.
+    seeds is one generator per row, which pieces split trivially. `shared_image`: every row is made from one input
+    image, whose VAE sample diffusers draws once for the whole run.
     """
 
     SKIP_BLOCK = 64  # rows drawn and dropped at a time while positioning the phases
 
-    def __init__(self, seeds: int | list[int], rows: int, use_torch: bool, shared_first: bool = False):
-        self.seeds, self.rows, self.use_torch = seeds, rows, use_torch
-        self.shared_first = shared_first  # image-to-image from one shared image: its VAE sample is drawn once
+    def __init__(self, seeds: int | list[int], rows: int, use_torch: bool, shared_image: bool = False):
+        self.seeds, self.rows, self.use_torch, self.shared_image = seeds, rows, use_torch, shared_image
         self.cursor = 0
-        self._phases: list[_Source] | None = None
-        self._shared: list[np.ndarray | None] = []
+        self._names: tuple[str, ...] | None = None  # the leading draws the phases were positioned for
+        self._phases: list[_Source] = []
+        self._shared: list[np.ndarray | None] = []  # per phase: the one row of a draw made once for all rows
 
     def exact_for(self, latent_shape: tuple[int, ...]) -> bool:
         return isinstance(self.seeds, list) or not self.use_torch or int(np.prod(latent_shape)) % 16 == 0
 
-    def take(self, count: int, latent_shape: tuple[int, ...], leading: tuple[int, ...],
+    def take(self, count: int, latent_shape: tuple[int, ...], names: Sequence[str],
              steps: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """The next `count` rows of draw(seeds, rows, latent_shape, leading, steps): `leading` counts are for the
-        whole stream (1 for a shared image's single draw, else all rows)."""
+        """The next `count` rows of draw(seeds, rows, latent_shape, leading_rows(names, rows, shared_image), steps):
+        every piece names the same leading draws, whatever its own row count."""
+        names = tuple(names)
         if self.cursor + count > self.rows:
             raise ValueError(f"{self.cursor + count} rows taken from a stream of {self.rows}")
+        if self._names is not None and names != self._names:
+            raise ValueError(f"leading draws {names} taken from a stream positioned for {self._names}")
         start, self.cursor = self.cursor, self.cursor + count
         if isinstance(self.seeds, list):
-            return draw(self.seeds[start:start + count], count, latent_shape, (count,) * len(leading), steps,
+            return draw(self.seeds[start:start + count], count, latent_shape, (count,) * len(names), steps,
                         self.use_torch)
-        if self._phases is None:
-            self._position(latent_shape, leading, steps)
+        if self._names is None:
+            self._position(latent_shape, names, steps)
         firsts = []
-        for k, total in enumerate(leading):
-            if total == 1 and self.rows > 1:  # one shared draw, broadcast to every row
-                firsts.append(np.broadcast_to(self._shared[k], (count, *latent_shape)).copy())
+        for phase, shared in zip(self._phases, self._shared[:len(names)]):
+            if shared is not None:
+                firsts.append(np.broadcast_to(shared, (count, *latent_shape)).copy())
             else:
-                firsts.append(self._phases[k].randn((count, *latent_shape)))
+                firsts.append(phase.randn((count, *latent_shape)))
         noise = np.zeros((steps, count, *latent_shape), np.float32)
         for step in range(steps - 1):
-            noise[step] = self._phases[len(leading) + step].randn((count, *latent_shape))
+            noise[step] = self._phases[len(names) + step].randn((count, *latent_shape))
         return firsts, noise
 
-    def _position(self, latent_shape: tuple[int, ...], leading: tuple[int, ...], steps: int) -> None:
+    def _position(self, latent_shape: tuple[int, ...], names: tuple[str, ...], steps: int) -> None:
         source = _Source(self.seeds, self.use_torch)
-        self._phases, self._shared = [], []
-        for total in list(leading) + [self.rows] * (steps - 1):
+        self._names = names
+        for total in leading_rows(names, self.rows, self.shared_image) + (self.rows,) * (steps - 1):
             self._phases.append(source.copy())
-            if total == 1 and self.rows > 1:
+            if total == 1 and self.rows > 1:  # drawn once, here, and broadcast to every piece's rows
                 self._shared.append(source.randn((1, *latent_shape))[0])
             else:
                 self._shared.append(None)

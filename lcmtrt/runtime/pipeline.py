@@ -88,8 +88,8 @@ class Pipeline:
         self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
         self._coeffs: dict[StepPlan, list[Buffer]] = {}
         self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
-        self.use_torch = noise_source.torch_available()
-        noise_source.prepare(self.use_torch)
+        self.noise = noise_source.choose_source()  # "torch" (diffusers' numbers) or "numpy": said in every answer
+        self.use_torch = self.noise == "torch"
         self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
 
     @classmethod
@@ -202,9 +202,7 @@ class Pipeline:
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != len(prompts):
             raise UserError(f"{len(seeds)} seeds given for {len(prompts)} images; give one seed or one per image")
-        images = settings.images
-        stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch,
-                                          shared_first=images is not None and len(images) == 1)
+        stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch, _shares_one_image(settings))
         piece = piece or max(self.bundle.batch_sizes)
         if not stream.exact_for(self.bundle.latent_shape):  # torch's normals come in blocks of 16 values
             piece = len(prompts)
@@ -225,40 +223,40 @@ class Pipeline:
         scales = s.guidance_scale if s.guidance_scale is not None else self.bundle.default_guidance_scale
         scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
         cfg = self._uses_cfg(scales, bool(s.negative_prompts and any(s.negative_prompts)))
-        plan, leading = self._plan(s, rows)
-        firsts, step_noise = self._draw(seed, rows, leading, plan)
+        plan, leading = self._plan(s)
+        firsts, step_noise = self._draw(seed, rows, leading, _shares_one_image(s), plan)
         sources = None if s.images is None else _per_row(s.images, rows, "input images")
         inputs, doubled = self._text_inputs(prompts, s.negative_prompts, scales, cfg)
         factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
         return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
                             np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
 
-    def _plan(self, s: GenerationSettings, rows: int) -> tuple[StepPlan, tuple[int, ...]]:
-        """The step plan, and how many rows each leading draw (initial latents, or the encoder's noises) has."""
+    def _plan(self, s: GenerationSettings) -> tuple[StepPlan, tuple[str, ...]]:
+        """The step plan, and the names of its leading draws in diffusers' order: the initial latents, or the
+        encoder's noises."""
         steps = self.bundle.default_steps if s.steps is None else s.steps
         if s.images is None:
             plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=s.original_inference_steps)
-            return plan, (rows,)  # the initial latents
+            return plan, ("latents",)
         if "vae_encode" not in self.bundle.engines:
             raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
         shape = (self.bundle.height, self.bundle.width, 3)
         if any(np.shape(image) != shape for image in s.images):
             raise ValueError(f"input images must be uint8 arrays of shape {shape}")
         plan = img2img_plan(self.bundle.scheduler, steps, s.strength, s.img2img_mode, s.original_inference_steps)
-        shared_image = len(s.images) == 1
-        # diffusers encodes a shared image once (one VAE sample draw), then draws add_noise noise for all rows
-        return plan, tuple(1 if shared_image and name == "sample_noise" else rows for name in self.encode_noises)
+        return plan, tuple(self.encode_noises)
 
-    def _draw(self, seed: int | Sequence[int] | noise_source.NoiseStream, rows: int, leading: tuple[int, ...],
-              plan: StepPlan) -> tuple[list[np.ndarray], np.ndarray]:
-        """Every random draw of the request, in diffusers' order: the leading draws, then each step's noise."""
+    def _draw(self, seed: int | Sequence[int] | noise_source.NoiseStream, rows: int, leading: tuple[str, ...],
+              shared_image: bool, plan: StepPlan) -> tuple[list[np.ndarray], np.ndarray]:
+        """Every random draw of the request, in diffusers' order: the leading draws (by name), then each step's
+        noise. Which leading draws one shared input image makes once is decided by name (noise.leading_rows)."""
         if isinstance(seed, noise_source.NoiseStream):  # a piece of a longer run: its rows of the run's draws
-            totals = tuple(1 if count == 1 and seed.shared_first else seed.rows for count in leading)
-            return seed.take(rows, self.bundle.latent_shape, totals, plan.steps)
+            return seed.take(rows, self.bundle.latent_shape, leading, plan.steps)
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != rows:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
-        return noise_source.draw(seeds, rows, self.bundle.latent_shape, leading, plan.steps, self.use_torch)
+        counts = noise_source.leading_rows(leading, rows, shared_image)
+        return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch)
 
     def _text_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -344,8 +342,7 @@ class Pipeline:
             engine_seconds += time.perf_counter() - launched
             batches.append(batch)
             start += count
-        return Generation(out, final, [], plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
-                          engine_seconds, batches)
+        return Generation(out, final, [], plan.timesteps.tolist(), self.noise, engine_seconds, batches)
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
@@ -427,6 +424,11 @@ def _seeds(seed: int | Sequence[int] | None) -> int | list[int]:
     if seed is None:
         return random.randrange(2**31)
     return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+
+
+def _shares_one_image(settings: GenerationSettings) -> bool:
+    """Image-to-image with one input image for every row (diffusers then encodes it once)."""
+    return settings.images is not None and len(settings.images) == 1
 
 
 def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:

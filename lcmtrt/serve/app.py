@@ -342,8 +342,11 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     headers = {"X-Lcmtrt-Batch-Images": ",".join(map(str, job.batch_images)),
                "Server-Timing": f"queue;dur={job.queue_wait_s * 1000:.1f}, engine;dur={job.engine_seconds * 1000:.1f}, "
                                 f"total;dur={total_ms:.1f}"}
+    # `noise` names the generator the seed drove (torch: diffusers' numbers; numpy: this runtime's own), so a seed is
+    # reproducible only with the same one
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b64, "seed": seed} for b64 in encoded],
-                         "output_format": body.output_format, "size": card.size}, headers=headers)
+                         "noise": batcher.pipeline.noise, "output_format": body.output_format, "size": card.size},
+                        headers=headers)
 
 
 async def _wait(state: ServeState, request: Request, batcher: Batcher, job: Job) -> Any:
