@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -91,20 +91,6 @@ class ServeState:
 
 class _ClientGone(Exception):
     """The client closed the connection before its images were done; nothing is sent."""
-
-
-def parse_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
-    """`DIR` or `NAME=DIR`; a folder whose own name holds `=` still works when it exists."""
-    models = []
-    for spec in specs:
-        name, _, folder = spec.partition("=")
-        if not folder or Path(spec).exists():
-            models.append((Path(spec).resolve().name, Path(spec)))
-        elif not name:
-            raise UserError(f"--engines {spec!r}: NAME=DIR needs a name before '='")
-        else:
-            models.append((name, Path(folder)))
-    return models
 
 
 def load_models(config: ServeConfig) -> ServeState:
