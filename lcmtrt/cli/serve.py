@@ -28,7 +28,7 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     serve.add_argument("--max-n", help="images per request at most (default 4; at most --max-queue)")
     serve.add_argument("--max-batch-wait-ms",
-                       help="how long a batch waits for requests still on their way to share it "
+                       help="how long a batch waits for requests to its model still on their way to share it "
                             "(default 10; a lone request never waits)")
     serve.add_argument("--max-queue", help="images waiting per model before 503s (default 64)")
     serve.add_argument("--max-body-mb", help="request bodies above this get 413 (default 20)")

@@ -75,7 +75,8 @@ class LcmtrtReplica:
         log.info("replica %s (pid %d): loading %s", replica, os.getpid(), ", ".join(self.state.cards))
 
     def check_health(self) -> None:
-        """Ray's periodic probe: a model that failed makes Ray replace this replica."""
+        """Ray's periodic probe: a model that failed to load, or whose worker thread stopped, makes Ray replace this
+        replica."""
         failed = [name for name, b in self.state.batchers.items() if b.failed is not None]
         if failed:
             raise RuntimeError(f"model {failed[0]} failed: {self.state.batchers[failed[0]].failed}")
