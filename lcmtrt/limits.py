@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from lcmtrt.errors import UserError
 
@@ -22,7 +23,9 @@ class Range:
         return f"{kind} in {'(' if self.low_open else '['}{bound(self.low)}, {bound(self.high)}]"
 
     def holds(self, value: float) -> bool:
-        if not math.isfinite(value) or (self.integer and value != int(value)):
+        if isinstance(value, float) and not math.isfinite(value):  # ints are exact, however large
+            return False
+        if self.integer and value != int(value):
             return False
         return (self.low < value if self.low_open else self.low <= value) and value <= self.high
 
@@ -46,6 +49,20 @@ LIMITS = {
     "workspace_gb": Range(0.0, 4096.0, low_open=True),
     "iterations": Range(1, 100_000, integer=True),
     "warmup": Range(0, 10_000, integer=True),
+    # lcmtrt serve (and the Ray app's arguments of the same names)
+    "port": Range(1, 65535, integer=True),
+    "max_n": Range(1, 1024, integer=True),  # images per request
+    "max_queue": Range(1, 65536, integer=True),  # images waiting per model
+    "max_batch_wait_ms": Range(0.0, 60_000.0),
+    "max_body_mb": Range(0.0, 1024.0, low_open=True),
+    "request_timeout_s": Range(0.0, 86_400.0, low_open=True),
+    "replicas": Range(1, 1024, integer=True),
+    "gpus_per_replica": Range(0.0, 1024.0),
+    "cpus_per_replica": Range(0.0, 1024.0),
+    # lcmtrt bench-serve
+    "requests": Range(1, 1_000_000, integer=True),
+    "seconds": Range(0.0, 86_400.0, low_open=True),
+    "n": Range(1, 1024, integer=True),
 }
 
 
@@ -65,3 +82,24 @@ def parse(name: str, text: str) -> float:
     except ValueError:
         raise UserError(f"{name.replace('_', '-')} {text!r} must be {limit.describe()}") from None
     return checked(name, value)
+
+
+def checked_values(values: Mapping[str, Any], spell: Callable[[str], str] = lambda key: key) -> dict[str, float]:
+    """Each value, a number or its text (a flag's, or an argument of `serve run key=value`), checked against
+    LIMITS[key]: the same keys with ints and floats, or a UserError naming the first wrong one as `spell(key)`."""
+    checked = {}
+    for key, value in values.items():
+        limit = LIMITS[key]
+        shown = value if isinstance(value, str) else repr(value)
+        shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+        wrong = UserError(f"{spell(key)} {shown}: must be {limit.describe()}")
+        number = value
+        if isinstance(value, str):
+            try:
+                number = int(value) if limit.integer and value.strip().lstrip("+-").isdigit() else float(value)
+            except ValueError:
+                raise wrong from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not limit.holds(number):
+            raise wrong
+        checked[key] = int(number) if limit.integer else float(number)
+    return checked

@@ -1,10 +1,11 @@
-"""A generated table of bad (and some good) inputs to infer, build-engines and bench: every run must end with exit
-code 0 or 2 and never a traceback; a failing run says why in one line; a successful run wrote a readable image.
+"""A generated table of bad (and some good) inputs to infer, build-engines, bench, serve and bench-serve: every run
+must end with exit code 0 or 2 and never a traceback; a failing run says why in one line; a successful run wrote a
+readable image.
 
-Classes: numbers (0, negative, huge, NaN, inf, not a number) for every numeric flag; paths (missing, a folder
-instead of a file, unwritable, unicode, very long); image files (empty, truncated PNG, text, 1x1, huge, 16-bit,
-CMYK, RGBA, palette, animated GIF); bundle damage (each file missing, truncated, swapped with another bundle's,
-bundle.json with each key removed or of the wrong type)."""
+Classes: numbers (0, negative, huge, NaN, inf, not a number) for every numeric flag, and serve's and bench-serve's
+flags that contradict each other; paths (missing, a folder instead of a file, unwritable, unicode, very long); image
+files (empty, truncated PNG, text, 1x1, huge, 16-bit, CMYK, RGBA, palette, animated GIF); bundle damage (each file
+missing, truncated, swapped with another bundle's, bundle.json with each key removed or of the wrong type)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,45 @@ def test_bench_numbers(tiny_sd15_bundle: Path, tmp_path: Path, capsys, flag: str
     code, err = run(capsys, argv)
     assert "Traceback" not in err and code in (0, 2), (code, err)
     assert code == 2 or json.loads((tmp_path / "b.json").read_text())["lcmtrt"]["results"]
+
+
+SERVE_NUMBERS = ["--port", "--max-n", "--max-batch-wait-ms", "--max-queue", "--max-body-mb", "--request-timeout-s"]
+RAY_NUMBERS = ["--replicas", "--gpus-per-replica", "--cpus-per-replica"]
+BENCH_SERVE_NUMBERS = ["--requests", "--seconds", "--n"]
+OUT_OF_RANGE = ["nan", "inf", "-inf", "-1", "1e30", "abc", ""]  # out of every serve and bench-serve flag's range
+NOBODY = "http://127.0.0.1:9"  # bench-serve never gets to connect: its flags are checked first
+
+
+@pytest.mark.parametrize("flag,value", [(f, v) for f in SERVE_NUMBERS + RAY_NUMBERS for v in OUT_OF_RANGE])
+def test_serve_numbers(tmp_path: Path, capsys, flag: str, value: str) -> None:
+    """One line naming the flag and its range, before any bundle is read or Ray is started."""
+    ray = ["--ray"] if flag in RAY_NUMBERS else []
+    code, err = run(capsys, ["serve", "--engines", str(tmp_path / "no-bundle"), f"{flag}={value}", *ray])
+    assert_clean(code, err, [])
+    assert code == 2 and f"{flag} {value}: must be " in err, err
+
+
+@pytest.mark.parametrize("flag,value", [(f, v) for f in BENCH_SERVE_NUMBERS for v in [*OUT_OF_RANGE, "0"]])
+def test_bench_serve_numbers(capsys, flag: str, value: str) -> None:
+    code, err = run(capsys, ["bench-serve", "--url", NOBODY, f"{flag}={value}"])
+    assert_clean(code, err, [])
+    assert code == 2 and f"{flag} {value}: must be " in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["serve", "--max-n", "8", "--max-queue", "4"], "--max-n 8 is above --max-queue 4"),
+    (["serve", "--api-key", "key "], "--api-key: a key is empty"),
+    (["bench-serve", "--url", NOBODY, "--requests", "4", "--concurrency", "1,8"],
+     "--requests 4 cannot keep --concurrency 8 busy"),
+    (["bench-serve", "--url", NOBODY, "--baseline-url", NOBODY + "/"], "--baseline-url is --url"),
+])
+def test_serve_contradictions(tmp_path: Path, capsys, argv: list[str], words: str) -> None:
+    """Flags that contradict each other are refused at start-up, before any bundle is read or server reached."""
+    if argv[0] == "serve":
+        argv = [*argv, "--engines", str(tmp_path / "no-bundle")]
+    code, err = run(capsys, argv)
+    assert_clean(code, err, [])
+    assert code == 2 and words in err, err
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)

@@ -6,16 +6,21 @@ artifacts/tests/)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_serve import KEY, Server, decoded, multipart, png_bytes, start_server, stop
+from test_serve import KEY, Server, _http_head, decoded, multipart, png_bytes, start_server, stop
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
 
@@ -45,10 +50,11 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page_server(tiny_sd15_bundle: Path, tiny_sd15_canny_bundle: Path, tmp_path_factory) -> Server:
-    """--max-queue 1: a request for 2 images is refused with 503 at once, deterministically (never admitted)."""
+    """--max-queue 2 and a long wait for company: with one image held in the queue (see queue_held), a request for
+    2 images is refused with 503 at once, deterministically (never admitted). Requests one at a time never wait."""
     running = start_server(tmp_path_factory.mktemp("playground"), "--engines", f"tiny={tiny_sd15_bundle}",
-                           "--engines", f"canny={tiny_sd15_canny_bundle}", "--max-queue", "1",
-                           "--max-batch-wait-ms", "0")
+                           "--engines", f"canny={tiny_sd15_canny_bundle}", "--max-queue", "2", "--max-n", "2",
+                           "--max-batch-wait-ms", "60000")
     yield running
     stop(running)
 
@@ -93,6 +99,29 @@ def open_with_key(driver, server: Server) -> None:
     assert not driver.find_element("id", "key-panel").is_displayed()
 
 
+@contextlib.contextmanager
+def queue_held(server: Server) -> Iterator[None]:
+    """One image queued for model tiny until the block ends: it waits for company, a request still uploading."""
+    uploading = socket.create_connection(("127.0.0.1", server.port))
+    uploading.sendall(_http_head(1000) + b'{"prompt": ')
+    queued = socket.create_connection(("127.0.0.1", server.port))
+    body = json.dumps({"model": "tiny", "prompt": "holds the queue", "n": 1, "seed": 5}).encode()
+    queued.sendall(_http_head(len(body)) + body)
+    try:
+        for _ in range(WAIT_S * 50):
+            if server.metric("lcmtrt_queue_images", model="tiny") == 1:
+                break
+            time.sleep(0.02)
+        assert server.metric("lcmtrt_queue_images", model="tiny") == 1
+        yield
+    finally:
+        uploading.close()  # no company on its way any more: the held request runs and is answered
+        queued.settimeout(WAIT_S)
+        with contextlib.suppress(OSError):
+            queued.recv(1)
+        queued.close()
+
+
 def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: Server, tmp_path: Path) -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
@@ -127,12 +156,14 @@ def test_page_generates_the_apis_pixels_and_shows_errors(browser, page_server: S
     wait(browser, lambda d: len(d.find_elements("css selector", "#results li")) == 2, "Ctrl+Enter did not generate")
     assert f"seed {seed}" in browser.find_elements("css selector", "#results li")[0].text
 
-    # 503: two images never fit a queue of one; the message and its Retry-After are shown, not swallowed
+    # 503: two images do not fit beside the one held in a queue of two; the message and its Retry-After are shown
     set_field(browser, "n", "2")
-    browser.find_element("id", "generate").click()
-    wait(browser, lambda d: "503" in d.find_element("id", "error").text, "no message for the 503")
+    with queue_held(page_server):
+        browser.find_element("id", "generate").click()
+        wait(browser, lambda d: "503" in d.find_element("id", "error").text, "no message for the 503")
     error = browser.find_element("id", "error").text
-    assert "Server busy (503)" in error and "adds 2 (limit 1" in error and "waiting 1 s" in error
+    assert "Server busy (503)" in error and "1 images queued" in error and "adds 2 (limit 2" in error, error
+    assert "waiting 1 s" in error, error
     assert browser.find_element("id", "generate").is_enabled()
     assert len(browser.find_elements("css selector", "#results li")) == 2
     screenshot(browser, tmp_path, "playground.png")

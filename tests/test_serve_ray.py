@@ -259,3 +259,34 @@ def test_ray_mistakes_are_one_line(tiny_sd15_bundle: Path, monkeypatch, capsys) 
         assert main(["serve", "--engines", bundle, "--ray", *flags]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_app_builder_checks_its_arguments_as_serve_checks_its_flags(monkeypatch) -> None:
+    """`serve run lcmtrt.serve.ray_app:app_builder key=value` goes through serve's own checks (serve/config.py), Ray
+    not started: ranges, contradictions and keys are one-line UserErrors naming the argument."""
+    pytest.importorskip("ray.serve")
+    import re
+
+    from lcmtrt.errors import UserError
+    from lcmtrt.serve.ray_app import app_builder
+
+    monkeypatch.delenv("LCMTRT_API_KEY", raising=False)
+    base = {"engines": "tiny=/no/such/bundle"}  # bundles are read by the replicas, not here
+    for args, words in (({"max_n": "nan"}, "max_n nan: must be an integer in [1, 1024]"),
+                        ({"max_n": 4.5}, "max_n 4.5: must be an integer"),
+                        ({"max_batch_wait_ms": float("inf")}, "max_batch_wait_ms inf: must be a finite number"),
+                        ({"request_timeout_s": "0"}, "request_timeout_s 0: must be a finite number in (0, 86400]"),
+                        ({"max_body_mb": True}, "max_body_mb True: must be"),
+                        ({"max_queue": 4, "max_n": 8}, "max_n 8 is above max_queue 4"),
+                        ({"replicas": "0"}, "replicas 0: must be an integer in [1, 1024]"),
+                        ({"cpus_per_replica": -1}, "cpus_per_replica -1: must be"),
+                        ({"gpus_per_replica": "nan"}, "gpus_per_replica nan: must be"),
+                        ({"api_keys": "good,"}, "api_keys: a key is empty")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            app_builder({**base, **args})
+    from lcmtrt.serve.ray_app import builder_configs
+
+    config, ray_config = builder_configs({**base, "max_n": "2", "max_queue": 8, "max_batch_wait_ms": "2.5",
+                                          "replicas": "3", "cpus_per_replica": 0.5, "api_keys": "a,b"})
+    assert (config.max_n, config.max_queue, config.max_batch_wait_ms, config.api_keys) == (2, 8, 2.5, ("a", "b"))
+    assert (ray_config.replicas, ray_config.cpus_per_replica, ray_config.gpus_per_replica) == (3, 0.5, 0.0)

@@ -18,7 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped
+from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped, WorkerDied
 from lcmtrt.bundle import load_bundle
 from lcmtrt.errors import UserError
 from lcmtrt.serve.api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
@@ -70,41 +70,44 @@ class ServeState:
     metrics: ServeMetrics
     draining: bool = False
     in_flight: int = 0  # admitted image requests not yet answered: a drain waits for them
-    arriving: int = 0  # image requests received and not yet queued: the company a waiting batch expects
+    # image requests past the key check and not yet queued, by model (None: its body is not read yet, so it may be
+    # for any model): the company a waiting batch expects
+    arriving: dict[str | None, int] = field(default_factory=lambda: {None: 0})
     last_batch_s: dict[str, float] = field(default_factory=dict)
 
     def ready(self) -> bool:
         return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())
 
+    def company_coming(self, name: str) -> bool:
+        """Is an image request on its way that may join a batch of model `name`? (Read by that model's worker.)"""
+        return self.arriving[None] > 0 or self.arriving.get(name, 0) > 0
+
     def expect(self, scope_state: dict) -> None:
-        """An image request was received: batches may wait for it (at most --max-batch-wait-ms)."""
-        self.arriving += 1
-        scope_state["arriving"] = True
+        """An image request passed the key check: batches may wait for it (at most --max-batch-wait-ms)."""
+        self.arriving[None] += 1
+        scope_state["arriving"] = None
+
+    def heading_to(self, scope_state: dict, name: str) -> None:
+        """The request's model is known: only that model's batches count on it from now on."""
+        if "arriving" in scope_state and scope_state["arriving"] is None:
+            self.arriving[name] = self.arriving.get(name, 0) + 1
+            self.arriving[None] -= 1
+            scope_state["arriving"] = name
+            self._nudge()
 
     def arrived(self, scope_state: dict) -> None:
         """The request is queued, or will never be: batches stop counting on it. Once per request."""
-        if scope_state.pop("arriving", False):
-            self.arriving -= 1
-            for batcher in self.batchers.values():
-                batcher.nudge()
+        if "arriving" in scope_state:
+            self.arriving[scope_state.pop("arriving")] -= 1
+            self._nudge()
+
+    def _nudge(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.nudge()
 
 
 class _ClientGone(Exception):
     """The client closed the connection before its images were done; nothing is sent."""
-
-
-def parse_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
-    """`DIR` or `NAME=DIR`; a folder whose own name holds `=` still works when it exists."""
-    models = []
-    for spec in specs:
-        name, _, folder = spec.partition("=")
-        if not folder or Path(spec).exists():
-            models.append((Path(spec).resolve().name, Path(spec)))
-        elif not name:
-            raise UserError(f"--engines {spec!r}: NAME=DIR needs a name before '='")
-        else:
-            models.append((name, Path(folder)))
-    return models
 
 
 def load_models(config: ServeConfig) -> ServeState:
@@ -146,7 +149,7 @@ def load_models(config: ServeConfig) -> ServeState:
         batcher_config = BatcherConfig(max(bundle.batch_sizes), config.max_batch_wait_ms / 1000, config.max_queue)
         batchers[name] = Batcher(name, load, batcher_config, on_batch,
                                  lambda images, name=name: metrics.queue_images.labels(name).set(images),
-                                 lambda: state.arriving > 0)
+                                 lambda name=name: state.company_coming(name))
         metrics.ready.labels(name).set(0)
     state = ServeState(config, cards, batchers, metrics)
     return state
@@ -227,6 +230,9 @@ def _add_status_routes(app: FastAPI, state: ServeState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        for name, batcher in state.batchers.items():  # a worker that stopped is no longer ready
+            if batcher.failed is not None:
+                state.metrics.ready.labels(name).set(0)
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -270,7 +276,9 @@ def _add_image_routes(app: FastAPI, state: ServeState) -> None:
                            code="missing_value" if not uploads else "invalid_value")
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         edit = validated(EditRequest, fields, strict=False)
-        image = decode_image(await uploads[0].read(), "image")
+        state.heading_to(request.scope["state"], _card(state, edit.model).name)  # company for that model only
+        # decoding (up to 16.7 megapixels) and, in _generate, fitting it run in a worker thread: never on the loop
+        image = await run_in_threadpool(decode_image, await uploads[0].read(), "image")
         return await _generate(state, request, edit, image)
 
 
@@ -294,6 +302,13 @@ def _unavailable(state: ServeState, name: str, message: str, code: str) -> ApiEr
     return ApiError(503, message, code=code, headers={"Retry-After": str(retry)})
 
 
+def _worker_failed(name: str) -> ApiError:
+    """500: the model's worker thread stopped (the log has the cause, /ready is 503); no retry here helps."""
+    return ApiError(500, f"model {name} cannot serve: its worker stopped on an internal error (a bug in lcmtrt; "
+                         "the server log has the cause); /ready is 503 until the server is restarted",
+                    code="worker_failed")
+
+
 def _queue_full(state: ServeState, name: str, n: int) -> ApiError:
     batcher = state.batchers[name]
     return _unavailable(state, name, f"model {name} has {batcher.queued_images} images queued and this request "
@@ -305,12 +320,16 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     card = _card(state, body.model)
     name, batcher, info = card.name, state.batchers[card.name], request.state.access
     info.update(model=name, n=body.n)
+    state.heading_to(request.scope["state"], name)
     if state.draining:
         raise _unavailable(state, name, "the server is shutting down; retry on another replica", "shutting_down")
-    if not batcher.ready.is_set() or batcher.failed is not None:
+    if batcher.failed is not None:
+        raise _worker_failed(name)
+    if not batcher.ready.is_set():
         raise _unavailable(state, name, f"model {name} is still loading; retry shortly", "not_ready")
     seed = body.seed if body.seed is not None else random.randrange(2**31)
-    arguments = prepare_arguments(card, body, seed, state.config.max_n, image)
+    # decodes and fits control maps and fits edit images: image work, in a worker thread
+    arguments = await run_in_threadpool(prepare_arguments, card, body, seed, state.config.max_n, image)
     if batcher.queued_images + body.n > batcher.config.max_queue:  # refuse before preparing anything
         raise _queue_full(state, name, body.n)
     state.in_flight += 1
@@ -326,6 +345,8 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
             raise _queue_full(state, name, body.n) from None
         except Stopped:
             raise _unavailable(state, name, "the server is shutting down", "shutting_down") from None
+        except WorkerDied:
+            raise _worker_failed(name) from None
         finally:
             state.arrived(request.scope["state"])  # after submit: a batch never launches without a queued request
         images = await _wait(state, request, batcher, job)
@@ -358,6 +379,12 @@ async def _wait(state: ServeState, request: Request, batcher: Batcher, job: Job)
     finally:
         gone.cancel()
     if job.future.done():
+        error = job.future.exception()
+        if isinstance(error, WorkerDied):
+            raise _worker_failed(batcher.name)
+        if error is not None:  # a bug in its batch: the worker logged the traceback and serves the next batch
+            raise ApiError(500, f"generating the images failed: {type(error).__name__} (a bug in lcmtrt; the "
+                                "server log has the traceback)", code="internal_error")
         return job.future.result()
     batcher.cancel(job)
     reason = "disconnect" if gone in done else "timeout"
@@ -397,13 +424,13 @@ class _Gate:
                     message = {**message, "headers": [*message.get("headers", []), *self.replica]}
             await send(message)
 
-        if scope["method"] == "POST" and path.startswith("/v1/images/"):
-            self.state.expect(scope["state"])
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
                 await JSONResponse(refusal.body(), refusal.status, refusal.headers)(scope, receive, sending)
             else:
+                if scope["method"] == "POST" and path.startswith("/v1/images/"):
+                    self.state.expect(scope["state"])  # only past the key and size checks is it company
                 await self.app(scope, self._limited(receive), sending)
         except _ClientGone:
             status[0] = 499  # nginx's "client closed request": nothing could be sent

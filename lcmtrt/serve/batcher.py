@@ -2,14 +2,15 @@
 
 Requests with the same BatchKey (plan, img2img, CFG) share engine batches up to the largest batch the bundle was
 built for, counting images, so one request's `n` images may span several batches. A batch waits for company only
-while `company_coming()` says more requests are on their way (received, not yet queued), and at most `max_wait_s`
-after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so none starves. The queue is
+while `company_coming()` says more requests to this model are on their way (received, not yet queued), and at most
+`max_wait_s` after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so none starves. The queue is
 bounded in images: `submit` refuses at once beyond it, and nothing accepted is ever dropped unless cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,11 @@ class QueueFull(Exception):
 
 class Stopped(Exception):
     """The batcher is draining or stopped and takes no new work."""
+
+
+class WorkerDied(Exception):
+    """The worker thread stopped on an error outside any one batch: its queued jobs fail with this at once, it takes
+    no new work, and `failed` holds it (so /ready and Ray's health check report it)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Batcher:
         self._jobs: list[Job] = []  # waiting, oldest first
         self._queued = 0  # images of self._jobs not yet taken
         self._running = 0  # jobs taken in part or whole and not yet finished
+        self._held: set[Job] = set()  # every job accepted and not yet finished: a dying worker fails them all
         self._stopping = False
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
@@ -102,11 +109,14 @@ class Batcher:
         """Queue a request's rows, or raise QueueFull/Stopped without queueing anything."""
         job = Job(rows, loop.create_future(), loop)
         with self._cond:
+            if isinstance(self.failed, WorkerDied):
+                raise WorkerDied(str(self.failed))
             if self._stopping:
                 raise Stopped(self.name)
             if self._queued + len(rows) > self.config.max_queue:
                 raise QueueFull(self.name)
             self._jobs.append(job)
+            self._held.add(job)
             self._queued += len(rows)
             self._cond.notify_all()
         self._on_queue(self._queued)
@@ -126,6 +136,8 @@ class Batcher:
             if job in self._jobs:
                 self._jobs.remove(job)
                 self._queued -= job.left
+            if job.started is None:  # none of it ran: nothing of it is held any more
+                self._held.discard(job)
             if job.started is not None and job.finished == job.taken:
                 self._finish(job)  # part of it ran and nothing of it is running now
             self._cond.notify_all()
@@ -153,13 +165,43 @@ class Batcher:
             self.ready.set()
             return
         self.ready.set()
-        while True:
-            with self._cond:
-                pieces = self._next_batch()
-                if pieces is None:
-                    return
+        try:
+            while True:
+                with self._cond:
+                    pieces = self._next_batch()
+                    if pieces is None:
+                        return
+                self._batch(pieces)
+        except BaseException as e:  # noqa: BLE001 - outside any one batch: the worker cannot go on
+            self._die(e)
+
+    def _batch(self, pieces: list[tuple[Job, int, int]]) -> None:
+        """One batch; whatever fails in it (the engines, copying the results, a callback) fails its jobs only."""
+        try:
             self._on_queue(self._queued)
             self._run(pieces)
+        except Exception as e:  # noqa: BLE001 - a bug: the worker lives on and serves the next batch
+            log.exception("model %s: a batch of %d images failed", self.name, sum(b - a for _, a, b in pieces))
+            for job, _, _ in pieces:
+                self._finish(job, error=e)
+
+    def _die(self, error: BaseException) -> None:
+        """Record why the worker stopped, take no more work, and fail every job it holds at once."""
+        log.critical("model %s: the worker thread stopped; /ready is 503 and its requests fail with 500", self.name,
+                     exc_info=error)
+        died = WorkerDied(f"its worker thread stopped on {type(error).__name__}: {error}")
+        died.__cause__ = error
+        with self._cond:
+            self.failed = died
+            self._stopping = True
+            jobs = list(self._held)
+        for job in jobs:
+            try:
+                self._finish(job, error=died)
+            except BaseException:  # noqa: BLE001 - fail the others still
+                log.exception("model %s: a request could not be failed", self.name)
+        with contextlib.suppress(Exception):
+            self._on_queue(self._queued)
 
     def _next_batch(self) -> list[tuple[Job, int, int]] | None:
         """Under the lock: wait for work and for company, then take (job, start, stop) row ranges, oldest first."""
@@ -222,6 +264,7 @@ class Batcher:
             if job.ended:
                 return
             job.ended = True
+            self._held.discard(job)
             if job in self._jobs:  # a failed batch fails the rest of its jobs too
                 self._jobs.remove(job)
                 self._queued -= job.left
@@ -234,4 +277,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(error) if error else job.future.set_result(job.images)
 
-        job.loop.call_soon_threadsafe(resolve)
+        try:
+            job.loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # its event loop is closed (the server is shutting down): nobody waits for it
+            log.warning("model %s: a request's event loop is closed; its answer is dropped", self.name)

@@ -27,7 +27,9 @@ from ray import serve
 from starlette.middleware import Middleware
 
 from lcmtrt.errors import UserError
-from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models, parse_models
+from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models
+from lcmtrt.serve.config import (RAY_DEFAULTS, SERVE_DEFAULTS, check_api_keys, check_ray_settings, check_serve_settings,
+                                 parse_models)
 
 log = logging.getLogger("lcmtrt.serve")
 APP_NAME = "lcmtrt"
@@ -73,7 +75,8 @@ class LcmtrtReplica:
         log.info("replica %s (pid %d): loading %s", replica, os.getpid(), ", ".join(self.state.cards))
 
     def check_health(self) -> None:
-        """Ray's periodic probe: a model that failed makes Ray replace this replica."""
+        """Ray's periodic probe: a model that failed to load, or whose worker thread stopped, makes Ray replace this
+        replica."""
         failed = [name for name, b in self.state.batchers.items() if b.failed is not None]
         if failed:
             raise RuntimeError(f"model {failed[0]} failed: {self.state.batchers[failed[0]].failed}")
@@ -114,24 +117,35 @@ def build_app(config: ServeConfig, ray_config: RayConfig) -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For `serve run lcmtrt.serve.ray_app:app_builder engines=DIR[,NAME=DIR] [replicas=N] ...` and the
-    `import_path` of a `serve deploy` config; the keys are `lcmtrt serve`'s flags with underscores."""
-    known = {"engines", "device", "max_n", "max_batch_wait_ms", "max_queue", "max_body_mb", "request_timeout_s",
-             "api_keys", "replicas", "gpus_per_replica", "cpus_per_replica"}
+    `import_path` of a `serve deploy` config; the keys are `lcmtrt serve`'s flags with underscores, checked as the
+    command checks its flags (serve/config.py) before anything is built."""
+    config, ray_config = builder_configs(args)
+    return build_app(config, ray_config)
+
+
+def builder_configs(args: dict[str, Any]) -> tuple[ServeConfig, RayConfig]:
+    """app_builder's arguments checked (ranges, contradictions, keys) into the configs, or a one-line UserError."""
+    known = {"engines", "device", "api_keys", *SERVE_DEFAULTS, *RAY_DEFAULTS}
     unknown = sorted(set(args) - known)
     if unknown or "engines" not in args:
         raise UserError(f"lcmtrt app arguments: engines is required; unknown {unknown}; known {sorted(known)}")
-    engines = args["engines"]
-    specs = engines.split(",") if isinstance(engines, str) else list(engines)
-    keys = args.get("api_keys", [])
-    keys = [*(keys.split(",") if isinstance(keys, str) else keys),
-            *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)]
-    config = ServeConfig(parse_models(specs), device=str(args.get("device", "auto")),
-                         max_n=int(args.get("max_n", 4)), max_batch_wait_ms=float(args.get("max_batch_wait_ms", 10)),
-                         max_queue=int(args.get("max_queue", 64)), max_body_mb=float(args.get("max_body_mb", 20)),
-                         request_timeout_s=float(args.get("request_timeout_s", 600)), api_keys=tuple(keys))
-    ray_config = RayConfig(int(args.get("replicas", 1)), None, float(args.get("gpus_per_replica", 0)),
-                           float(args.get("cpus_per_replica", 1)))
-    return build_app(config, ray_config)
+    numbers = check_serve_settings({k: v for k, v in args.items() if k in SERVE_DEFAULTS}, spell=str)
+    ray_numbers = check_ray_settings({k: v for k, v in args.items() if k in RAY_DEFAULTS}, spell=str)
+    specs, keys = _listed(args["engines"]), _listed(args.get("api_keys", []))
+    if not specs or not all(isinstance(spec, str) and spec for spec in specs):
+        raise UserError(f"engines {args['engines']!r}: give DIR or NAME=DIR, comma-separated or as a list")
+    keys = check_api_keys([*keys, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)], "api_keys")
+    config = ServeConfig(parse_models(specs), device=str(args.get("device", "auto")), max_n=numbers["max_n"],
+                         max_batch_wait_ms=numbers["max_batch_wait_ms"], max_queue=numbers["max_queue"],
+                         max_body_mb=numbers["max_body_mb"], request_timeout_s=numbers["request_timeout_s"],
+                         api_keys=keys)
+    return config, RayConfig(ray_numbers["replicas"], None, ray_numbers["gpus_per_replica"],
+                             ray_numbers["cpus_per_replica"])
+
+
+def _listed(value: Any) -> list[Any]:
+    """`a,b` (serve run's key=value) or a YAML list; anything else is one item, refused by the checks."""
+    return value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class OpenAIShapedProxyErrors:
