@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcmtrt.cli.args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import add_device_flag, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
                        help="a bundle folder; the model id is its folder name unless NAME= is given; repeatable")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(serve)
     serve.add_argument("--max-n", type=int, default=4, help="images per request at most")
     serve.add_argument("--max-batch-wait-ms", type=float, default=10.0,
                        help="how long a batch waits for requests still on their way to share it "

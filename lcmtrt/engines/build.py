@@ -122,7 +122,7 @@ def build_bundle(
         specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
                  for n, g in graphs.items()}
         specs, build_info = _build_engines(specs, staging, progress, target.backend, target.precision,
-                                           target.ort_device, device, workspace_gb, out.parent)
+                                           target.ort_device, target.ov_device, workspace_gb, out.parent)
         with progress.stage("write bundle.json"):
             build_info.update(_export_info(graphs, checkpoint, target, progress))
             bundle = Bundle(
@@ -173,6 +173,7 @@ class _Target:
     precision: str
     graph_precision: str  # OpenVINO converts fp32 graphs and lowers their precision at compile time
     ort_device: str
+    ov_device: str = "CPU"  # OpenVINO's name of the device an OpenVINO bundle targets
 
 
 def _resolve_target(backend: str, precision: str | None, device: str, refittable: bool) -> _Target:
@@ -186,13 +187,13 @@ def _resolve_target(backend: str, precision: str | None, device: str, refittable
     if backend == "openvino":
         from lcmtrt.engines import openvino_build
 
-        openvino_build.check_device(device)
+        device = openvino_build.check_device(device)
         if refittable:
             raise UserError("--refittable bundles swap LoRAs through ONNX Runtime or TensorRT; build them with "
                             "--backend onnxruntime")
     precision = resolve_precision(backend, precision, ort_device, device)
     # OpenVINO keeps what needs fp32 in fp32 when it lowers an fp32 graph, so it always gets fp32 graphs
-    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device)
+    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device, device)
 
 
 def _export_tokenizers(checkpoint: Any, staging: Path) -> tuple[tuple[str, ...], tuple[int, ...], int]:
@@ -312,7 +313,7 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
     if backend == "openvino":
         from lcmtrt.engines import openvino_build
 
-        openvino_build.check_device(device)
+        device = openvino_build.check_device(device)
     precision = resolve_precision(backend, precision or (graph_precision if backend != "openvino" else None),
                                   ort_device, device)
     wanted = "fp32" if backend == "openvino" else precision

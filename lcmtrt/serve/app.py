@@ -109,7 +109,7 @@ def parse_models(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 def load_models(config: ServeConfig) -> ServeState:
     """Read every bundle's manifest now (mistakes fail the command at once); pipelines load in their workers."""
-    from lcmtrt.runtime.backends import open_backend
+    from lcmtrt.runtime.backends import open_backend, resolve_device
     from lcmtrt.runtime.conditioning import condition_images
     from lcmtrt.runtime.pipeline import Pipeline
     from lcmtrt.runtime.settings import GenerationSettings
@@ -121,6 +121,7 @@ def load_models(config: ServeConfig) -> ServeState:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
         cards[name] = ModelCard(name, bundle)
+        resolve_device(bundle, config.device)  # a device the bundle's backend cannot use fails the command now
         if not bundle.build.get("batch_invariant"):
             log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
                         "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
