@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped
-from lcmtrt.bundle import load_bundle
+from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import UserError
 from lcmtrt.serve.api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
                                       encode_images, prepare_arguments, validated)
@@ -121,11 +121,7 @@ def load_models(config: ServeConfig) -> ServeState:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
         cards[name] = ModelCard(name, bundle)
-        resolve_device(bundle, config.device)  # a device the bundle's backend cannot use fails the command now
-        if not bundle.build.get("batch_invariant"):
-            log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
-                        "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
-                        name, path)
+        _warn_batch_invariance(name, bundle, resolve_device(bundle, config.device))  # refuses a device it lacks
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()
@@ -151,6 +147,22 @@ def load_models(config: ServeConfig) -> ServeState:
         metrics.ready.labels(name).set(0)
     state = ServeState(config, cards, batchers, metrics)
     return state
+
+
+def _warn_batch_invariance(name: str, bundle: Bundle, device: str) -> None:
+    """Say when an image merged into a batch may differ from `infer`'s image of the same request."""
+    from lcmtrt.runtime.backends import batch_invariance
+
+    status = batch_invariance(bundle.build, bundle.backend, device, bundle.precision)
+    if status == "absent":
+        log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
+                    "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
+                    name, bundle.root)
+    elif status == "unverified":
+        log.warning("model %s: batch invariance is unverified for %s %s on %s (tests check ONNX Runtime and OpenVINO "
+                    "fp32 on the CPU), so an image merged into a batch may differ from `infer` in a few pixels; build "
+                    "one batch size (--batch 1) where identical images matter", name, bundle.backend,
+                    bundle.precision, device)
 
 
 def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI:

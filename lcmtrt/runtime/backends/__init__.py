@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.backends.base import Backend, Binding, Buffer, HostBuffer
 from lcmtrt.runtime.devices import DEVICE_HELP, onnxruntime_device, openvino_device, parse_device, tensorrt_device
 
-__all__ = ["BACKENDS", "DEVICE_HELP", "Backend", "Binding", "Buffer", "HostBuffer", "open_backend", "parse_device",
-           "resolve_device"]
+__all__ = ["BACKENDS", "DEVICE_HELP", "Backend", "Binding", "Buffer", "HostBuffer", "batch_invariance",
+           "open_backend", "parse_device", "resolve_device"]
 
 BACKENDS = ("onnxruntime", "tensorrt", "openvino")
+# (backend, device, precision) on which tests/test_batch_invariance.py checks that a row alone and the same row in
+# a batch give the same bits. Elsewhere the graphs are the same but nobody has checked: TensorRT and ONNX Runtime's
+# CUDA provider may pick other kernels per batch size, and reduced precision runs other kernels.
+BATCH_INVARIANCE_VERIFIED = {("onnxruntime", "cpu", "fp32"), ("openvino", "CPU", "fp32")}
+
+
+def batch_invariance(build: dict[str, Any], backend: str, device: str, precision: str) -> str:
+    """Whether a row's result is independent of the batch it runs in, for a bundle with this build section run by
+    `backend` on `device` (resolve_device's name) in `precision`: "verified" (BATCH_INVARIANCE_VERIFIED),
+    "unverified", or "absent" when its graphs were exported before the Sin/Cos rewrite (export/batch_invariance.py;
+    recorded as `batch_invariant_graphs`, by older bundles as `batch_invariant: true`)."""
+    if build.get("batch_invariant_graphs") is not True and build.get("batch_invariant") is not True:
+        return "absent"
+    return "verified" if (backend, device, precision) in BATCH_INVARIANCE_VERIFIED else "unverified"
 
 
 def _openvino_missing(bundle: Bundle) -> UserError:
