@@ -7,6 +7,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]
     return tuple(written)
 
 
-def _rewrite_and_check(model: "onnx.ModelProto", path: Path, full_check: bool) -> "onnx.ModelProto":
+def _rewrite_and_check(model: Any, path: Path, full_check: bool) -> Any:
     """The one rewrite of every exported graph, then its check: shapes inferred, Sin/Cos padded to whole packets
     (batch_invariance.py), shapes inferred again over the new nodes, saved to `path` and checked there (by path, so
     a graph whose weights are an external file beside it is checked too). `full_check`: strict shape inference and
