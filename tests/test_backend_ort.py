@@ -64,6 +64,8 @@ def bundle(root: Path) -> Bundle:
 @pytest.fixture
 def cuda_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(backend_ort.ort, "InferenceSession", FakeSession)
+    monkeypatch.setattr(backend_ort.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                             "CPUExecutionProvider"])
     monkeypatch.setattr(FakeSession, "no_graph", {"vae"})
     monkeypatch.setattr(FakeSession, "fail", set())
     return OnnxRuntimeBackend(bundle(tmp_path), "cuda")

@@ -20,6 +20,9 @@ from PIL import Image
 from lcmtrt.cli.main import main
 
 NUMBERS = ["0", "-1", "1e30", "nan", "inf", "-inf", "abc", "0.5", "3"]
+# outside every numeric flag's range, or no number at all: refused with exit code 2 whatever the flag
+# (lcmtrt/limits.py: every range is finite and starts at 0 or above)
+REFUSED = {"-1", "nan", "inf", "-inf", "abc"}
 INFER_NUMBERS = ["--guidance-scale", "--steps", "--num-images", "--seed", "--original-inference-steps",
                  "--control-scale", "--control-start", "--control-end", "--adapter-scale", "--adapter-factor"]
 IMG2IMG_NUMBERS = ["--strength"]
@@ -97,6 +100,8 @@ def test_infer_numbers(tiny_sd15_bundle: Path, inputs: Path, tmp_path: Path, cap
         argv += ["--grid"]
     code, err = run(capsys, argv)
     assert_clean(code, err, [out] + sorted(tmp_path.glob("o-*.png")))
+    if value in REFUSED:
+        assert code == 2, (code, err)
 
 
 @pytest.mark.parametrize("flag,value", [(f, v) for f in BUILD_NUMBERS for v in NUMBERS])
@@ -116,6 +121,8 @@ def test_bench_numbers(tiny_sd15_bundle: Path, tmp_path: Path, capsys, flag: str
     argv += [] if flag == "--steps" else ["--steps", "1"]
     code, err = run(capsys, argv)
     assert "Traceback" not in err and code in (0, 2), (code, err)
+    if value in REFUSED:
+        assert code == 2 and not (tmp_path / "b.json").exists(), (code, err)
     assert code == 2 or json.loads((tmp_path / "b.json").read_text())["lcmtrt"]["results"]
 
 

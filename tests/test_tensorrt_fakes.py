@@ -247,3 +247,17 @@ def test_timing_cache_is_keyed_by_tensorrt_version(fake, tmp_path: Path) -> None
     assert timing_cache_path(tmp_path) == tmp_path / ".lcmtrt-timing-10.13.0.35.cache"
     build = (ROOT / "lcmtrt" / "engines" / "build.py").read_text()
     assert "timing_cache=timing_cache_path(" in build and ".lcmtrt-timing.cache" not in build
+
+
+# ---- --device: TensorRT runs on the first visible CUDA GPU only (lcmtrt/runtime/devices.py) ----------------------
+
+def test_device_names_of_the_gpu_open_and_others_are_refused_before_cuda(fake, tmp_path: Path) -> None:
+    from lcmtrt.runtime.backends.tensorrt import TensorRTBackend
+
+    for device in ("auto", "CUDA", "gpu", "cuda:0"):
+        TensorRTBackend(fake_bundle(tmp_path), device).close()
+    for device in ("cpu", "cuda:1", "NPU"):
+        with pytest.raises(UserError, match=f"--device {device.lower()} cannot run this TensorRT bundle; it runs on "
+                                            "auto, cuda or gpu"):
+            TensorRTBackend(fake_bundle(tmp_path), device)
+        assert not fake.device_allocs  # refused before any CUDA call

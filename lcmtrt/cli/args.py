@@ -10,8 +10,22 @@ from typing import Any, Callable
 
 from lcmtrt import limits
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.devices import DEVICE_HELP, parse_device
 
-DEVICE_HELP = "auto (the bundle's), ONNX Runtime's cpu or cuda, or an OpenVINO device (CPU, GPU, NPU, ...)"
+
+
+def device_arg(text: str) -> str:
+    """An argparse type for --device of infer, bench and serve: runtime/backends/devices.py's vocabulary, any case
+    (each backend then refuses the devices it cannot use, naming those it can)."""
+    try:
+        return parse_device(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    """The one --device flag of infer, bench and serve."""
+    parser.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
 
 
 def bounded(name: str) -> Callable[[str], float]:

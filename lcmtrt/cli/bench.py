@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lcmtrt.cli.args import DEVICE_HELP, bounded, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import add_device_flag, bounded, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 
 log = logging.getLogger("lcmtrt")
@@ -29,7 +29,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
                        help="time another bundle of the same model (e.g. another backend) alternated in this run")
     bench.add_argument("--reference", type=Path, metavar="FP32_BUNDLE",
                        help="report PSNR, max difference and %% of pixels within 1/255 against this fp32 bundle")
-    bench.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(bench)
     bench.add_argument("--plot", type=Path, metavar="FILE.png",
                        help="also draw the report: stage times per compared system, images/s (needs lcmtrt[bench])")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lcmtrt.cli.args import DEVICE_HELP, bounded, pair_arg, probe_writable, seeds_arg
+from lcmtrt.cli.args import add_device_flag, bounded, pair_arg, probe_writable, seeds_arg
 from lcmtrt.errors import UserError
 
 log = logging.getLogger("lcmtrt")
@@ -39,7 +39,7 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
                             "schedule (LatentConsistencyModelImg2ImgPipeline)")
     infer.add_argument("--fit", choices=("stretch", "crop"), default="stretch",
                        help="how an input image of another size is fitted (stretch: as diffusers)")
-    infer.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(infer)
     infer.add_argument("--control-image", action="append", type=Path,
                        help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
     infer.add_argument("--canny", nargs="?", const=(100, 200), type=pair_arg, metavar="LOW,HIGH",

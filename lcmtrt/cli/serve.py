@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcmtrt import limits
-from lcmtrt.cli.args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import add_device_flag, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 from lcmtrt.serve.config import check_api_keys, check_ray_settings, check_serve_settings, flag, parse_models
 
@@ -25,7 +25,7 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
                        help="a bundle folder; the model id is its folder name unless NAME= is given; repeatable")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", default="8000")
-    serve.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(serve)
     serve.add_argument("--max-n", help="images per request at most (default 4; at most --max-queue)")
     serve.add_argument("--max-batch-wait-ms",
                        help="how long a batch waits for requests to its model still on their way to share it "

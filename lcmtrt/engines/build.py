@@ -122,9 +122,10 @@ def build_bundle(
         specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
                  for n, g in graphs.items()}
         specs, build_info = _build_engines(specs, staging, progress, target.backend, target.precision,
-                                           target.ort_device, device, workspace_gb, out.parent)
+                                           target.ort_device, target.ov_device, workspace_gb, out.parent)
         with progress.stage("write bundle.json"):
             build_info.update(_export_info(graphs, checkpoint, target, progress))
+            build_info["batch_invariance"] = _batch_invariance(build_info, target.backend, target.precision)
             bundle = Bundle(
                 root=out,
                 family=checkpoint.family,
@@ -161,8 +162,17 @@ def _export_info(graphs: dict[str, Any], checkpoint: Any, target: _Target, progr
         "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
         "vae_precision": vae_precision(checkpoint, target.precision),
         "graph_precision": target.graph_precision,
-        "batch_invariant": True,  # Sin/Cos padded to whole packets (export/batch_invariance.py)
+        "batch_invariant_graphs": True,  # Sin/Cos padded to whole packets (export/batch_invariance.py)
     }
+
+
+def _batch_invariance(build_info: dict[str, Any], backend: str, precision: str) -> str:
+    """Whether a row's result is independent of its batch on the device these engines are built for: "verified"
+    where the tests check it bit for bit, "unverified" elsewhere, "absent" for graphs exported without the rewrite."""
+    from lcmtrt.runtime.backends import batch_invariance
+
+    device = "cuda" if backend == "tensorrt" else build_info.get("ort_device") or build_info.get("ov_device", "CPU")
+    return batch_invariance(build_info, backend, device, precision)
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,7 @@ class _Target:
     precision: str
     graph_precision: str  # OpenVINO converts fp32 graphs and lowers their precision at compile time
     ort_device: str
+    ov_device: str = "CPU"  # OpenVINO's name of the device an OpenVINO bundle targets
 
 
 def _resolve_target(backend: str, precision: str | None, device: str, refittable: bool) -> _Target:
@@ -186,13 +197,13 @@ def _resolve_target(backend: str, precision: str | None, device: str, refittable
     if backend == "openvino":
         from lcmtrt.engines import openvino_build
 
-        openvino_build.check_device(device)
+        device = openvino_build.check_device(device)
         if refittable:
             raise UserError("--refittable bundles swap LoRAs through ONNX Runtime or TensorRT; build them with "
                             "--backend onnxruntime")
     precision = resolve_precision(backend, precision, ort_device, device)
     # OpenVINO keeps what needs fp32 in fp32 when it lowers an fp32 graph, so it always gets fp32 graphs
-    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device)
+    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device, device)
 
 
 def _export_tokenizers(checkpoint: Any, staging: Path) -> tuple[tuple[str, ...], tuple[int, ...], int]:
@@ -294,7 +305,7 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
 
 
 # build info that belongs to the ONNX graphs, not the engines
-EXPORT_INFO = ("export_max_abs_error", "graph_precision", "batch_invariant")
+EXPORT_INFO = ("export_max_abs_error", "graph_precision", "batch_invariant_graphs")
 
 
 def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,
@@ -312,7 +323,7 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
     if backend == "openvino":
         from lcmtrt.engines import openvino_build
 
-        openvino_build.check_device(device)
+        device = openvino_build.check_device(device)
     precision = resolve_precision(backend, precision or (graph_precision if backend != "openvino" else None),
                                   ort_device, device)
     wanted = "fp32" if backend == "openvino" else precision
@@ -342,10 +353,13 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                                            device, workspace_gb, out.parent)
         with progress.stage("write bundle.json"):
             build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
+            if src.build.get("batch_invariant") is True:  # older bundles' name for the same rewrite
+                build_info["batch_invariant_graphs"] = True
             build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "host": platform.node(), "duration_s": round(progress.elapsed, 1),
                                "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
                                "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
+            build_info["batch_invariance"] = _batch_invariance(build_info, backend, precision)
             bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
                              batch_sizes=batches, files=digests(staging))
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")

@@ -66,12 +66,13 @@ def check_precision(precision: str, device: str) -> None:
                         "--precision fp32, or bf16 where the CPU has it")
 
 
-def check_device(device: str) -> None:
+def check_device(device: str) -> str:
+    """OpenVINO's name for the build's --device on this host (any case: cpu is CPU), refused when it has none."""
     import openvino as ov
 
     from lcmtrt.runtime.backends.openvino import check_device
 
-    check_device(ov.Core(), device)
+    return check_device(ov.Core(), device)
 
 
 def _per_row_elements(spec: TensorSpec) -> int:

@@ -7,6 +7,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def _refit_weights(path: Path, module: torch.nn.Module) -> tuple[str, ...]:
 
 
 def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]:
-    """Check the graph, infer shapes, make rows batch-invariant (batch_invariance.py), and save it (weights in one
+    """Infer shapes, make rows batch-invariant (batch_invariance.py), check the result, and save it (weights in one
     external file when over protobuf's limit, or always when `external`)."""
     import onnx
 
@@ -103,35 +104,44 @@ def _finalize(raw: Path, dest: Path, external: bool = False) -> tuple[Path, ...]
     model = onnx.load(str(raw), load_external_data=False)
     large = external or raw.stat().st_size > PROTOBUF_LIMIT or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    if large:
-        model = onnx.load(str(raw))
-    data_name = dest.name + ".data"
     staging = dest.with_name(f".{dest.name}.partial")
-    staging_data = dest.with_name(data_name + ".partial")
-    if large:
-        onnx.save_model(model, str(staging), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name + ".partial", size_threshold=0)
-        onnx.checker.check_model(str(staging))
-        onnx.shape_inference.infer_shapes_path(str(staging), str(staging))
-        # Rewrite the location to the final data name before the renames, so the graph never points at a temp file.
-        model = onnx.load(str(staging), load_external_data=False)
-        if pad_to_packets(model):
-            model = onnx.shape_inference.infer_shapes(model)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
-        onnx.save_model(model, str(staging))
-        staging_data.replace(dest.with_name(data_name))
+    if not large:
+        _rewrite_and_check(model, staging, full_check=True)
         staging.replace(dest)
-        return dest, dest.with_name(data_name)
-    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    if pad_to_packets(model):
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    onnx.checker.check_model(model, full_check=True)
+        return (dest,)
+    data_name = dest.name + ".data"
+    staging_data = dest.with_name(data_name + ".partial")
+    onnx.save_model(onnx.load(str(raw)), str(staging), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=staging_data.name, size_threshold=0)
+    # the graph without its weights from here on: rewritten and checked beside the weights' staging file
+    model = _rewrite_and_check(onnx.load(str(staging), load_external_data=False), staging, full_check=False)
+    # Point the graph at the final data name before the renames, so it never points at a temporary file.
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
     onnx.save_model(model, str(staging))
+    written = [dest]
+    if staging_data.is_file():  # onnx moves only tensors stored as raw data (all of torch's) out of the graph
+        staging_data.replace(dest.with_name(data_name))
+        written.append(dest.with_name(data_name))
     staging.replace(dest)
-    return (dest,)
+    return tuple(written)
+
+
+def _rewrite_and_check(model: Any, path: Path, full_check: bool) -> Any:
+    """The one rewrite of every exported graph, then its check: shapes inferred, Sin/Cos padded to whole packets
+    (batch_invariance.py), shapes inferred again over the new nodes, saved to `path` and checked there (by path, so
+    a graph whose weights are an external file beside it is checked too). `full_check`: strict shape inference and
+    the checker's full check (graphs that fit in memory; large ones keep the lighter check they always had)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(model, check_type=full_check, strict_mode=full_check)
+    if pad_to_packets(model):
+        model = onnx.shape_inference.infer_shapes(model, check_type=full_check, strict_mode=full_check)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=full_check)
+    return model
 
 
 def _compare(path: Path, inputs: dict[str, torch.Tensor], output_names: list[str], expected: tuple) -> float | None:

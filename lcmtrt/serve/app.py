@@ -16,8 +16,6 @@ import math
 import random
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -28,11 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped, WorkerDied
-from lcmtrt.bundle import load_bundle
+from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import UserError
 from lcmtrt.serve.api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
                                       encode_images, prepare_arguments, validated)
 from lcmtrt.serve.metrics import ServeMetrics
+from lcmtrt.serve.state import ServeConfig, ServeState
 
 log = logging.getLogger("lcmtrt.serve")
 access_log = logging.getLogger("lcmtrt.access")
@@ -47,72 +46,13 @@ PLAYGROUND_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
-@dataclass
-class ServeConfig:
-    models: list[tuple[str, Path]]  # (model id, bundle folder)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    max_n: int = 4
-    max_batch_wait_ms: float = 10.0
-    max_queue: int = 64  # images
-    max_body_mb: float = 20.0
-    request_timeout_s: float = 600.0
-    api_keys: tuple[str, ...] = ()
-    replica: str = ""  # set inside a Ray Serve replica: named in X-Lcmtrt-Replica and lcmtrt_replica_requests
-
-
-@dataclass
-class ServeState:
-    config: ServeConfig
-    cards: dict[str, ModelCard]
-    batchers: dict[str, Batcher]
-    metrics: ServeMetrics
-    draining: bool = False
-    in_flight: int = 0  # admitted image requests not yet answered: a drain waits for them
-    # image requests past the key check and not yet queued, by model (None: its body is not read yet, so it may be
-    # for any model): the company a waiting batch expects
-    arriving: dict[str | None, int] = field(default_factory=lambda: {None: 0})
-    last_batch_s: dict[str, float] = field(default_factory=dict)
-
-    def ready(self) -> bool:
-        return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())
-
-    def company_coming(self, name: str) -> bool:
-        """Is an image request on its way that may join a batch of model `name`? (Read by that model's worker.)"""
-        return self.arriving[None] > 0 or self.arriving.get(name, 0) > 0
-
-    def expect(self, scope_state: dict) -> None:
-        """An image request passed the key check: batches may wait for it (at most --max-batch-wait-ms)."""
-        self.arriving[None] += 1
-        scope_state["arriving"] = None
-
-    def heading_to(self, scope_state: dict, name: str) -> None:
-        """The request's model is known: only that model's batches count on it from now on."""
-        if "arriving" in scope_state and scope_state["arriving"] is None:
-            self.arriving[name] = self.arriving.get(name, 0) + 1
-            self.arriving[None] -= 1
-            scope_state["arriving"] = name
-            self._nudge()
-
-    def arrived(self, scope_state: dict) -> None:
-        """The request is queued, or will never be: batches stop counting on it. Once per request."""
-        if "arriving" in scope_state:
-            self.arriving[scope_state.pop("arriving")] -= 1
-            self._nudge()
-
-    def _nudge(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.nudge()
-
-
 class _ClientGone(Exception):
     """The client closed the connection before its images were done; nothing is sent."""
 
 
 def load_models(config: ServeConfig) -> ServeState:
     """Read every bundle's manifest now (mistakes fail the command at once); pipelines load in their workers."""
-    from lcmtrt.runtime.backends import open_backend
+    from lcmtrt.runtime.backends import open_backend, resolve_device
     from lcmtrt.runtime.conditioning import condition_images
     from lcmtrt.runtime.pipeline import Pipeline
     from lcmtrt.runtime.settings import GenerationSettings
@@ -124,10 +64,7 @@ def load_models(config: ServeConfig) -> ServeState:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
         cards[name] = ModelCard(name, bundle)
-        if not bundle.build.get("batch_invariant"):
-            log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
-                        "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
-                        name, path)
+        _warn_batch_invariance(name, bundle, resolve_device(bundle, config.device))  # refuses a device it lacks
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()
@@ -153,6 +90,22 @@ def load_models(config: ServeConfig) -> ServeState:
         metrics.ready.labels(name).set(0)
     state = ServeState(config, cards, batchers, metrics)
     return state
+
+
+def _warn_batch_invariance(name: str, bundle: Bundle, device: str) -> None:
+    """Say when an image merged into a batch may differ from `infer`'s image of the same request."""
+    from lcmtrt.runtime.backends import batch_invariance
+
+    status = batch_invariance(bundle.build, bundle.backend, device, bundle.precision)
+    if status == "absent":
+        log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
+                    "differ from `infer` by one level in a few pixels; rebuild it to serve identical images",
+                    name, bundle.root)
+    elif status == "unverified":
+        log.warning("model %s: batch invariance is unverified for %s %s on %s (tests check ONNX Runtime and OpenVINO "
+                    "fp32 on the CPU), so an image merged into a batch may differ from `infer` in a few pixels; build "
+                    "one batch size (--batch 1) where identical images matter", name, bundle.backend,
+                    bundle.precision, device)
 
 
 def create_app(state: ServeState, ready_before_serving: bool = False) -> FastAPI:

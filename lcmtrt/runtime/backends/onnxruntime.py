@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.devices import onnxruntime_device
 
 log = logging.getLogger(__name__)
 NO_SPINNING = "session.intra_op.allow_spinning"
@@ -96,10 +97,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None, cuda_graph: bool = True):
-        built_for = bundle.build.get("ort_device", "cpu")
-        self.provider_device = built_for if device == "auto" else device
-        if self.provider_device not in ("cpu", "cuda"):
-            raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        self.provider_device = onnxruntime_device(device, bundle.build.get("ort_device", "cpu"),
+                                                  "CUDAExecutionProvider" in ort.get_available_providers())
         self.bundle = bundle
         providers = ["CPUExecutionProvider"]
         if self.provider_device == "cuda":
@@ -150,8 +149,8 @@ class OnnxRuntimeBackend:
 
     def _check_provider(self, session: ort.InferenceSession) -> ort.InferenceSession:
         if self.provider_device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-            raise UserError("this bundle was built for ONNX Runtime's CUDA provider, which does not run on this "
-                            "host; use --device cpu or rebuild the bundle here")
+            raise UserError("ONNX Runtime's CUDA provider does not run on this host (no usable GPU or CUDA "
+                            "libraries); use --device cpu")
         return session
 
     def refit(self, weights: dict[str, dict[str, np.ndarray]]) -> None:

@@ -18,6 +18,7 @@ import openvino as ov
 from lcmtrt.runtime.backends.base import HostBuffer
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.devices import openvino_device
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,10 @@ def openvino_version() -> str:
     return ov.get_version().split("-")[0]
 
 
-def check_device(core: ov.Core, device: str) -> None:
-    """Refuse an OpenVINO device this host does not have (AUTO, HETERO and MULTI pick among those it has)."""
-    base = device.split(":")[0].split(".")[0].upper()
-    if base not in ("AUTO", "HETERO", "MULTI") and base not in {d.split(".")[0] for d in core.available_devices}:
-        raise UserError(f"OpenVINO device {device!r} is not available here (it has "
-                        f"{', '.join(core.available_devices)}); use --device CPU")
+def check_device(core: ov.Core, device: str) -> str:
+    """OpenVINO's name for `device` (the --device vocabulary of devices.py, any case; auto is CPU) on this host;
+    refuses a device it does not have, naming those it has."""
+    return openvino_device(device, "CPU", core.available_devices)
 
 
 def check_compatible(build: dict[str, Any], root: Path) -> None:
@@ -69,9 +68,8 @@ class OpenVinoBackend:
     def __init__(self, bundle: Bundle, device: str = "auto"):
         check_compatible(bundle.build, bundle.root)
         self.bundle = bundle
-        self.ov_device = bundle.build.get("ov_device", "CPU") if device == "auto" else device
         self.core = ov.Core()
-        check_device(self.core, self.ov_device)
+        self.ov_device = openvino_device(device, bundle.build.get("ov_device", "CPU"), self.core.available_devices)
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         self.config = {

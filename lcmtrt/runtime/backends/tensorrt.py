@@ -23,6 +23,7 @@ except ImportError:
 from lcmtrt.runtime.backends.base import Buffer
 from lcmtrt.bundle import Bundle, EngineSpec
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.devices import tensorrt_device
 from lcmtrt.runtime.backends.tensorrt_host import check_compatibility, device_info, trt_logger
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ def _capture_failed(why: str) -> None:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, device: str = "auto") -> None:
+        tensorrt_device(device)  # the first visible CUDA GPU: anything else is refused before CUDA is touched
         self.bundle = bundle
         self.stream: Any = None
         self.capturing = False
