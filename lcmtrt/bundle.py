@@ -100,6 +100,25 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class SinusoidalEmbedding:
+    """An embedding the runtime computes on the host in fp32 and feeds to denoise (runtime/embeddings.py)."""
+
+    dim: int
+    frequencies: tuple[float, ...]  # float32 values, exactly as diffusers computes them
+    flip_sin_to_cos: bool = False  # cos half first (the UNet's time_proj)
+    scale: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dim": self.dim, "frequencies": list(self.frequencies), "flip_sin_to_cos": self.flip_sin_to_cos,
+                "scale": self.scale}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SinusoidalEmbedding:
+        return cls(_positive(d["dim"], "embedding dim"), tuple(float(f) for f in d["frequencies"]),
+                   bool(d.get("flip_sin_to_cos", False)), float(d.get("scale", 1.0)))
+
+
+@dataclass(frozen=True)
 class Bundle:
     root: Path
     family: str  # sd15 | sdxl
@@ -120,6 +139,9 @@ class Bundle:
     sources: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # denoise inputs computed on the host (time_embedding, guidance_embedding); bundles built before have none and
+    # compute them inside the graph
+    embeddings: dict[str, SinusoidalEmbedding] = field(default_factory=dict)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -153,6 +175,7 @@ class Bundle:
             "sources": self.sources,
             "build": self.build,
             "files": self.files,
+            **({"embeddings": {k: e.to_json() for k, e in self.embeddings.items()}} if self.embeddings else {}),
         }
 
 
@@ -232,6 +255,7 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         sources=_mapping(d, "sources"),
         build=_mapping(d, "build"),
         files=files,
+        embeddings={k: SinusoidalEmbedding.from_json(e) for k, e in _mapping(d, "embeddings").items()},
     )
 
 

@@ -36,7 +36,8 @@ def test_engine_io_is_precision_independent(tiny_sd15_bundle: Path, fp16_bundle:
         bundle = load_bundle(path)
         dtypes = {t.name: t.dtype for e in bundle.engines.values() for t in e.inputs + e.outputs}
         assert dtypes == {"input_ids": "int32", "prompt_embeds": "float32", "latents": "float32",
-                          "coeffs": "float32", "noise": "float32", "guidance_scale": "float32",
+                          "coeffs": "float32", "noise": "float32", "time_embedding": "float32",
+                          "guidance_embedding": "float32",
                           "next_latents": "float32", "denoised": "float32", "images": "uint8",
                           "sample_noise": "float32"}
 

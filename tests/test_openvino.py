@@ -1,5 +1,5 @@
 """The OpenVINO backend beyond parity (which test_parity_* run on it): bundle layout, the compiled-model cache,
-bf16 (refused without bf16 hardware; marks kept where it runs), version and device checks, backend choice."""
+bf16 (refused without bf16 hardware; the embeddings fed in fp32, the heavy ops in bf16 where it runs), version and device checks, backend choice."""
 
 from __future__ import annotations
 
@@ -65,25 +65,32 @@ def test_bf16_on_onnxruntime_is_refused(tiny_sd15_bundle: Path, tmp_path: Path, 
     assert code == 2 and "--backend openvino" in last_error_line(capsys)
 
 
-def test_bf16_bundle_keeps_its_fp32_marks(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch) -> None:
-    """Built as if the CPU had bf16: the saved IR carries the fp32 marks (scalar path, norms, tail) and the build
-    records how many held on the compiled model. Where bf16 really runs, the tolerance test below checks images."""
+def test_bf16_bundle_is_the_fp32_ir_with_fp32_embedding_inputs(tiny_sd15_bundle: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """What the saved IR says, on any CPU: the fp32 IR unchanged (no per-op marks: measured to change nothing once
+    the embeddings come from the host), whose denoise takes the timestep and guidance embeddings as f32 inputs and
+    computes no sinusoid. What really runs in bf16 is read from the compiled model, and checked where bf16 exists."""
     monkeypatch.setattr(openvino_build, "bf16_supported", lambda device="CPU": True)
     out = tmp_path / "bf16"
     build.convert_bundle(tiny_sd15_bundle, out, backend="openvino", precision="bf16")
     manifest = json.loads((out / "bundle.json").read_text())
-    assert manifest["precision"] == "bf16"
-    kept = manifest["build"]["fp32_ops_kept"]
-    assert kept["denoise"]["marked"] > 20 and kept["denoise"]["kept"] > 0
+    assert manifest["precision"] == "bf16" and "fp32_ops_kept" not in manifest["build"]
     xml = (out / "ov/denoise.b1.xml").read_text()
-    assert xml.count("DisablePrecisionConversion") >= kept["denoise"]["marked"]
+    assert "DisablePrecisionConversion" not in xml and "precise_0" not in xml
     model = ov.Core().read_model(str(out / "ov/denoise.b1.xml"))
-    ops = model.get_ordered_ops()
-    marked = [op.get_type_name() for op in ops if openvino_build.SAVED_KEEP_FP32 in op.get_rt_info()]
-    assert {"Sin", "Cos", "MVN"} <= set(marked)  # the embeddings' arguments and the norms
-    heavy = [op for op in ops if op.get_type_name() in openvino_build.HEAVY_OPS]
-    # only the embedding MLPs' and the last convolution stay fp32: the convolutions and attention run in bf16
-    assert sum(kind in openvino_build.HEAVY_OPS for kind in marked) <= 0.15 * len(heavy)
+    kinds = {op.get_type_name() for op in model.get_ordered_ops()}
+    assert not kinds & {"Sin", "Cos"}
+    inputs = {name: port.get_element_type().get_type_name() for port in model.inputs for name in port.get_names()}
+    assert inputs["time_embedding"] == inputs["guidance_embedding"] == "f32"
+    assert sum(manifest["build"]["heavy_op_precisions"]["denoise"].values()) > 20  # every conv and matmul counted
+
+
+@pytest.mark.skipif(not openvino_build.bf16_supported(), reason="this CPU has no bf16 (avx512_bf16 or AMX)")
+def test_bf16_runs_the_heavy_ops_in_bf16(tiny_sd15_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    build.convert_bundle(tiny_sd15_bundle, out, backend="openvino", precision="bf16")
+    for engine, runs_at in json.loads((out / "bundle.json").read_text())["build"]["heavy_op_precisions"].items():
+        assert runs_at.get("bf16", 0) > 0 and runs_at.get("f32", 0) <= 0.1 * sum(runs_at.values()), (engine, runs_at)
 
 
 @pytest.mark.skipif(not openvino_build.bf16_supported(), reason="this CPU has no bf16 (avx512_bf16 or AMX)")
@@ -94,7 +101,9 @@ def test_bf16_close_to_fp32(tiny_sd15_bundle: Path, ov_bundle: Path, tmp_path: P
     ours = Pipeline.load(out).generate(prompts, seed=3, steps=4).images.astype(int)
     reference = Pipeline.load(ov_bundle).generate(prompts, seed=3, steps=4).images.astype(int)
     diff = np.abs(ours - reference)
-    assert diff.max() <= 8 and (diff <= 1).mean() >= 0.95, (diff.max(), (diff <= 1).mean())
+    # what the mode promises (README): the embeddings in fp32 keep bf16 within 1/255 of fp32 almost everywhere
+    # (measured here: max 2, 99.8%; sd15-random at 256x256: max 3, 99.4%; with in-graph embeddings 83%)
+    assert diff.max() <= 4 and (diff <= 1).mean() >= 0.98, (diff.max(), (diff <= 1).mean())
 
 
 def test_bundle_from_another_openvino_version(ov_bundle: Path, tmp_path: Path, capsys) -> None:

@@ -117,7 +117,8 @@ def build_bundle(
         if preset.cfg and mode == "embedding":
             log.warning("warning: cfg is ignored: this UNet takes guidance through its embedding (LCM-distilled) "
                         "and diffusers never runs classifier-free guidance with it")
-        graphs = _export_graphs(checkpoint, preset, scheduler, mode, target, staging, progress, refittable)
+        graphs, embeddings = _export_graphs(checkpoint, preset, scheduler, mode, target, staging, progress,
+                                            refittable)
         engine_batches = _engine_batches(graphs, preset, mode)
         specs = {n: EngineSpec(n, f"onnx/{n}.onnx", "", g.inputs, g.outputs, engine_batches[n], g.refit_weights)
                  for n, g in graphs.items()}
@@ -147,6 +148,7 @@ def build_bundle(
                          **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
                 build=build_info,
                 files=digests(staging),
+                embeddings=embeddings,
             )
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
@@ -223,8 +225,9 @@ def _export_tokenizers(checkpoint: Any, staging: Path) -> tuple[tuple[str, ...],
 
 
 def _export_graphs(checkpoint: Any, preset: Preset, scheduler: Any, mode: str, target: _Target, staging: Path,
-                   progress: Progress, refittable: bool) -> dict[str, Any]:
-    """Every engine's ONNX graph in staging/onnx, each checked against torch where it can be."""
+                   progress: Progress, refittable: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every engine's ONNX graph in staging/onnx, each checked against torch where it can be, and the embeddings
+    the runtime computes for the denoise graphs."""
     from lcmtrt.export.onnx_export import export_graph
 
     (staging / "onnx").mkdir()
@@ -238,7 +241,7 @@ def _export_graphs(checkpoint: Any, preset: Preset, scheduler: Any, mode: str, t
                                         staging / "onnx", refittable and name in REFITTABLE)
             error = graphs[name].max_abs_error
             log.info("      %s: max |onnx - torch| = %s", name, "not checked" if error is None else f"{error:.2e}")
-    return graphs
+    return graphs, modules["denoise"][0].embeddings
 
 
 def _engine_batches(graphs: dict[str, Any], preset: Preset, mode: str) -> dict[str, tuple[int, ...]]:
@@ -278,17 +281,18 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
 
         (staging / "ov").mkdir()
         build_info.update({"openvino_version": openvino_build.openvino_version(), "ov_device": device})
-        kept = {}
+        runs_at = {}
         for name, spec in specs.items():
             with progress.stage(f"convert {name} to OpenVINO IR ({precision}, batch {list(spec.batch_sizes)})"):
                 files = openvino_build.convert_graph(staging / spec.onnx, staging, name, spec.inputs, spec.batch_sizes,
                                                      precision)
                 artifacts[name] = str(files[0].relative_to(staging))
                 if precision != "fp32":
-                    kept[name] = openvino_build.verify_fp32_marks(files[0], device, precision)
-                    log.info("      %s: %d of %d ops marked fp32 run in fp32 on %s", name, *kept[name], device)
-        if kept:
-            build_info["fp32_ops_kept"] = {name: {"kept": k, "marked": m} for name, (k, m) in kept.items()}
+                    runs_at[name] = openvino_build.compiled_precisions(files[0], device, precision)
+                    log.info("      %s: convolutions and matrix products run at %s on %s", name,
+                             ", ".join(f"{n} {p}" for p, n in sorted(runs_at[name].items())), device)
+        if runs_at:
+            build_info["heavy_op_precisions"] = runs_at
     else:
         import onnxruntime
 

@@ -9,6 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lcmtrt.bundle import SchedulerConfig, file_digest
 from lcmtrt.engines.preset import Preset
 from lcmtrt.errors import UserError
@@ -47,6 +49,7 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     import torch
 
     from lcmtrt.export.graphs import is_tiny_vae
+    from lcmtrt.runtime.embeddings import guidance_embedding, time_embedding
     from lcmtrt.runtime.scheduler import step_plan
 
     generator = torch.Generator().manual_seed(0)
@@ -59,7 +62,8 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     ids = {name: torch.randint(0, e.config.vocab_size, (b, length), generator=generator, dtype=torch.int32)
            for name, e in zip(("input_ids", "input_ids_2"), encoders)}
     hidden = sum(e.config.hidden_size for e in encoders) if checkpoint.family == "sdxl" else encoders[0].config.hidden_size
-    coeffs = torch.from_numpy(step_plan(scheduler, 4).coeffs[1].copy())
+    plan = step_plan(scheduler, 4)
+    coeffs = torch.from_numpy(plan.coeffs[1].copy())
     size = [preset.height, preset.width]
 
     adapter_states = {}
@@ -67,9 +71,14 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
         adapter_states = {f"adapter_state_{k}": randn(b, *shape) for k, shape in
                           enumerate(modules["adapter"][0].state_shapes)}
 
-    def denoise_inputs(names: list[str], rows: int) -> dict[str, Any]:
+    def denoise_inputs(stage: Any, rows: int) -> dict[str, Any]:
+        embeddings = {"time_embedding": torch.from_numpy(time_embedding(plan.timesteps[1:2],
+                                                                        stage.embeddings["time_embedding"])[0])}
+        if "guidance_embedding" in stage.embeddings:
+            embeddings["guidance_embedding"] = torch.from_numpy(
+                guidance_embedding(np.array([8.0, 1.5]), stage.embeddings["guidance_embedding"]))
         pool = {
-            "latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent),
+            "latents": randn(*latent), "coeffs": coeffs, "noise": randn(*latent), **embeddings,
             "prompt_embeds": randn(rows, length, hidden), "guidance_scale": torch.tensor([8.0, 1.5]),
             "uncond_mask": torch.tensor([1.0, 0.0]),
             "text_embeds": randn(rows, checkpoint.text_encoder_2.config.projection_dim) if checkpoint.text_encoder_2 else None,
@@ -80,7 +89,7 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
             "adapter_keep": torch.tensor([1.0, 0.0]),
             **adapter_states,
         }
-        return {name: pool[name] for name in names}
+        return {name: pool[name] for name in stage.input_names}
 
     examples = {
         "text": ids,
@@ -100,7 +109,7 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     }
     for name in ("denoise", "denoise_cfg"):
         if name in modules:
-            examples[name] = denoise_inputs(modules[name][0].input_names, 2 * b if name == "denoise_cfg" else b)
+            examples[name] = denoise_inputs(modules[name][0], 2 * b if name == "denoise_cfg" else b)
     return examples
 
 
@@ -178,8 +187,8 @@ REFITTABLE = ("text", "denoise", "denoise_cfg")  # the engines LoRAs change
 
 
 BATCH_AXES = {
-    "denoise": {"coeffs": None},
-    "denoise_cfg": {"coeffs": None, "prompt_embeds": "2*batch", "text_embeds": "2*batch", "time_ids": "2*batch"},
+    "denoise": {"coeffs": None, "time_embedding": None},
+    "denoise_cfg": {"coeffs": None, "time_embedding": None, "prompt_embeds": "2*batch", "text_embeds": "2*batch", "time_ids": "2*batch"},
     "vae_encode": {"coeffs": None},
 }
 

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from lcmtrt.bundle import SinusoidalEmbedding
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -39,16 +41,58 @@ def to_precision(module: nn.Module, precision: str) -> nn.Module:
     return module
 
 
-def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """diffusers' get_guidance_scale_embedding of w = guidance_scale - 1, in fp32, sin half first."""
-    w = (guidance_scale - 1.0) * 1000.0
+class GivenEmbedding(nn.Module):
+    """Stands in for a UNet's (or ControlNet's) time_proj: returns the timestep embedding the runtime computed on the
+    host in fp32 (runtime/embeddings.py), so no reduced-precision graph ever rounds the sinusoid's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None  # [1, dim], set by DenoiseStage.forward for the call it makes
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(timesteps.shape[0], -1)
+
+
+def time_embedding_spec(time_proj: nn.Module) -> SinusoidalEmbedding:
+    """The float32 frequencies of diffusers' get_timestep_embedding for this Timesteps module, computed exactly as
+    diffusers computes them (max_period 10000)."""
+    dim, shift = int(time_proj.num_channels), float(time_proj.downscale_freq_shift)
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    angles = w[:, None] * freq[None, :]
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        emb = nn.functional.pad(emb, (0, 1))
-    return emb
+    exponent = -math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32)
+    frequencies = torch.exp(exponent / (half - shift))
+    return SinusoidalEmbedding(dim, tuple(float(f) for f in frequencies), bool(time_proj.flip_sin_to_cos),
+                               float(getattr(time_proj, "scale", 1.0)))
+
+
+def guidance_embedding_spec(dim: int) -> SinusoidalEmbedding:
+    """The float32 frequencies of diffusers' get_guidance_scale_embedding (LCM pipelines) for `dim`."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    return SinusoidalEmbedding(dim, tuple(float(f) for f in frequencies))
+
+
+def sinusoidal_reference(spec: SinusoidalEmbedding, arguments: torch.Tensor) -> torch.Tensor:
+    """What diffusers computes from `spec` for these arguments (timesteps, or (w - 1) * 1000), in torch fp32."""
+    angles = arguments.float()[:, None] * torch.tensor(spec.frequencies, dtype=torch.float32)[None, :] * spec.scale
+    halves = [torch.cos(angles), torch.sin(angles)] if spec.flip_sin_to_cos else [torch.sin(angles), torch.cos(angles)]
+    return nn.functional.pad(torch.cat(halves, dim=1), (0, spec.dim - 2 * len(spec.frequencies)))
+
+
+def checked_time_embedding_spec(time_proj: nn.Module) -> SinusoidalEmbedding:
+    """time_embedding_spec, refused unless it reproduces this time_proj (a custom one would be computed wrongly)."""
+    spec = time_embedding_spec(time_proj)
+    timesteps = torch.tensor([0, 1, 259, 999])
+    with torch.no_grad():
+        expected = time_proj(timesteps).float()
+    if not torch.allclose(sinusoidal_reference(spec, timesteps), expected, atol=1e-5, rtol=0):
+        raise ValueError("this UNet's time_proj is not diffusers' get_timestep_embedding; lcmtrt cannot compute it")
+    return spec
+
+
+def _time_proj_config(module: nn.Module) -> tuple:
+    proj = module.time_proj
+    return proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, getattr(proj, "scale", 1.0)
 
 
 def is_tiny_vae(vae: nn.Module) -> bool:
@@ -88,8 +132,10 @@ class DenoiseStage(nn.Module):
 
     `coeffs` is one row of the runtime's step plan: timestep, c_skip, c_out, sqrt(a_t), sqrt(1-a_t),
     sqrt(a_prev), sqrt(1-a_prev) (1 and 0 on the last step, so the output is exactly `denoised` there).
-    Guidance is one of three `modes`: "embedding" (LCM-distilled UNet: guidance_scale goes through its
-    time_cond_proj_dim embedding), "cfg" (classifier-free guidance: prompt_embeds/text_embeds/time_ids hold
+    `time_embedding` is that step's sinusoidal timestep embedding [dim], computed on the host in fp32 (it replaces
+    the UNet's and the ControlNet's time_proj). Guidance is one of three `modes`: "embedding" (LCM-distilled
+    UNet: `guidance_embedding`, diffusers' w_embedding computed on the host in fp32 per row, feeds its
+    time_cond_proj_dim), "cfg" (classifier-free guidance: prompt_embeds/text_embeds/time_ids hold
     [negative; positive] rows, uncond_mask zeroes the negative embeddings per row as SDXL's
     force_zeros_for_empty_prompt does) or "none" (a UNet without embedding at guidance <= 1: no guidance input).
     SDXL-class graphs also take text_embeds (pooled) and time_ids.
@@ -102,16 +148,25 @@ class DenoiseStage(nn.Module):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         if (mode == "embedding") != (unet.config.time_cond_proj_dim is not None):
             raise ValueError(f"guidance mode {mode!r} does not fit this UNet's time_cond_proj_dim")
+        if controlnet is not None and _time_proj_config(controlnet) != _time_proj_config(unet):
+            raise ValueError("the ControlNet's timestep embedding differs from the UNet's; lcmtrt feeds both one")
+        self.embeddings = {"time_embedding": checked_time_embedding_spec(unet.time_proj)}
+        if mode == "embedding":
+            self.embeddings["guidance_embedding"] = guidance_embedding_spec(unet.config.time_cond_proj_dim)
         self.unet = to_precision(unet, precision)
         self.dtype = PRECISIONS[precision]
         self.prediction_type, self.mode = prediction_type, mode
-        self.embedding_dim = unet.config.time_cond_proj_dim
-        self.input_names = ["latents", "coeffs", "noise", "prompt_embeds"]
-        self.input_names += {"embedding": ["guidance_scale"], "cfg": ["guidance_scale", "uncond_mask"], "none": []}[mode]
+        self.given_time = GivenEmbedding()
+        self.unet.time_proj = self.given_time
+        self.input_names = ["latents", "coeffs", "time_embedding", "noise", "prompt_embeds"]
+        self.input_names += {"embedding": ["guidance_embedding"], "cfg": ["guidance_scale", "uncond_mask"],
+                             "none": []}[mode]
         self.input_names += ["text_embeds", "time_ids"] if sdxl else []
         # ControlNet: uint8 NHWC control image (diffusers' [0, 1] control preprocessing inside) and this step's
         # scale (conditioning scale x diffusers' controlnet_keep for the step); no guidance embedding for it
         self.controlnet = to_precision(controlnet, precision) if controlnet is not None else None
+        if self.controlnet is not None:
+            self.controlnet.time_proj = self.given_time
         self.input_names += ["control_image", "control_scale"] if controlnet is not None else []
         # T2I-Adapter: the adapter engine's scaled states, and this step's keep (1 for the first
         # int(N * adapter_conditioning_factor) steps, else 0: adding zeros equals diffusers passing none)
@@ -125,8 +180,9 @@ class DenoiseStage(nn.Module):
         c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev = (coeffs[i] for i in range(1, 7))
         embeds, pooled = x["prompt_embeds"], x.get("text_embeds")
         cond, sample = None, latents
+        self.given_time.value = x["time_embedding"][None, :]
         if self.mode == "embedding":
-            cond = guidance_embedding(x["guidance_scale"], self.embedding_dim).to(self.dtype)
+            cond = x["guidance_embedding"].to(self.dtype)
         elif self.mode == "cfg":
             keep = x["uncond_mask"][:, None, None]
             rows = latents.shape[0]

@@ -16,6 +16,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, Binding, Buffer, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.embeddings import guidance_embedding, time_embedding
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
 from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.settings import GenerationSettings
@@ -87,6 +88,7 @@ class Pipeline:
         self.encode_noises = [n for n in ("sample_noise", "noise") if n in names]  # diffusers' draw order
         self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
         self._coeffs: dict[StepPlan, list[Buffer]] = {}
+        self._embeddings: dict[StepPlan, list[Buffer]] = {}
         self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
         self.noise = noise_source.choose_source()  # "torch" (diffusers' numbers) or "numpy": said in every answer
         self.use_torch = self.noise == "torch"
@@ -105,7 +107,7 @@ class Pipeline:
             latent = (batch, *self.bundle.latent_shape)
             latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
             images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
-            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised", *PER_STEP_FACTORS}
+            per_step = {"latents", "coeffs", "time_embedding", "noise", "next_latents", "denoised", *PER_STEP_FACTORS}
             text_io = engines["text"].inputs + engines["text"].outputs
             shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
             shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
@@ -127,6 +129,19 @@ class Pipeline:
                 buffer.write(row)
         return self._coeffs[plan]
 
+    def _time_embeddings(self, plan: StepPlan) -> list[Buffer]:
+        """Each step's timestep embedding, computed once per plan in fp32 (none for bundles that compute it
+        inside the graph)."""
+        spec = self.bundle.embeddings.get("time_embedding")
+        if spec is None:
+            return []
+        if plan not in self._embeddings:
+            rows = time_embedding(plan.timesteps, spec)
+            self._embeddings[plan] = [self.backend.alloc((spec.dim,), np.float32) for _ in plan.timesteps]
+            for buffer, row in zip(self._embeddings[plan], rows):
+                buffer.write(row)
+        return self._embeddings[plan]
+
     def _encoder(self, batch: int, coeffs: Buffer, latents: Buffer) -> _Encoder:
         b, alloc = self.bundle, self.backend.alloc
         images = alloc((batch, b.height, b.width, 3), np.uint8)
@@ -140,6 +155,7 @@ class Pipeline:
         if key not in self._programs:
             buffers = self._buffers(batch, cfg)
             coeffs = self._step_coeffs(plan)
+            embeddings = self._time_embeddings(plan)
             step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
             factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
             step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
@@ -151,6 +167,7 @@ class Pipeline:
                     **conditioning,
                     "latents": buffers.latents[i % 2],
                     "coeffs": coeffs[i],
+                    **({"time_embedding": embeddings[i]} if embeddings else {}),
                     "noise": step_noise[i],
                     "next_latents": buffers.latents[(i + 1) % 2],
                     "denoised": buffers.denoised,
@@ -220,13 +237,14 @@ class Pipeline:
         rows = len(prompts)
         if rows == 0:
             raise UserError("no prompt given")
-        scales = s.guidance_scale if s.guidance_scale is not None else self.bundle.default_guidance_scale
-        scales = np.broadcast_to(np.asarray(scales, np.float32), (rows,)).copy()
+        given = s.guidance_scale if s.guidance_scale is not None else self.bundle.default_guidance_scale
+        given = np.broadcast_to(np.asarray(given, np.float64), (rows,))  # as given: the embedding starts from it
+        scales = given.astype(np.float32)
         cfg = self._uses_cfg(scales, bool(s.negative_prompts and any(s.negative_prompts)))
         plan, leading = self._plan(s)
         firsts, step_noise = self._draw(seed, rows, leading, _shares_one_image(s), plan)
         sources = None if s.images is None else _per_row(s.images, rows, "input images")
-        inputs, doubled = self._text_inputs(prompts, s.negative_prompts, scales, cfg)
+        inputs, doubled = self._text_inputs(prompts, s.negative_prompts, given, cfg)
         factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
         return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
                             np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
@@ -260,8 +278,8 @@ class Pipeline:
 
     def _text_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
-        """Token ids and guidance inputs. Doubled inputs are [rows, 2, ...], negative first, for CFG's
-        [negative; positive] text rows."""
+        """Token ids and guidance inputs (`scales`: float64, as given). Doubled inputs are [rows, 2, ...], negative
+        first, for CFG's [negative; positive] text rows."""
         rows = len(prompts)
         inputs: dict[str, np.ndarray] = {}
         doubled: set[str] = set()
@@ -275,7 +293,9 @@ class Pipeline:
             doubled.update([name] if cfg else [])
         denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
         if "guidance_scale" in denoise_inputs:
-            inputs["guidance_scale"] = scales
+            inputs["guidance_scale"] = scales.astype(np.float32)
+        if "guidance_embedding" in denoise_inputs:
+            inputs["guidance_embedding"] = guidance_embedding(scales, self.bundle.embeddings["guidance_embedding"])
         if "uncond_mask" in denoise_inputs:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt at all means zero negative embeddings
             zeros = not negative_prompts and self.bundle.text.zero_empty_negative
