@@ -46,6 +46,7 @@ LIMITS = {
     "workspace_gb": Range(0.0, 4096.0, low_open=True),
     "iterations": Range(1, 100_000, integer=True),
     "warmup": Range(0, 10_000, integer=True),
+    "max_step_programs": Range(1, 1024, integer=True),  # step programs kept per served model (`serve`)
 }
 
 

@@ -299,6 +299,50 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
             assert image.format == "PNG" and image.size == SERVE_SIZE
 
 
+def distinct_originals(count: int, steps: int = 4) -> list[int]:
+    """original_inference_steps values whose `steps`-step plans on the default scheduler all differ by value."""
+    from lcmtrt.bundle import SchedulerConfig
+    from lcmtrt.runtime.scheduler import step_plan
+
+    seen, chosen = set(), []
+    for original in range(steps, 1001):
+        timesteps = tuple(step_plan(SchedulerConfig(), steps, original_inference_steps=original).timesteps)
+        if timesteps not in seen:
+            seen.add(timesteps)
+            chosen.append(original)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"fewer than {count} distinct plans")
+
+
+@pytest.fixture(scope="module")
+def plans_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
+    running = start_server(tmp_path_factory.mktemp("serve-plans"), "--engines", str(tiny_sd15_bundle),
+                           "--max-step-programs", "3")
+    yield running
+    stop(running)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_distinct_plans_keep_step_programs_and_memory_bounded(plans_server: Server) -> None:
+    """Any client can ask for a new schedule: three rounds of 40 distinct plans keep at most --max-step-programs
+    (3) step programs, and once the first round has warmed the allocator the next 80 plans leave the server's
+    memory about where it was. (Keeping every program, as before the bound, these two rounds added ~7 MiB on this
+    tiny model: ~90 KiB of buffers and bindings per program.)"""
+    originals = distinct_originals(120)
+    rss = [rss_mb(plans_server.process.pid)]
+    for round_start in (0, 40, 80):
+        for i, original in enumerate(originals[round_start:round_start + 40]):
+            status, _, body = plans_server.post_json({"prompt": "a boat", "seed": i, "num_inference_steps": 4,
+                                                      "original_inference_steps": original})
+            assert status == 200, body
+            assert plans_server.metric("lcmtrt_step_programs") <= 3
+        rss.append(rss_mb(plans_server.process.pid))
+    print("server RSS MiB at ready and after each round of 40 plans:", " ".join(f"{x:.1f}" for x in rss))
+    assert plans_server.metric("lcmtrt_step_programs") == 3
+    assert rss[3] - rss[1] < 4, rss
+
+
 @pytest.fixture(scope="module")
 def small_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
     """A short queue, and a wait for company (3 s) longer than a request may take (2 s), so that a request with

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcmtrt.cli.args import DEVICE_HELP, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import DEVICE_HELP, bounded, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=64, help="images waiting per model before 503s")
     serve.add_argument("--max-body-mb", type=float, default=20.0, help="request bodies above this get 413")
     serve.add_argument("--request-timeout-s", type=float, default=600.0, help="longest wait for a request's images")
+    serve.add_argument("--max-step-programs", type=bounded("max_step_programs"), default=16,
+                       help="step programs (buffers, bindings and graphs of one batch size and plan) kept per model; "
+                            "the least recently used is freed beyond it (default 16)")
     serve.add_argument("--api-key", action="append", default=[],
                        help="accept this bearer key (repeatable; also LCMTRT_API_KEY, comma-separated)")
     serve.add_argument("--ray", action="store_true",
@@ -99,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = [*args.api_key, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)]
     config = ServeConfig(parse_models(args.engines), args.host, args.port, args.device, args.max_n,
                          args.max_batch_wait_ms, args.max_queue, args.max_body_mb, args.request_timeout_s,
-                         tuple(keys))
+                         tuple(keys), max_step_programs=int(args.max_step_programs))
     if ray_config is not None:
         from lcmtrt.serve.ray_process import run_on_ray
 

@@ -1,5 +1,6 @@
-"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan); a
-request only writes its inputs, launches [vae_encode ->] text -> N x denoise -> vae_decode, and reads the images."""
+"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan) and kept
+in a bounded LRU (programs.py); a request only writes its inputs, launches [vae_encode ->] text -> N x denoise ->
+vae_decode, and reads the images."""
 
 from __future__ import annotations
 
@@ -8,22 +9,21 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from lcmtrt.runtime import noise as noise_source
-from lcmtrt.runtime.backends import Backend, Binding, Buffer, open_backend
+from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
-from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
+from lcmtrt.runtime.scheduler import StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.settings import GenerationSettings
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
-
-PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
 
 
 @dataclass
@@ -37,139 +37,44 @@ class Generation:
     batches: list[int] = field(default_factory=list)  # the engine batch size of each launch
 
 
-@dataclass
-class _BatchBuffers:
-    """Everything one batch size needs, allocated once. `shared` holds the tensors engines pass to each other or
-    the host writes once per request, by their engine I/O name (input_ids, prompt_embeds, guidance_scale, ...)."""
-
-    denoise: str  # the engine the steps run: denoise, or denoise_cfg with [negative; positive] text rows
-    shared: dict[str, Buffer]
-    latents: tuple[Buffer, Buffer]  # ping-pong: step i reads latents[i % 2] and writes latents[(i + 1) % 2]
-    denoised: Buffer
-    images: Buffer
-    text: Binding
-    vae_decode: Binding
-    adapter: Binding | None = None
-
-
-@dataclass
-class _Encoder:
-    """Image-to-image inputs of one (batch, plan): the source images and the encode stage's noises."""
-
-    images: Buffer
-    noises: list[Buffer]  # in draw order: [sample_noise,] noise
-    binding: Binding
-
-
-@dataclass
-class _Program:
-    """One (batch, plan[, img2img]): per-step buffers and the captured launch of the whole generation."""
-
-    plan: StepPlan
-    noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
-    step_inputs: dict[str, list[Buffer]]  # per-step [batch] factors: control_scale, adapter_keep
-    launch: Callable[[], None]
-    bindings: list[Binding] = field(default_factory=list)
-    encoder: _Encoder | None = None
-
-
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: Backend):
+    def __init__(self, bundle: Bundle, backend: Backend, max_step_programs: int = DEFAULT_MAX_PROGRAMS):
         self.bundle, self.backend = bundle, backend
         self.tokenizers = load_tokenizers(bundle)  # SD1.5: one; SDXL: CLIP ViT-L's and OpenCLIP bigG's
         self.id_inputs = [t.name for t in bundle.engines["text"].inputs]  # input_ids[, input_ids_2], same order
         if len(self.id_inputs) != len(self.tokenizers):
             raise UserError(f"bundle {bundle.root} pairs {len(self.tokenizers)} tokenizers with a text engine taking "
                             f"{self.id_inputs}; rebuild it")
-        encode = bundle.engines.get("vae_encode")
-        # AutoencoderTiny encodes deterministically: its graph takes no sample noise and diffusers draws none
-        names = {t.name for t in encode.inputs} if encode else set()
-        self.encode_noises = [n for n in ("sample_noise", "noise") if n in names]  # diffusers' draw order
-        self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
-        self._coeffs: dict[StepPlan, list[Buffer]] = {}
-        self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
+        self._store = Programs(bundle, backend, max_step_programs)
+        self.encode_noises = self._store.encode_noises
+        self._batches, self._programs = self._store.batches, self._store.programs
         self.use_torch = noise_source.torch_available()
         noise_source.prepare(self.use_torch)
         self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: str = "auto") -> Pipeline:
+    def load(cls, bundle_dir: str | Path, device: str = "auto",
+             max_step_programs: int = DEFAULT_MAX_PROGRAMS) -> Pipeline:
         bundle = load_bundle(bundle_dir)
-        return cls(bundle, open_backend(bundle, device))
+        return cls(bundle, open_backend(bundle, device), max_step_programs)
 
-    def _buffers(self, batch: int, cfg: bool) -> _BatchBuffers:
-        """Under CFG the text engine runs 2 x batch rows ([negative; positive]) into denoise_cfg's inputs."""
-        if (batch, cfg) not in self._batches:
-            alloc, engines = self.backend.alloc, self.bundle.engines
-            denoise, text_batch = ("denoise_cfg", 2 * batch) if cfg else ("denoise", batch)
-            latent = (batch, *self.bundle.latent_shape)
-            latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
-            images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
-            per_step = {"latents", "coeffs", "noise", "next_latents", "denoised", *PER_STEP_FACTORS}
-            text_io = engines["text"].inputs + engines["text"].outputs
-            shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
-            shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
-                           if t.name not in per_step and t.name not in shared})
-            text = self.backend.bind("text", text_batch, {t.name: shared[t.name] for t in text_io})
-            vae = self.backend.bind("vae_decode", batch, {"latents": denoised, "images": images})
-            adapter = None
-            if "adapter" in engines:  # its inputs are written per request, its outputs feed every step
-                adapter_io = engines["adapter"].inputs + engines["adapter"].outputs
-                shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines["adapter"].inputs})
-                adapter = self.backend.bind("adapter", batch, {t.name: shared[t.name] for t in adapter_io})
-            self._batches[batch, cfg] = _BatchBuffers(denoise, shared, latents, denoised, images, text, vae, adapter)
-        return self._batches[batch, cfg]
+    @property
+    def max_step_programs(self) -> int:
+        """How many step programs (batch, plan, img2img, CFG) are kept; the least recently used goes beyond."""
+        return self._store.limit
 
-    def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
-        if plan not in self._coeffs:
-            self._coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
-            for buffer, row in zip(self._coeffs[plan], plan.coeffs):
-                buffer.write(row)
-        return self._coeffs[plan]
+    @max_step_programs.setter
+    def max_step_programs(self, limit: int) -> None:
+        self._store.limit = limit
 
-    def _encoder(self, batch: int, coeffs: Buffer, latents: Buffer) -> _Encoder:
-        b, alloc = self.bundle, self.backend.alloc
-        images = alloc((batch, b.height, b.width, 3), np.uint8)
-        noises = {name: alloc((batch, *b.latent_shape), np.float32) for name in self.encode_noises}
-        binding = self.backend.bind("vae_encode", batch, {"images": images, "coeffs": coeffs, "latents": latents,
-                                                          **noises})
-        return _Encoder(images, list(noises.values()), binding)
+    @property
+    def program_count(self) -> int:
+        """Step programs kept now (at most max_step_programs)."""
+        return len(self._programs)
 
-    def _program(self, batch: int, plan: StepPlan, img2img: bool, cfg: bool) -> _Program:
-        key = (batch, plan, img2img, cfg)
-        if key not in self._programs:
-            buffers = self._buffers(batch, cfg)
-            coeffs = self._step_coeffs(plan)
-            step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
-            factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
-            step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
-            encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
-            conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
-                            if t.name in buffers.shared}
-            bindings = [
-                self.backend.bind(buffers.denoise, batch, {
-                    **conditioning,
-                    "latents": buffers.latents[i % 2],
-                    "coeffs": coeffs[i],
-                    "noise": step_noise[i],
-                    "next_latents": buffers.latents[(i + 1) % 2],
-                    "denoised": buffers.denoised,
-                    **{name: per_step[i] for name, per_step in step_inputs.items()},
-                })
-                for i in range(plan.steps)
-            ]
-            first = [b for b in (encoder.binding if encoder else None, buffers.adapter, buffers.text) if b is not None]
-
-            def launch() -> None:
-                for binding in first:
-                    binding.run()
-                for step in bindings:
-                    step.run()
-                buffers.vae_decode.run()
-
-            self._programs[key] = _Program(plan, step_noise, step_inputs, self.backend.capture(launch), bindings,
-                                           encoder)
-        return self._programs[key]
+    def resident_programs(self) -> list[dict[str, Any]]:
+        """The step programs kept now, least recently used first: what a request can run without binding."""
+        return self._store.describe()
 
     def _chunks(self, rows: int) -> list[tuple[int, int]]:
         """(row count, engine batch size) pieces covering `rows`, largest built batch first; the last may be padded."""
@@ -319,8 +224,8 @@ class Pipeline:
         start, engine_seconds, batches = 0, 0.0, []
         for count, batch in self._chunks(count_all):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._program(batch, plan, img2img, cfg)
-            buffers = self._buffers(batch, cfg)
+            program = self._store.get(batch, plan, img2img, cfg)
+            buffers = self._store.buffers(batch, cfg)
             for name, array in rows.inputs.items():
                 if name in rows.doubled:
                     buffers.shared[name].write(np.concatenate([pad(array[:, 0]), pad(array[:, 1])]))
@@ -413,8 +318,8 @@ class Pipeline:
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         self._require_usable()
-        plan = step_plan(self.bundle.scheduler, steps)
-        program, buffers = self._program(batch, plan, False, False), self._buffers(batch, False)
+        plan, _ = self._plan(GenerationSettings(steps=steps), batch)  # the plan a request of `steps` runs
+        program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})

@@ -60,6 +60,7 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = ()
     replica: str = ""  # set inside a Ray Serve replica: named in X-Lcmtrt-Replica and lcmtrt_replica_requests
+    max_step_programs: int = 16  # per model: step programs kept (Pipeline.max_step_programs)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def load_models(config: ServeConfig) -> ServeState:
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()
-            pipeline = Pipeline(bundle, open_backend(bundle, config.device))
+            pipeline = Pipeline(bundle, open_backend(bundle, config.device), config.max_step_programs)
             conditions = condition_images(bundle)
             for size in bundle.batch_sizes:  # bind every built batch size for the default plan before serving
                 pipeline.run(pipeline.prepare(["warm up"] * size, 0, GenerationSettings(**conditions)))
@@ -148,6 +149,8 @@ def load_models(config: ServeConfig) -> ServeState:
                                  lambda images, name=name: metrics.queue_images.labels(name).set(images),
                                  lambda: state.arriving > 0)
         metrics.ready.labels(name).set(0)
+        metrics.step_programs.labels(name).set_function(
+            lambda b=batchers[name]: b.pipeline.program_count if b.pipeline is not None else 0)
     state = ServeState(config, cards, batchers, metrics)
     return state
 

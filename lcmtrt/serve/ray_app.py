@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from ray import serve
 from starlette.middleware import Middleware
 
+from lcmtrt import limits
 from lcmtrt.errors import UserError
 from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models, parse_models
 
@@ -116,7 +117,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     """For `serve run lcmtrt.serve.ray_app:app_builder engines=DIR[,NAME=DIR] [replicas=N] ...` and the
     `import_path` of a `serve deploy` config; the keys are `lcmtrt serve`'s flags with underscores."""
     known = {"engines", "device", "max_n", "max_batch_wait_ms", "max_queue", "max_body_mb", "request_timeout_s",
-             "api_keys", "replicas", "gpus_per_replica", "cpus_per_replica"}
+             "api_keys", "replicas", "gpus_per_replica", "cpus_per_replica", "max_step_programs"}
     unknown = sorted(set(args) - known)
     if unknown or "engines" not in args:
         raise UserError(f"lcmtrt app arguments: engines is required; unknown {unknown}; known {sorted(known)}")
@@ -128,7 +129,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     config = ServeConfig(parse_models(specs), device=str(args.get("device", "auto")),
                          max_n=int(args.get("max_n", 4)), max_batch_wait_ms=float(args.get("max_batch_wait_ms", 10)),
                          max_queue=int(args.get("max_queue", 64)), max_body_mb=float(args.get("max_body_mb", 20)),
-                         request_timeout_s=float(args.get("request_timeout_s", 600)), api_keys=tuple(keys))
+                         request_timeout_s=float(args.get("request_timeout_s", 600)), api_keys=tuple(keys),
+                         max_step_programs=int(limits.parse("max_step_programs", str(args.get("max_step_programs", 16)))))
     ray_config = RayConfig(int(args.get("replicas", 1)), None, float(args.get("gpus_per_replica", 0)),
                            float(args.get("cpus_per_replica", 1)))
     return build_app(config, ray_config)
