@@ -47,6 +47,7 @@ LIMITS = {
     "iterations": Range(1, 100_000, integer=True),
     "warmup": Range(0, 10_000, integer=True),
     "max_step_programs": Range(1, 1024, integer=True),  # step programs kept per served model (`serve`)
+    "batch_ms": Range(0.0, 3_600_000.0, low_open=True),  # `serve --batch-ms`: a run's milliseconds at a batch size
 }
 
 

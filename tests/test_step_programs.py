@@ -158,3 +158,22 @@ def test_max_step_programs_flag_is_checked(value: str, capsys) -> None:
         main(["serve", "--engines", "no-such-bundle", "--max-step-programs", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "max-step-programs" in err[0] and "[1, 1024]" in err[0]
+
+
+@pytest.mark.parametrize("value", ["1=abc", "0=5", "1=-2", "1", "1=10,2=inf"])
+def test_batch_ms_flag_is_checked(value: str, capsys) -> None:
+    from lcmtrt.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--engines", "no-such-bundle", "--batch-ms", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "batch" in err[0]
+
+
+def test_batch_ms_must_cover_every_built_size(tiny_sd15_bundle: Path, capsys) -> None:
+    from lcmtrt.cli.main import main
+
+    pytest.importorskip("uvicorn")
+    assert main(["-q", "serve", "--engines", str(tiny_sd15_bundle), "--batch-ms", "1=10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no time for batch sizes [2]" in err[0]

@@ -32,6 +32,10 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-step-programs", type=bounded("max_step_programs"), default=16,
                        help="step programs (buffers, bindings and graphs of one batch size and plan) kept per model; "
                             "the least recently used is freed beyond it (default 16)")
+    serve.add_argument("--batch-ms", type=batch_ms_arg, default=None, metavar="SIZE=MS[,SIZE=MS...]",
+                       help="the time of a run at each built batch size, which decides how batches are cut into "
+                            "launches, instead of timing them at warm-up (e.g. a quiet start's /ready batch_ms); "
+                            "for every model")
     serve.add_argument("--api-key", action="append", default=[],
                        help="accept this bearer key (repeatable; also LCMTRT_API_KEY, comma-separated)")
     serve.add_argument("--ray", action="store_true",
@@ -60,6 +64,18 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
                              help="also draw latency and images/s against concurrency (needs lcmtrt[bench])")
     bench_serve.add_argument("--baseline-url", help="a single-host `lcmtrt serve` of the same bundle: concurrency-1 "
                              "requests alternate between it and --url for the per-request overhead (e.g. Ray's proxy)")
+
+
+def batch_ms_arg(text: str) -> dict[int, float]:
+    """`1=20,2=24`: milliseconds of a run at each batch size (argparse type of --batch-ms)."""
+    size, ms = bounded("batch"), bounded("batch_ms")
+    costs = {}
+    for part in text.split(","):
+        left, equals, right = part.partition("=")
+        if not equals:
+            raise argparse.ArgumentTypeError(f"{text!r}: give SIZE=MS pairs separated by commas, e.g. 1=20,2=24")
+        costs[int(size(left.strip()))] = float(ms(right.strip()))
+    return costs
 
 
 def _ray_settings(args: argparse.Namespace) -> RayConfig | None:
@@ -102,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = [*args.api_key, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)]
     config = ServeConfig(parse_models(args.engines), args.host, args.port, args.device, args.max_n,
                          args.max_batch_wait_ms, args.max_queue, args.max_body_mb, args.request_timeout_s,
-                         tuple(keys), max_step_programs=int(args.max_step_programs))
+                         tuple(keys), max_step_programs=int(args.max_step_programs), batch_ms=args.batch_ms)
     if ray_config is not None:
         from lcmtrt.serve.ray_process import run_on_ray
 

@@ -1,6 +1,6 @@
 """Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan) and kept
 in a bounded LRU (programs.py); a request only writes its inputs, launches [vae_encode ->] text -> N x denoise ->
-vae_decode, and reads the images."""
+vae_decode, and reads the images. Rows are cut into launches of the built batch sizes by measured cost (cover.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.cover import cheapest_cover, linear_costs
 from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
 from lcmtrt.runtime.scheduler import StepPlan, img2img_plan, step_plan
@@ -48,6 +49,8 @@ class Pipeline:
         self._store = Programs(bundle, backend, max_step_programs)
         self.encode_noises = self._store.encode_noises
         self._batches, self._programs = self._store.batches, self._store.programs
+        # seconds one launch takes at each built batch size: how rows are cut (cover.py); measured at warm-up
+        self.batch_costs: dict[int, float] = linear_costs(bundle.batch_sizes)
         self.use_torch = noise_source.torch_available()
         noise_source.prepare(self.use_torch)
         self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
@@ -75,17 +78,6 @@ class Pipeline:
     def resident_programs(self) -> list[dict[str, Any]]:
         """The step programs kept now, least recently used first: what a request can run without binding."""
         return self._store.describe()
-
-    def _chunks(self, rows: int) -> list[tuple[int, int]]:
-        """(row count, engine batch size) pieces covering `rows`, largest built batch first; the last may be padded."""
-        sizes = sorted(self.bundle.batch_sizes, reverse=True)
-        chunks, left = [], rows
-        while left:
-            fitting = [s for s in sizes if s <= left]
-            size = fitting[0] if fitting else min(sizes)
-            chunks.append((min(size, left), size))
-            left -= chunks[-1][0]
-        return chunks
 
     def generate(self, prompts: Sequence[str], seed: int | Sequence[int] | None = None,
                  settings: GenerationSettings | None = None, **given: Any) -> Generation:
@@ -216,13 +208,21 @@ class Pipeline:
     def run(self, rows: PreparedRows) -> Generation:
         """Images for prepared rows (of one request or several joined), in engine batches of the built sizes.
         Each row's numbers come from its own inputs only; `seeds` of the result is left empty."""
+        pieces = [done for _, done in self.run_pieces(rows)]
+        if len(pieces) == 1:
+            return pieces[0]
+        return Generation(np.concatenate([p.images for p in pieces]), np.concatenate([p.latents for p in pieces]),
+                          [], pieces[0].timesteps, pieces[0].noise, sum(p.engine_seconds for p in pieces),
+                          [b for p in pieces for b in p.batches])
+
+    def run_pieces(self, rows: PreparedRows) -> Iterator[tuple[int, Generation]]:
+        """run() one launch at a time: (first row, that launch's rows' Generation) as soon as each is read, so a
+        server can answer a request whose rows are done while the rest of the batch runs. The rows are cut by
+        `batch_costs` (cheapest_cover): padded into a larger batch where one launch costs less than the pieces."""
         self._require_usable()
         plan, img2img, cfg = rows.key.plan, rows.key.img2img, rows.key.cfg
-        count_all = len(rows)
-        out = np.empty((count_all, self.bundle.height, self.bundle.width, 3), np.uint8)
-        final = np.empty((count_all, *self.bundle.latent_shape), np.float32)
-        start, engine_seconds, batches = 0, 0.0, []
-        for count, batch in self._chunks(count_all):
+        start = 0
+        for count, batch in cheapest_cover(len(rows), self._costs()):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
             program = self._store.get(batch, plan, img2img, cfg)
             buffers = self._store.buffers(batch, cfg)
@@ -244,13 +244,53 @@ class Pipeline:
                     buffer.write(np.ascontiguousarray(pad(rows.factors[name][:, step])))
             launched = time.perf_counter()
             program.launch()
-            out[start:start + count] = buffers.images.read()[:count]
-            final[start:start + count] = buffers.denoised.read()[:count]
-            engine_seconds += time.perf_counter() - launched
-            batches.append(batch)
+            images, latents = buffers.images.read()[:count].copy(), buffers.denoised.read()[:count].copy()
+            yield start, Generation(images, latents, [], plan.timesteps.tolist(),
+                                    "torch" if self.use_torch else "numpy", time.perf_counter() - launched, [batch])
             start += count
-        return Generation(out, final, [], plan.timesteps.tolist(), "torch" if self.use_torch else "numpy",
-                          engine_seconds, batches)
+
+    def _costs(self) -> dict[int, float]:
+        """batch_costs of the built sizes; where one lacks a cost, every launch is taken to cost its batch size."""
+        sizes = self.bundle.batch_sizes
+        if any(size not in self.batch_costs for size in sizes):
+            return linear_costs(sizes)
+        return {size: float(self.batch_costs[size]) for size in sizes}
+
+    def measure_batch_costs(self, settings: GenerationSettings | None = None, repeats: int = 3) -> dict[int, float]:
+        """Time one whole run at each built batch size (the default plan, or `settings`'), the fastest of `repeats`
+        after a first run that binds and captures; the result becomes `batch_costs`, which cuts later runs."""
+        costs = {}
+        for size in self.bundle.batch_sizes:
+            rows = self.prepare(["warm up"] * size, 0, settings)
+            self.run(rows)  # binds, allocates and captures: not timed
+            times = []
+            for _ in range(max(1, repeats)):
+                started = time.perf_counter()
+                self.run(rows)
+                times.append(time.perf_counter() - started)
+            costs[size] = min(times)
+        self.batch_costs = costs
+        return costs
+
+    def warm_up(self, settings: GenerationSettings | None = None,
+                costs: dict[int, float] | None = None) -> dict[str, Any]:
+        """Bind and capture what a server will likely run: image-to-image (with `settings`' strength and mode) at
+        each built batch size when the bundle has an encoder, then the default text-to-image plan at each size,
+        timed into `batch_costs` (or run once each, with `costs`, seconds per size, as given). Returns exactly what
+        is warm: the step programs kept (at most max_step_programs) and the milliseconds of a run at each size."""
+        s, given = settings or GenerationSettings(), costs is not None
+        if "vae_encode" in self.bundle.engines:  # first, so that text-to-image stays kept under a tight limit
+            source = [np.zeros((self.bundle.height, self.bundle.width, 3), np.uint8)]
+            for size in self.bundle.batch_sizes:
+                self.run(self.prepare(["warm up"] * size, 0, replace(s, images=source)))
+        if not given:
+            self.measure_batch_costs(replace(s, images=None))
+        else:
+            for size in self.bundle.batch_sizes:
+                self.run(self.prepare(["warm up"] * size, 0, replace(s, images=None)))
+            self.batch_costs = {int(size): float(seconds) for size, seconds in costs.items()}
+        return {"programs": self.resident_programs(), "batch_ms_source": "given" if given else "measured",
+                "batch_ms": {str(size): round(seconds * 1000, 3) for size, seconds in self.batch_costs.items()}}
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""

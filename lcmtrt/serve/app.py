@@ -61,6 +61,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     replica: str = ""  # set inside a Ray Serve replica: named in X-Lcmtrt-Replica and lcmtrt_replica_requests
     max_step_programs: int = 16  # per model: step programs kept (Pipeline.max_step_programs)
+    batch_ms: dict[int, float] | None = None  # a run's ms per batch size, for every model; None: timed at warm-up
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ServeState:
     in_flight: int = 0  # admitted image requests not yet answered: a drain waits for them
     arriving: int = 0  # image requests received and not yet queued: the company a waiting batch expects
     last_batch_s: dict[str, float] = field(default_factory=dict)
+    warmed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: Pipeline.warm_up's report
 
     def ready(self) -> bool:
         return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())
@@ -116,11 +118,15 @@ def load_models(config: ServeConfig) -> ServeState:
     from lcmtrt.runtime.settings import GenerationSettings
 
     metrics = ServeMetrics()
-    cards, batchers = {}, {}
+    cards, batchers, warmed = {}, {}, {}
     for name, path in config.models:
         if name in cards:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
+        missing = [size for size in bundle.batch_sizes if size not in (config.batch_ms or bundle.batch_sizes)]
+        if missing:
+            raise UserError(f"--batch-ms gives no time for batch sizes {missing} of model {name} (built for "
+                            f"{list(bundle.batch_sizes)})")
         cards[name] = ModelCard(name, bundle)
         if not bundle.build.get("batch_invariant"):
             log.warning("model %s: %s was exported before batch-invariant graphs, so an image merged into a batch may "
@@ -130,12 +136,14 @@ def load_models(config: ServeConfig) -> ServeState:
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()
             pipeline = Pipeline(bundle, open_backend(bundle, config.device), config.max_step_programs)
-            conditions = condition_images(bundle)
-            for size in bundle.batch_sizes:  # bind every built batch size for the default plan before serving
-                pipeline.run(pipeline.prepare(["warm up"] * size, 0, GenerationSettings(**conditions)))
+            # the default plan at every built batch size (timed: how rows are cut), image-to-image too when the
+            # bundle has an encoder; /ready lists what stayed warm
+            given = None if config.batch_ms is None else {b: config.batch_ms[b] / 1000 for b in bundle.batch_sizes}
+            warmed[name] = pipeline.warm_up(GenerationSettings(**condition_images(bundle)), given)
             metrics.ready.labels(name).set(1)
-            log.info("model %s ready: %s, batch sizes %s, loaded and warmed in %.1f s", name, bundle.root,
-                     list(bundle.batch_sizes), time.perf_counter() - started)
+            log.info("model %s ready: %s, batch sizes %s (a run takes %s ms), %d step programs warm, loaded and "
+                     "warmed in %.1f s", name, bundle.root, list(bundle.batch_sizes), warmed[name]["batch_ms"],
+                     len(warmed[name]["programs"]), time.perf_counter() - started)
             return pipeline
 
         def on_batch(stats: BatchStats, name=name) -> None:
@@ -151,7 +159,7 @@ def load_models(config: ServeConfig) -> ServeState:
         metrics.ready.labels(name).set(0)
         metrics.step_programs.labels(name).set_function(
             lambda b=batchers[name]: b.pipeline.program_count if b.pipeline is not None else 0)
-    state = ServeState(config, cards, batchers, metrics)
+    state = ServeState(config, cards, batchers, metrics, warmed=warmed)
     return state
 
 
@@ -225,7 +233,8 @@ def _add_status_routes(app: FastAPI, state: ServeState) -> None:
         models = {name: "failed" if b.failed else "ready" if b.ready.is_set() else "loading"
                   for name, b in state.batchers.items()}
         ok = state.ready() and not state.draining
-        return JSONResponse({"ready": ok, "draining": state.draining, "models": models},
+        # per model: the step programs warmed at load (batch, steps, mode) and a run's ms per batch size
+        return JSONResponse({"ready": ok, "draining": state.draining, "models": models, "warmed": state.warmed},
                             status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"})
 
     @app.get("/metrics")
