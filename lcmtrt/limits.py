@@ -59,6 +59,8 @@ LIMITS = {
     "replicas": Range(1, 1024, integer=True),
     "gpus_per_replica": Range(0.0, 1024.0),
     "cpus_per_replica": Range(0.0, 1024.0),
+    "max_step_programs": Range(1, 1024, integer=True),  # step programs kept per served model (`serve`)
+    "batch_ms": Range(0.0, 3_600_000.0, low_open=True),  # `serve --batch-ms`: a run's milliseconds at a batch size
     # lcmtrt bench-serve
     "requests": Range(1, 1_000_000, integer=True),
     "seconds": Range(0.0, 86_400.0, low_open=True),

@@ -53,6 +53,7 @@ class FakeCuda:
     device_allocs: dict[int, int] = field(default_factory=dict)
     host_allocs: dict[int, Any] = field(default_factory=dict)
     contexts_created: int = 0
+    contexts_alive: int = 0  # created and not yet destroyed (TensorRT destroys a context with its last reference)
     graphs_alive: int = 0
     graph_execs_alive: int = 0
     capturing: list[str] | None = None
@@ -142,10 +143,15 @@ class FakeEngine:
 class FakeContext:
     def __init__(self, engine: FakeEngine, strategy: ExecutionContextAllocationStrategy) -> None:
         self.engine, self.strategy = engine, strategy
+        self.state = STATE  # destroyed into the state that counted it, even after install() made a new one
+        STATE.contexts_alive += 1
         self.profile: int | None = None
         self.scratch: tuple[int, int] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+
+    def __del__(self) -> None:
+        self.state.contexts_alive -= 1
 
     def set_device_memory(self, ptr: int, size: int) -> None:
         assert ptr in _allocation_containing(ptr) and size >= self.engine.device_memory_size_v2
@@ -385,3 +391,45 @@ def write_plan(path: Path, name: str, tensors: dict[str, list[Any]], profiles: l
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"name": name, "tensors": tensors, "profiles": profiles, "weights": weights or {},
                                 "refittable": refittable}))
+
+
+PIPELINE_IO = {  # a whole text-to-image / image-to-image bundle at 16x16 (latents 4x2x2), prompts of 8 tokens
+    "text": {"input_ids": ["INPUT", "int32", ["batch", 8]], "prompt_embeds": ["OUTPUT", "float32", ["batch", 8, 4]]},
+    "denoise": {"latents": ["INPUT", "float32", ["batch", 4, 2, 2]], "coeffs": ["INPUT", "float32", [8]],
+                "noise": ["INPUT", "float32", ["batch", 4, 2, 2]], "prompt_embeds": ["INPUT", "float32", ["batch", 8, 4]],
+                "guidance_scale": ["INPUT", "float32", ["batch"]],
+                "next_latents": ["OUTPUT", "float32", ["batch", 4, 2, 2]],
+                "denoised": ["OUTPUT", "float32", ["batch", 4, 2, 2]]},
+    "vae_encode": {"images": ["INPUT", "uint8", ["batch", 16, 16, 3]], "coeffs": ["INPUT", "float32", [8]],
+                   "noise": ["INPUT", "float32", ["batch", 4, 2, 2]],
+                   "sample_noise": ["INPUT", "float32", ["batch", 4, 2, 2]],
+                   "latents": ["OUTPUT", "float32", ["batch", 4, 2, 2]]},
+    "vae_decode": {"latents": ["INPUT", "float32", ["batch", 4, 2, 2]], "images": ["OUTPUT", "uint8", ["batch", 16, 16, 3]]},
+}
+
+
+def pipeline_bundle(root: Path, batch_sizes: tuple[int, ...] = (1, 2)) -> Any:
+    """A TensorRT bundle a real Pipeline runs on the fakes (after install()): fake plans of every stage, one profile
+    per batch size, and a word-level tokenizer. Nothing is computed: images come back as zeros."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lcmtrt.bundle import Bundle, EngineSpec, SchedulerConfig, TensorSpec, TextConfig
+    from lcmtrt.runtime.backends.tensorrt_host import device_info
+
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "<unk>", "a", "fox", "cat", "warm", "up"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(root / "tokenizer.json"))
+    engines = {}
+    for name, io in PIPELINE_IO.items():
+        write_plan(root / f"trt/{name}.plan", name, io, list(batch_sizes))
+        specs = {mode: tuple(TensorSpec(n, d, tuple(s)) for n, (m, d, s) in io.items() if m == mode)
+                 for mode in ("INPUT", "OUTPUT")}
+        engines[name] = EngineSpec(name, f"onnx/{name}.onnx", f"trt/{name}.plan", specs["INPUT"], specs["OUTPUT"],
+                                   tuple(batch_sizes))
+    return Bundle(root=root, family="sd15", precision="fp16", backend="tensorrt", guidance_mode="embedding",
+                  height=16, width=16, batch_sizes=tuple(batch_sizes), latent_channels=4, vae_scale_factor=8,
+                  vae_scaling_factor=0.18215, default_steps=4, default_guidance_scale=8.0,
+                  scheduler=SchedulerConfig(), text=TextConfig(("tokenizer.json",), (0,), max_length=8),
+                  engines=engines, build=device_info())

@@ -32,6 +32,10 @@ def test_requests_do_no_per_step_work(tiny_sd15_bundle: Path, monkeypatch: pytes
     assert events[runs[0]:runs[-1] + 1] == ["run"] * len(runs)  # nothing on the host between launches
     assert events.count("write") == 3 + 4  # token ids, guidance, latents, one noise per step
     assert events[runs[-1] + 1:] == ["read", "read"]  # images and final latents
+    events.clear()  # the same plan asked for another way (the default original_inference_steps given) is the same
+    default = pipeline.bundle.scheduler.original_inference_steps
+    pipeline.generate(["a third request"], seed=2, steps=4, original_inference_steps=default)
+    assert "alloc" not in events and "bind" not in events and events.count("run") == len(runs)
 
 
 def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> None:

@@ -75,7 +75,7 @@ def test_denoise_takes_the_embeddings_as_fp32_inputs(tiny_sd15_bundle: Path) -> 
 def test_pipeline_feeds_each_step_its_embedding(tiny_sd15_bundle: Path) -> None:
     pipeline = Pipeline.load(tiny_sd15_bundle)
     plan = step_plan(pipeline.bundle.scheduler, 4)
-    buffers = pipeline._time_embeddings(plan)
+    buffers = pipeline._store._time_embeddings(plan)
     expected = time_embedding(plan.timesteps, pipeline.bundle.embeddings["time_embedding"])
     assert [b.read().tolist() for b in buffers] == expected.tolist()
     rows = pipeline.prepare(["a", "b"], 0, None)
@@ -95,4 +95,4 @@ def test_bundles_without_host_embeddings_still_load(tiny_sd15_bundle: Path, tmp_
     bundle = load_bundle(old)
     assert bundle.embeddings == {}
     pipeline = Pipeline.load(old)
-    assert pipeline._time_embeddings(step_plan(bundle.scheduler, 4)) == []
+    assert pipeline._store._time_embeddings(step_plan(bundle.scheduler, 4)) == []

@@ -96,9 +96,10 @@ def stop(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_sd15_bundle: Path, tiny_sd15_canny_bundle: Path, tmp_path_factory) -> Server:
+    # --batch-ms: a batch of 2 runs as one launch however fast this host ran each size at warm-up
     running = start_server(tmp_path_factory.mktemp("serve"), "--engines", f"tiny={tiny_sd15_bundle}",
                            "--engines", f"canny={tiny_sd15_canny_bundle}", "--max-batch-wait-ms", "200",
-                           "--max-body-mb", "1", "--max-queue", "32")
+                           "--max-body-mb", "1", "--max-queue", "32", "--batch-ms", "1=10,2=12")
     yield running
     stop(running)
 
@@ -297,6 +298,73 @@ def test_bench_serve_reports_each_level(server: Server, tmp_path: Path, capsys) 
 
         with Image.open(plot_path) as image:
             assert image.format == "PNG" and image.size == SERVE_SIZE
+
+
+def test_ready_says_what_is_warmed(server: Server) -> None:
+    """Warm-up binds the default plan at every built batch size, and image-to-image (the API's default strength and
+    mode) where the bundle has an encoder; /ready lists them with a run's time per batch size (given here), and
+    default requests of either kind then make no step program."""
+    status, _, body = server.request("GET", "/ready", key=None)
+    assert status == 200 and set(body.get("warmed", {})) == {"tiny", "canny"}
+    warmed = body["warmed"]["tiny"]
+    kinds = {(p["mode"], p["batch"], p["steps"]) for p in warmed["programs"]}
+    assert kinds == {("text-to-image", 1, 4), ("text-to-image", 2, 4), ("image-to-image", 1, 3),
+                     ("image-to-image", 2, 3)}  # classic image-to-image at strength 0.8 runs int(4 x 0.8) steps
+    assert warmed["batch_ms"] == {"1": 10.0, "2": 12.0} and warmed["batch_ms_source"] == "given"
+    programs = server.metric("lcmtrt_step_programs", model="tiny")
+    assert 4 <= programs <= 16
+    assert server.post_json({**GOOD, "seed": 4})[0] == 200
+    body, kind = multipart({"model": "tiny", "prompt": "a cat"}, {"image": ("a.png", png_bytes(np.zeros((64, 64, 3),
+                                                                                                       np.uint8)))})
+    assert server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})[0] == 200
+    assert server.metric("lcmtrt_step_programs", model="tiny") == programs
+
+
+def distinct_originals(count: int, steps: int = 4) -> list[int]:
+    """original_inference_steps values whose `steps`-step plans on the default scheduler all differ by value."""
+    from lcmtrt.bundle import SchedulerConfig
+    from lcmtrt.runtime.scheduler import step_plan
+
+    seen, chosen = set(), []
+    for original in range(steps, 1001):
+        timesteps = tuple(step_plan(SchedulerConfig(), steps, original_inference_steps=original).timesteps)
+        if timesteps not in seen:
+            seen.add(timesteps)
+            chosen.append(original)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"fewer than {count} distinct plans")
+
+
+@pytest.fixture(scope="module")
+def plans_server(tiny_sd15_bundle: Path, tmp_path_factory) -> Server:
+    running = start_server(tmp_path_factory.mktemp("serve-plans"), "--engines", str(tiny_sd15_bundle),
+                           "--max-step-programs", "3")
+    yield running
+    stop(running)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_distinct_plans_keep_step_programs_and_memory_bounded(plans_server: Server) -> None:
+    """Any client can ask for a new schedule: three rounds of 40 distinct plans keep at most --max-step-programs
+    (3) step programs, and once the first round has warmed the allocator the next 80 plans leave the server's
+    memory about where it was. (Keeping every program, as before the bound, these two rounds added ~7 MiB on this
+    tiny model: ~90 KiB of buffers and bindings per program.)"""
+    (warmed,) = plans_server.request("GET", "/ready", key=None)[2]["warmed"].values()  # timed at warm-up here
+    assert warmed["batch_ms_source"] == "measured" and set(warmed["batch_ms"]) == {"1", "2"}
+    assert all(ms > 0 for ms in warmed["batch_ms"].values())
+    originals = distinct_originals(120)
+    rss = [rss_mb(plans_server.process.pid)]
+    for round_start in (0, 40, 80):
+        for i, original in enumerate(originals[round_start:round_start + 40]):
+            status, _, body = plans_server.post_json({"prompt": "a boat", "seed": i, "num_inference_steps": 4,
+                                                      "original_inference_steps": original})
+            assert status == 200, body
+            assert plans_server.metric("lcmtrt_step_programs") <= 3
+        rss.append(rss_mb(plans_server.process.pid))
+    print("server RSS MiB at ready and after each round of 40 plans:", " ".join(f"{x:.1f}" for x in rss))
+    assert plans_server.metric("lcmtrt_step_programs") == 3
+    assert rss[3] - rss[1] < 4, rss
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcmtrt import limits
-from lcmtrt.cli.args import add_device_flag, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import add_device_flag, bounded, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 from lcmtrt.serve.config import check_api_keys, check_ray_settings, check_serve_settings, flag, parse_models
 
@@ -33,6 +33,13 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", help="images waiting per model before 503s (default 64)")
     serve.add_argument("--max-body-mb", help="request bodies above this get 413 (default 20)")
     serve.add_argument("--request-timeout-s", help="longest wait for a request's images (default 600)")
+    serve.add_argument("--max-step-programs",
+                       help="step programs (buffers, bindings and graphs of one batch size and plan) kept per model; "
+                            "the least recently used is freed beyond it (default 16)")
+    serve.add_argument("--batch-ms", type=batch_ms_arg, default=None, metavar="SIZE=MS[,SIZE=MS...]",
+                       help="the time of a run at each built batch size, which decides how batches are cut into "
+                            "launches, instead of timing them at warm-up (e.g. a quiet start's /ready batch_ms); "
+                            "for every model")
     serve.add_argument("--api-key", action="append", default=[],
                        help="accept this bearer key (repeatable; also LCMTRT_API_KEY, comma-separated)")
     serve.add_argument("--ray", action="store_true",
@@ -60,12 +67,24 @@ def add_serve_commands(commands: argparse._SubParsersAction) -> None:
                              "requests alternate between it and --url for the per-request overhead (e.g. Ray's proxy)")
 
 
-SERVE_NUMBERS = ("max_n", "max_batch_wait_ms", "max_queue", "max_body_mb", "request_timeout_s")
+SERVE_NUMBERS = ("max_n", "max_batch_wait_ms", "max_queue", "max_body_mb", "request_timeout_s", "max_step_programs")
 RAY_NUMBERS = ("replicas", "gpus_per_replica", "cpus_per_replica")
 
 
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, str]:
     return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+
+
+def batch_ms_arg(text: str) -> dict[int, float]:
+    """`1=20,2=24`: milliseconds of a run at each batch size (argparse type of --batch-ms)."""
+    size, ms = bounded("batch"), bounded("batch_ms")
+    costs = {}
+    for part in text.split(","):
+        left, equals, right = part.partition("=")
+        if not equals:
+            raise argparse.ArgumentTypeError(f"{text!r}: give SIZE=MS pairs separated by commas, e.g. 1=20,2=24")
+        costs[int(size(left.strip()))] = float(ms(right.strip()))
+    return costs
 
 
 def _ray_settings(args: argparse.Namespace) -> RayConfig | None:
@@ -98,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"serving needs the serve extra: pip install 'lcmtrt[serve]' ({e.name} is missing)") from None
     config = ServeConfig(parse_models(args.engines), args.host, port, args.device, numbers["max_n"],
                          numbers["max_batch_wait_ms"], numbers["max_queue"], numbers["max_body_mb"],
-                         numbers["request_timeout_s"], keys)
+                         numbers["request_timeout_s"], keys, max_step_programs=int(numbers["max_step_programs"]),
+                         batch_ms=args.batch_ms)
     if ray_config is not None:
         from lcmtrt.serve.ray_process import run_on_ray
 

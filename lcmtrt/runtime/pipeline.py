@@ -1,5 +1,6 @@
-"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan); a
-request only writes its inputs, launches [vae_encode ->] text -> N x denoise -> vae_decode, and reads the images."""
+"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan) and kept
+in a bounded LRU (programs.py); a request only writes its inputs, launches [vae_encode ->] text -> N x denoise ->
+vae_decode, and reads the images. Rows are cut into launches of the built batch sizes by measured cost (cover.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,23 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from lcmtrt.runtime import noise as noise_source
-from lcmtrt.runtime.backends import Backend, Binding, Buffer, open_backend
+from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
-from lcmtrt.runtime.embeddings import guidance_embedding, time_embedding
+from lcmtrt.runtime.cover import cheapest_cover, linear_costs
+from lcmtrt.runtime.embeddings import guidance_embedding
+from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
-from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan, img2img_plan, step_plan
+from lcmtrt.runtime.scheduler import StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.settings import GenerationSettings
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
 log = logging.getLogger(__name__)
-
-PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
 
 
 @dataclass
@@ -38,166 +39,46 @@ class Generation:
     batches: list[int] = field(default_factory=list)  # the engine batch size of each launch
 
 
-@dataclass
-class _BatchBuffers:
-    """Everything one batch size needs, allocated once. `shared` holds the tensors engines pass to each other or
-    the host writes once per request, by their engine I/O name (input_ids, prompt_embeds, guidance_scale, ...)."""
-
-    denoise: str  # the engine the steps run: denoise, or denoise_cfg with [negative; positive] text rows
-    shared: dict[str, Buffer]
-    latents: tuple[Buffer, Buffer]  # ping-pong: step i reads latents[i % 2] and writes latents[(i + 1) % 2]
-    denoised: Buffer
-    images: Buffer
-    text: Binding
-    vae_decode: Binding
-    adapter: Binding | None = None
-
-
-@dataclass
-class _Encoder:
-    """Image-to-image inputs of one (batch, plan): the source images and the encode stage's noises."""
-
-    images: Buffer
-    noises: list[Buffer]  # in draw order: [sample_noise,] noise
-    binding: Binding
-
-
-@dataclass
-class _Program:
-    """One (batch, plan[, img2img]): per-step buffers and the captured launch of the whole generation."""
-
-    plan: StepPlan
-    noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
-    step_inputs: dict[str, list[Buffer]]  # per-step [batch] factors: control_scale, adapter_keep
-    launch: Callable[[], None]
-    bindings: list[Binding] = field(default_factory=list)
-    encoder: _Encoder | None = None
-
-
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: Backend):
+    def __init__(self, bundle: Bundle, backend: Backend, max_step_programs: int = DEFAULT_MAX_PROGRAMS):
         self.bundle, self.backend = bundle, backend
         self.tokenizers = load_tokenizers(bundle)  # SD1.5: one; SDXL: CLIP ViT-L's and OpenCLIP bigG's
         self.id_inputs = [t.name for t in bundle.engines["text"].inputs]  # input_ids[, input_ids_2], same order
         if len(self.id_inputs) != len(self.tokenizers):
             raise UserError(f"bundle {bundle.root} pairs {len(self.tokenizers)} tokenizers with a text engine taking "
                             f"{self.id_inputs}; rebuild it")
-        encode = bundle.engines.get("vae_encode")
-        # AutoencoderTiny encodes deterministically: its graph takes no sample noise and diffusers draws none
-        names = {t.name for t in encode.inputs} if encode else set()
-        self.encode_noises = [n for n in ("sample_noise", "noise") if n in names]  # diffusers' draw order
-        self._batches: dict[tuple[int, bool], _BatchBuffers] = {}
-        self._coeffs: dict[StepPlan, list[Buffer]] = {}
-        self._embeddings: dict[StepPlan, list[Buffer]] = {}
-        self._programs: dict[tuple[int, StepPlan, bool, bool], _Program] = {}
+        self._store = Programs(bundle, backend, max_step_programs)
+        self.encode_noises = self._store.encode_noises
+        self._batches, self._programs = self._store.batches, self._store.programs
+        # seconds one launch takes at each built batch size: how rows are cut (cover.py); measured at warm-up
+        self.batch_costs: dict[int, float] = linear_costs(bundle.batch_sizes)
         self.noise = noise_source.choose_source()  # "torch" (diffusers' numbers) or "numpy": said in every answer
         self.use_torch = self.noise == "torch"
         self._unusable: str | None = None  # set when a failed LoRA swap left the weights half-replaced
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: str = "auto") -> Pipeline:
+    def load(cls, bundle_dir: str | Path, device: str = "auto",
+             max_step_programs: int = DEFAULT_MAX_PROGRAMS) -> Pipeline:
         bundle = load_bundle(bundle_dir)
-        return cls(bundle, open_backend(bundle, device))
+        return cls(bundle, open_backend(bundle, device), max_step_programs)
 
-    def _buffers(self, batch: int, cfg: bool) -> _BatchBuffers:
-        """Under CFG the text engine runs 2 x batch rows ([negative; positive]) into denoise_cfg's inputs."""
-        if (batch, cfg) not in self._batches:
-            alloc, engines = self.backend.alloc, self.bundle.engines
-            denoise, text_batch = ("denoise_cfg", 2 * batch) if cfg else ("denoise", batch)
-            latent = (batch, *self.bundle.latent_shape)
-            latents, denoised = (alloc(latent, np.float32), alloc(latent, np.float32)), alloc(latent, np.float32)
-            images = alloc((batch, self.bundle.height, self.bundle.width, 3), np.uint8)
-            per_step = {"latents", "coeffs", "time_embedding", "noise", "next_latents", "denoised", *PER_STEP_FACTORS}
-            text_io = engines["text"].inputs + engines["text"].outputs
-            shared = {t.name: alloc(t.concrete(text_batch), t.dtype) for t in text_io}
-            shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines[denoise].inputs
-                           if t.name not in per_step and t.name not in shared})
-            text = self.backend.bind("text", text_batch, {t.name: shared[t.name] for t in text_io})
-            vae = self.backend.bind("vae_decode", batch, {"latents": denoised, "images": images})
-            adapter = None
-            if "adapter" in engines:  # its inputs are written per request, its outputs feed every step
-                adapter_io = engines["adapter"].inputs + engines["adapter"].outputs
-                shared.update({t.name: alloc(t.concrete(batch), t.dtype) for t in engines["adapter"].inputs})
-                adapter = self.backend.bind("adapter", batch, {t.name: shared[t.name] for t in adapter_io})
-            self._batches[batch, cfg] = _BatchBuffers(denoise, shared, latents, denoised, images, text, vae, adapter)
-        return self._batches[batch, cfg]
+    @property
+    def max_step_programs(self) -> int:
+        """How many step programs (batch, plan, img2img, CFG) are kept; the least recently used goes beyond."""
+        return self._store.limit
 
-    def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
-        if plan not in self._coeffs:
-            self._coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
-            for buffer, row in zip(self._coeffs[plan], plan.coeffs):
-                buffer.write(row)
-        return self._coeffs[plan]
+    @max_step_programs.setter
+    def max_step_programs(self, limit: int) -> None:
+        self._store.limit = limit
 
-    def _time_embeddings(self, plan: StepPlan) -> list[Buffer]:
-        """Each step's timestep embedding, computed once per plan in fp32 (none for bundles that compute it
-        inside the graph)."""
-        spec = self.bundle.embeddings.get("time_embedding")
-        if spec is None:
-            return []
-        if plan not in self._embeddings:
-            rows = time_embedding(plan.timesteps, spec)
-            self._embeddings[plan] = [self.backend.alloc((spec.dim,), np.float32) for _ in plan.timesteps]
-            for buffer, row in zip(self._embeddings[plan], rows):
-                buffer.write(row)
-        return self._embeddings[plan]
+    @property
+    def program_count(self) -> int:
+        """Step programs kept now (at most max_step_programs)."""
+        return len(self._programs)
 
-    def _encoder(self, batch: int, coeffs: Buffer, latents: Buffer) -> _Encoder:
-        b, alloc = self.bundle, self.backend.alloc
-        images = alloc((batch, b.height, b.width, 3), np.uint8)
-        noises = {name: alloc((batch, *b.latent_shape), np.float32) for name in self.encode_noises}
-        binding = self.backend.bind("vae_encode", batch, {"images": images, "coeffs": coeffs, "latents": latents,
-                                                          **noises})
-        return _Encoder(images, list(noises.values()), binding)
-
-    def _program(self, batch: int, plan: StepPlan, img2img: bool, cfg: bool) -> _Program:
-        key = (batch, plan, img2img, cfg)
-        if key not in self._programs:
-            buffers = self._buffers(batch, cfg)
-            coeffs = self._step_coeffs(plan)
-            embeddings = self._time_embeddings(plan)
-            step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
-            factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
-            step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
-            encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
-            conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
-                            if t.name in buffers.shared}
-            bindings = [
-                self.backend.bind(buffers.denoise, batch, {
-                    **conditioning,
-                    "latents": buffers.latents[i % 2],
-                    "coeffs": coeffs[i],
-                    **({"time_embedding": embeddings[i]} if embeddings else {}),
-                    "noise": step_noise[i],
-                    "next_latents": buffers.latents[(i + 1) % 2],
-                    "denoised": buffers.denoised,
-                    **{name: per_step[i] for name, per_step in step_inputs.items()},
-                })
-                for i in range(plan.steps)
-            ]
-            first = [b for b in (encoder.binding if encoder else None, buffers.adapter, buffers.text) if b is not None]
-
-            def launch() -> None:
-                for binding in first:
-                    binding.run()
-                for step in bindings:
-                    step.run()
-                buffers.vae_decode.run()
-
-            self._programs[key] = _Program(plan, step_noise, step_inputs, self.backend.capture(launch), bindings,
-                                           encoder)
-        return self._programs[key]
-
-    def _chunks(self, rows: int) -> list[tuple[int, int]]:
-        """(row count, engine batch size) pieces covering `rows`, largest built batch first; the last may be padded."""
-        sizes = sorted(self.bundle.batch_sizes, reverse=True)
-        chunks, left = [], rows
-        while left:
-            fitting = [s for s in sizes if s <= left]
-            size = fitting[0] if fitting else min(sizes)
-            chunks.append((min(size, left), size))
-            left -= chunks[-1][0]
-        return chunks
+    def resident_programs(self) -> list[dict[str, Any]]:
+        """The step programs kept now, least recently used first: what a request can run without binding."""
+        return self._store.describe()
 
     def generate(self, prompts: Sequence[str], seed: int | Sequence[int] | None = None,
                  settings: GenerationSettings | None = None, **given: Any) -> Generation:
@@ -329,16 +210,24 @@ class Pipeline:
     def run(self, rows: PreparedRows) -> Generation:
         """Images for prepared rows (of one request or several joined), in engine batches of the built sizes.
         Each row's numbers come from its own inputs only; `seeds` of the result is left empty."""
+        pieces = [done for _, done in self.run_pieces(rows)]
+        if len(pieces) == 1:
+            return pieces[0]
+        return Generation(np.concatenate([p.images for p in pieces]), np.concatenate([p.latents for p in pieces]),
+                          [], pieces[0].timesteps, pieces[0].noise, sum(p.engine_seconds for p in pieces),
+                          [b for p in pieces for b in p.batches])
+
+    def run_pieces(self, rows: PreparedRows) -> Iterator[tuple[int, Generation]]:
+        """run() one launch at a time: (first row, that launch's rows' Generation) as soon as each is read, so a
+        server can answer a request whose rows are done while the rest of the batch runs. The rows are cut by
+        `batch_costs` (cheapest_cover): padded into a larger batch where one launch costs less than the pieces."""
         self._require_usable()
         plan, img2img, cfg = rows.key.plan, rows.key.img2img, rows.key.cfg
-        count_all = len(rows)
-        out = np.empty((count_all, self.bundle.height, self.bundle.width, 3), np.uint8)
-        final = np.empty((count_all, *self.bundle.latent_shape), np.float32)
-        start, engine_seconds, batches = 0, 0.0, []
-        for count, batch in self._chunks(count_all):
+        start = 0
+        for count, batch in cheapest_cover(len(rows), self._costs()):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._program(batch, plan, img2img, cfg)
-            buffers = self._buffers(batch, cfg)
+            program = self._store.get(batch, plan, img2img, cfg)
+            buffers = self._store.buffers(batch, cfg)
             for name, array in rows.inputs.items():
                 if name in rows.doubled:
                     buffers.shared[name].write(np.concatenate([pad(array[:, 0]), pad(array[:, 1])]))
@@ -357,12 +246,53 @@ class Pipeline:
                     buffer.write(np.ascontiguousarray(pad(rows.factors[name][:, step])))
             launched = time.perf_counter()
             program.launch()
-            out[start:start + count] = buffers.images.read()[:count]
-            final[start:start + count] = buffers.denoised.read()[:count]
-            engine_seconds += time.perf_counter() - launched
-            batches.append(batch)
+            images, latents = buffers.images.read()[:count].copy(), buffers.denoised.read()[:count].copy()
+            yield start, Generation(images, latents, [], plan.timesteps.tolist(), self.noise,
+                                    time.perf_counter() - launched, [batch])
             start += count
-        return Generation(out, final, [], plan.timesteps.tolist(), self.noise, engine_seconds, batches)
+
+    def _costs(self) -> dict[int, float]:
+        """batch_costs of the built sizes; where one lacks a cost, every launch is taken to cost its batch size."""
+        sizes = self.bundle.batch_sizes
+        if any(size not in self.batch_costs for size in sizes):
+            return linear_costs(sizes)
+        return {size: float(self.batch_costs[size]) for size in sizes}
+
+    def measure_batch_costs(self, settings: GenerationSettings | None = None, repeats: int = 3) -> dict[int, float]:
+        """Time one whole run at each built batch size (the default plan, or `settings`'), the fastest of `repeats`
+        after a first run that binds and captures; the result becomes `batch_costs`, which cuts later runs."""
+        costs = {}
+        for size in self.bundle.batch_sizes:
+            rows = self.prepare(["warm up"] * size, 0, settings)
+            self.run(rows)  # binds, allocates and captures: not timed
+            times = []
+            for _ in range(max(1, repeats)):
+                started = time.perf_counter()
+                self.run(rows)
+                times.append(time.perf_counter() - started)
+            costs[size] = min(times)
+        self.batch_costs = costs
+        return costs
+
+    def warm_up(self, settings: GenerationSettings | None = None,
+                costs: dict[int, float] | None = None) -> dict[str, Any]:
+        """Bind and capture what a server will likely run: image-to-image (with `settings`' strength and mode) at
+        each built batch size when the bundle has an encoder, then the default text-to-image plan at each size,
+        timed into `batch_costs` (or run once each, with `costs`, seconds per size, as given). Returns exactly what
+        is warm: the step programs kept (at most max_step_programs) and the milliseconds of a run at each size."""
+        s, given = settings or GenerationSettings(), costs is not None
+        if "vae_encode" in self.bundle.engines:  # first, so that text-to-image stays kept under a tight limit
+            source = [np.zeros((self.bundle.height, self.bundle.width, 3), np.uint8)]
+            for size in self.bundle.batch_sizes:
+                self.run(self.prepare(["warm up"] * size, 0, replace(s, images=source)))
+        if not given:
+            self.measure_batch_costs(replace(s, images=None))
+        else:
+            for size in self.bundle.batch_sizes:
+                self.run(self.prepare(["warm up"] * size, 0, replace(s, images=None)))
+            self.batch_costs = {int(size): float(seconds) for size, seconds in costs.items()}
+        return {"programs": self.resident_programs(), "batch_ms_source": "given" if given else "measured",
+                "batch_ms": {str(size): round(seconds * 1000, 3) for size, seconds in self.batch_costs.items()}}
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
@@ -430,8 +360,8 @@ class Pipeline:
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         self._require_usable()
-        plan = step_plan(self.bundle.scheduler, steps)
-        program, buffers = self._program(batch, plan, False, False), self._buffers(batch, False)
+        plan, _ = self._plan(GenerationSettings(steps=steps), batch)  # the plan a request of `steps` runs
+        program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})

@@ -84,9 +84,11 @@ def lcm_timesteps(
     return origin[::-1][index]
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: element-wise array equality would make == ambiguous
+@dataclass(frozen=True, eq=False)  # eq=False: the dataclass's == would compare arrays element-wise
 class StepPlan:
-    """The schedule of one run: a timestep and a COEFF_COLUMNS row per denoising step."""
+    """The schedule of one run: a timestep and a COEFF_COLUMNS row per denoising step. A value: two plans with the
+    same timesteps and coefficients (however they were asked for) are equal and hash alike, so they share a batch
+    and a step program."""
 
     timesteps: np.ndarray  # int64 [N]
     coeffs: np.ndarray  # float32 [N, len(COEFF_COLUMNS)]
@@ -94,6 +96,19 @@ class StepPlan:
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    def _value(self) -> tuple[bytes, ...]:
+        ts, coeffs = np.ascontiguousarray(self.timesteps), np.ascontiguousarray(self.coeffs)
+        return (ts.dtype.str.encode(), str(ts.shape).encode(), ts.tobytes(), coeffs.dtype.str.encode(),
+                str(coeffs.shape).encode(), coeffs.tobytes())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepPlan):
+            return NotImplemented
+        return self is other or self._value() == other._value()
+
+    def __hash__(self) -> int:
+        return hash(self._value())
 
 
 @functools.lru_cache(maxsize=64)

@@ -58,23 +58,29 @@ def load_models(config: ServeConfig) -> ServeState:
     from lcmtrt.runtime.settings import GenerationSettings
 
     metrics = ServeMetrics()
-    cards, batchers = {}, {}
+    cards, batchers, warmed = {}, {}, {}
     for name, path in config.models:
         if name in cards:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
         bundle = load_bundle(path)
+        missing = [size for size in bundle.batch_sizes if size not in (config.batch_ms or bundle.batch_sizes)]
+        if missing:
+            raise UserError(f"--batch-ms gives no time for batch sizes {missing} of model {name} (built for "
+                            f"{list(bundle.batch_sizes)})")
         cards[name] = ModelCard(name, bundle)
         _warn_batch_invariance(name, bundle, resolve_device(bundle, config.device))  # refuses a device it lacks
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()
-            pipeline = Pipeline(bundle, open_backend(bundle, config.device))
-            conditions = condition_images(bundle)
-            for size in bundle.batch_sizes:  # bind every built batch size for the default plan before serving
-                pipeline.run(pipeline.prepare(["warm up"] * size, 0, GenerationSettings(**conditions)))
+            pipeline = Pipeline(bundle, open_backend(bundle, config.device), config.max_step_programs)
+            # the default plan at every built batch size (timed: how rows are cut), image-to-image too when the
+            # bundle has an encoder; /ready lists what stayed warm
+            given = None if config.batch_ms is None else {b: config.batch_ms[b] / 1000 for b in bundle.batch_sizes}
+            warmed[name] = pipeline.warm_up(GenerationSettings(**condition_images(bundle)), given)
             metrics.ready.labels(name).set(1)
-            log.info("model %s ready: %s, batch sizes %s, loaded and warmed in %.1f s", name, bundle.root,
-                     list(bundle.batch_sizes), time.perf_counter() - started)
+            log.info("model %s ready: %s, batch sizes %s (a run takes %s ms), %d step programs warm, loaded and "
+                     "warmed in %.1f s", name, bundle.root, list(bundle.batch_sizes), warmed[name]["batch_ms"],
+                     len(warmed[name]["programs"]), time.perf_counter() - started)
             return pipeline
 
         def on_batch(stats: BatchStats, name=name) -> None:
@@ -88,7 +94,9 @@ def load_models(config: ServeConfig) -> ServeState:
                                  lambda images, name=name: metrics.queue_images.labels(name).set(images),
                                  lambda name=name: state.company_coming(name))
         metrics.ready.labels(name).set(0)
-    state = ServeState(config, cards, batchers, metrics)
+        metrics.step_programs.labels(name).set_function(
+            lambda b=batchers[name]: b.pipeline.program_count if b.pipeline is not None else 0)
+    state = ServeState(config, cards, batchers, metrics, warmed=warmed)
     return state
 
 
@@ -178,7 +186,8 @@ def _add_status_routes(app: FastAPI, state: ServeState) -> None:
         models = {name: "failed" if b.failed else "ready" if b.ready.is_set() else "loading"
                   for name, b in state.batchers.items()}
         ok = state.ready() and not state.draining
-        return JSONResponse({"ready": ok, "draining": state.draining, "models": models},
+        # per model: the step programs warmed at load (batch, steps, mode) and a run's ms per batch size
+        return JSONResponse({"ready": ok, "draining": state.draining, "models": models, "warmed": state.warmed},
                             status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"})
 
     @app.get("/metrics")

@@ -3,8 +3,10 @@
 Requests with the same BatchKey (plan, img2img, CFG) share engine batches up to the largest batch the bundle was
 built for, counting images, so one request's `n` images may span several batches. A batch waits for company only
 while `company_coming()` says more requests to this model are on their way (received, not yet queued), and at most
-`max_wait_s` after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so none starves. The queue is
-bounded in images: `submit` refuses at once beyond it, and nothing accepted is ever dropped unless cancelled.
+`max_wait_s` after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so
+none starves. A batch runs as the pipeline cuts it into launches, and each request is answered as soon as the launch
+holding its last row is read, while the rest of the batch runs on. The queue is bounded in images: `submit` refuses
+at once beyond it, and nothing accepted is ever dropped unless cancelled.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from lcmtrt.runtime.pipeline import Pipeline
+from lcmtrt.runtime.pipeline import Generation, Pipeline
 from lcmtrt.runtime.rows import PreparedRows
 
 log = logging.getLogger(__name__)
@@ -236,25 +238,43 @@ class Batcher:
         return pieces
 
     def _run(self, pieces: list[tuple[Job, int, int]]) -> None:
+        """Run the joined rows launch by launch (Pipeline.run_pieces): a request is answered as soon as its own rows
+        are done, while the rest of the batch still runs."""
         rows = PreparedRows.join([job.rows.take(start, stop) for job, start, stop in pieces])
+        launches, seconds = [], 0.0
+        with self._cond:
+            for job, _, _ in pieces:
+                job.batch_images.append(len(rows))
         try:
-            done = self.pipeline.run(rows)
+            for offset, done in self.pipeline.run_pieces(rows):
+                launches += done.batches
+                seconds += done.engine_seconds
+                self._deliver(pieces, offset, done)
         except BaseException as e:  # noqa: BLE001 - a bug: every job in the batch fails with it, the worker lives on
             log.exception("model %s: a batch of %d images failed", self.name, len(rows))
             for job, _, _ in pieces:
-                self._finish(job, error=e)
+                self._finish(job, error=e)  # jobs answered by an earlier launch keep their images
             return
-        self._on_batch(BatchStats(len(rows), done.batches, done.engine_seconds))
-        offset = 0
+        self._on_batch(BatchStats(len(rows), launches, seconds))
+
+    def _deliver(self, pieces: list[tuple[Job, int, int]], offset: int, done: Generation) -> None:
+        """One launch's images (rows offset.. of the joined batch) into their jobs; a job whose rows are all done
+        is answered now."""
+        end, begin = offset + len(done.images), 0
         with self._cond:  # cancel() reads and sets the same fields
-            for job, start, stop in pieces:
+            for job, start, stop in pieces:  # the job's rows start..stop are rows begin..begin + stop - start
+                piece_start, begin = begin, begin + stop - start
+                if job.ended or begin <= offset:  # answered (or cancelled), or its rows here ran in earlier launches
+                    continue
+                job.engine_seconds += done.engine_seconds  # each launch of the batch until its rows are done
+                first, last = max(piece_start, offset), min(begin, end)  # its rows this launch ran
+                if first >= last:
+                    continue
                 if job.images is None:
                     job.images = np.empty((len(job.rows), *done.images.shape[1:]), np.uint8)
-                job.images[start:stop] = done.images[offset:offset + stop - start]
-                offset += stop - start
-                job.engine_seconds += done.engine_seconds
-                job.batch_images.append(len(rows))
-                job.finished += stop - start
+                job.images[start - piece_start + first:start - piece_start + last] = \
+                    done.images[first - offset:last - offset]
+                job.finished += last - first
                 # a cancelled job has no rows left queued: it ends when its running rows do
                 if job.finished == len(job.rows) or (job.cancelled and job.finished == job.taken):
                     self._finish(job)

@@ -13,7 +13,7 @@ from lcmtrt.errors import UserError
 
 # the single-host settings with their defaults (ServeConfig's), and those of a Ray deployment
 SERVE_DEFAULTS: dict[str, float] = {"max_n": 4, "max_batch_wait_ms": 10.0, "max_queue": 64, "max_body_mb": 20.0,
-                                    "request_timeout_s": 600.0}
+                                    "request_timeout_s": 600.0, "max_step_programs": 16}
 RAY_DEFAULTS: dict[str, float] = {"replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0}
 
 

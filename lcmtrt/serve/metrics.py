@@ -36,6 +36,8 @@ class ServeMetrics:
         self.replica_requests = Counter("lcmtrt_replica_requests", "Image requests served (200) by this Ray Serve "
                                         "replica, by replica id and model", ["replica", "model"], registry=r)
         self.ready = Gauge("lcmtrt_model_ready", "1 when the model is loaded and warmed", ["model"], registry=r)
+        self.step_programs = Gauge("lcmtrt_step_programs", "Step programs (buffers, bindings and graphs of one "
+                                   "batch size and plan) kept, at most --max-step-programs", ["model"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

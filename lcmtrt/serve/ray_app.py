@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from ray import serve
 from starlette.middleware import Middleware
 
+from lcmtrt import limits
 from lcmtrt.errors import UserError
 from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models
 from lcmtrt.serve.config import (RAY_DEFAULTS, SERVE_DEFAULTS, check_api_keys, check_ray_settings, check_serve_settings,
@@ -138,7 +139,7 @@ def builder_configs(args: dict[str, Any]) -> tuple[ServeConfig, RayConfig]:
     config = ServeConfig(parse_models(specs), device=str(args.get("device", "auto")), max_n=numbers["max_n"],
                          max_batch_wait_ms=numbers["max_batch_wait_ms"], max_queue=numbers["max_queue"],
                          max_body_mb=numbers["max_body_mb"], request_timeout_s=numbers["request_timeout_s"],
-                         api_keys=keys)
+                         api_keys=keys, max_step_programs=int(numbers["max_step_programs"]))
     return config, RayConfig(ray_numbers["replicas"], None, ray_numbers["gpus_per_replica"],
                              ray_numbers["cpus_per_replica"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lcmtrt.serve.api import ModelCard
 from lcmtrt.serve.batcher import Batcher
@@ -23,6 +24,8 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = ()
     replica: str = ""  # set inside a Ray Serve replica: named in X-Lcmtrt-Replica and lcmtrt_replica_requests
+    max_step_programs: int = 16  # per model: step programs kept (Pipeline.max_step_programs)
+    batch_ms: dict[int, float] | None = None  # a run's ms per batch size, for every model; None: timed at warm-up
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ServeState:
     # for any model): the company a waiting batch expects
     arriving: dict[str | None, int] = field(default_factory=lambda: {None: 0})
     last_batch_s: dict[str, float] = field(default_factory=dict)
+    warmed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: Pipeline.warm_up's report
 
     def ready(self) -> bool:
         return all(b.ready.is_set() and b.failed is None for b in self.batchers.values())

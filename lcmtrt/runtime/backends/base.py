@@ -11,7 +11,6 @@ from typing import Callable, Protocol
 import numpy as np
 
 
-
 class Buffer(Protocol):
     """A fixed allocation on the backend's device (host memory for ONNX Runtime on CPU)."""
 
@@ -26,6 +25,10 @@ class Buffer(Protocol):
 
     def row(self, index: int) -> Buffer:
         """A view of `self[index]` that aliases this buffer's memory (no copy)."""
+
+    def release(self) -> None:
+        """Free the memory now (a pipeline evicting a step program); the buffer must not be used after. A row
+        view frees nothing: its parent owns the memory."""
 
 
 class HostBuffer:
@@ -48,12 +51,19 @@ class HostBuffer:
             raise IndexError(f"row {index} of a buffer with {self.shape[0]} rows")
         return HostBuffer(self.array[index])
 
+    def release(self) -> None:
+        self.array = None  # the memory goes with the last reference (a released binding holds none)
+
 
 class Binding(Protocol):
     """One engine at one batch size with every input and output bound to a Buffer."""
 
     def run(self) -> None:
         """Enqueue one execution; returns without waiting on the device."""
+
+    def release(self) -> None:
+        """Free what the binding holds (TensorRT: its execution context) and its references to the buffers; the
+        binding must not run after. The buffers themselves stay: release them separately."""
 
 
 class Backend(Protocol):
@@ -66,7 +76,7 @@ class Backend(Protocol):
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
         """Return a callable that enqueues the same work as `launch`; where CUDA graphs are supported its first call
-        runs `launch` eagerly and captures it, later calls replay the graph."""
+        runs `launch` eagerly and captures it, later calls replay the graph, and its `release()` frees the graph."""
 
     def synchronize(self) -> None: ...
 

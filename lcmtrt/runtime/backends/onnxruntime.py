@@ -56,6 +56,10 @@ class OrtBuffer:
             raise TypeError("a row view of a CUDA buffer is bound, not read: read its parent buffer")
         return self.value.numpy()
 
+    def release(self) -> None:
+        """Drop the array or OrtValue: its memory goes with the last reference (released bindings hold none)."""
+        self.array, self.value = None, None
+
     def row(self, index: int) -> OrtBuffer:
         if not 0 <= index < self.shape[0]:
             raise IndexError(f"row {index} of a buffer with {self.shape[0]} rows")
@@ -79,6 +83,8 @@ class OrtBinding:
         self.bind_to(session)
 
     def bind_to(self, session: ort.InferenceSession) -> None:
+        if self.tensors is None:  # released: a weight swap has nothing to bind
+            return
         io = session.io_binding()
         for name, is_input, buffer in self.tensors:
             bind = io.bind_input if is_input else io.bind_output
@@ -91,6 +97,15 @@ class OrtBinding:
             self.session.run_with_iobinding(self.io)
         else:
             self.session.run_with_iobinding(self.io, self.run_options)
+
+    def release(self) -> None:
+        """Unbind every buffer and drop the session and buffers. (A CUDA graph ONNX Runtime captured for this
+        binding's graph id stays inside the session: ONNX Runtime has no call that frees one graph.)"""
+        if self.tensors is None:
+            return
+        self.io.clear_binding_inputs()
+        self.io.clear_binding_outputs()
+        self.tensors, self.io, self.session = None, None, None
 
 
 class OnnxRuntimeBackend:

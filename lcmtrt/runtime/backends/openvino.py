@@ -61,6 +61,10 @@ class OvBinding:
     def run(self) -> None:
         self.request.infer()  # synchronous: the tensors it reads and writes are the bound buffers themselves
 
+    def release(self) -> None:
+        """Drop the infer request, and with it its tensors' references to the buffers' arrays."""
+        self.request = None
+
 
 class OpenVinoBackend:
     name = "openvino"

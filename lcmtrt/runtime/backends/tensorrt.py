@@ -50,7 +50,8 @@ def _cuda(fn: Callable[..., tuple[Any, ...]], *args: Any) -> Any:
 class CudaBuffer:
     """Device memory plus a pinned host mirror of the same layout; `row` views share both and the copy event."""
 
-    def __init__(self, backend: TensorRTBackend, shape: tuple[int, ...], ptr: int, host: np.ndarray, event: Any):
+    def __init__(self, backend: TensorRTBackend, shape: tuple[int, ...], ptr: int, host: np.ndarray, event: Any,
+                 owner: bool = True):
         self.shape = shape
         self.dtype = host.dtype
         self.ptr = ptr
@@ -58,10 +59,13 @@ class CudaBuffer:
         self._backend = backend
         self._host = host
         self._event = event  # recorded after each copy out of the staging memory this buffer shares
+        self._owner = owner  # False for a row view: its parent frees the memory
+        self.released = False
 
     def write(self, host: np.ndarray) -> None:
         if np.shape(host) != self.shape:
             raise ValueError(f"cannot write an array of shape {np.shape(host)} into a buffer of shape {self.shape}")
+        self._require_alive()
         self._backend.require_eager("Buffer.write")
         _cuda(cudart.cudaEventSynchronize, self._event)  # the previous upload from this staging must have happened
         np.copyto(self._host, host, casting="same_kind")
@@ -70,6 +74,7 @@ class CudaBuffer:
         _cuda(cudart.cudaEventRecord, self._event, stream)
 
     def read(self) -> np.ndarray:
+        self._require_alive()
         self._backend.require_eager("Buffer.read")
         _cuda(cudart.cudaMemcpyAsync, self._host.ctypes.data, self.ptr, self._host.nbytes, D2H, self._backend.stream)
         self._backend.synchronize()
@@ -79,7 +84,18 @@ class CudaBuffer:
         if not self.shape or not 0 <= index < self.shape[0]:
             raise IndexError(f"row {index} of a buffer of shape {self.shape}")
         host = self._host[index : index + 1].reshape(self.shape[1:])  # a view, also for 1-D buffers
-        return CudaBuffer(self._backend, self.shape[1:], self.ptr + index * host.nbytes, host, self._event)
+        return CudaBuffer(self._backend, self.shape[1:], self.ptr + index * host.nbytes, host, self._event,
+                          owner=False)
+
+    def _require_alive(self) -> None:
+        if self.released:  # its pinned staging memory is freed: touching it could crash the process
+            raise RuntimeError("this buffer was released")
+
+    def release(self) -> None:
+        """Free the device memory, the pinned staging memory and the copy event (a row view frees nothing)."""
+        if self._owner and not self.released:
+            self.released = True
+            self._backend.free(self.ptr, self._host.ctypes.data, self._event)
 
 
 class TrtBinding:
@@ -131,10 +147,18 @@ class TrtBinding:
 
     def run(self) -> None:
         if self.context is None:
-            raise RuntimeError(f"engine {self.name}: the backend is closed")
+            raise RuntimeError(f"engine {self.name}: the binding is released or the backend closed")
         self._backend.logger.errors.clear()  # so that a failure reports this run's errors only
         if not self.context.execute_async_v3(self._backend.stream_handle):
             raise RuntimeError(f"TensorRT failed to run {self.name}: {self._backend.logger.recent_errors()}")
+
+    def release(self) -> None:
+        """Destroy the execution context (TensorRT frees it with its last reference) and forget the buffers."""
+        if self.context is not None:
+            self._backend.synchronize()  # the context's queued work must be done before it goes
+            self.context = None
+        self._tensors = {}
+        self._backend.forget(self)
 
 
 class CapturedLaunch:
@@ -196,6 +220,12 @@ class CapturedLaunch:
             cudart.cudaGraphDestroy(self._graph[1])
             self._graph = None
 
+    def release(self) -> None:
+        """Destroy the graph exec and graph for good: the launch must not be called after."""
+        self.reset()
+        self.eager_only = True  # a stray call can no longer capture a new graph
+        self._backend.forget(self)
+
 
 def _destroy_graph(graph: Any) -> None:
     if graph is not None:
@@ -217,8 +247,8 @@ class TensorRTBackend:
         self.stream: Any = None
         self.capturing = False
         self.plans: dict[str, list[Any]] = {}  # engine name -> its deserialized plans (one per batch when split)
-        self._device_ptrs: list[int] = []
-        self._host_ptrs: list[int] = []
+        self._device_ptrs: set[int] = set()
+        self._host_ptrs: set[int] = set()
         self._events: list[Any] = []
         self._captures: list[CapturedLaunch] = []
         self._bindings: list[TrtBinding] = []
@@ -263,7 +293,7 @@ class TensorRTBackend:
     def malloc(self, nbytes: int) -> int:
         """Raw device memory, freed by close()."""
         ptr = _cuda(cudart.cudaMalloc, nbytes)
-        self._device_ptrs.append(ptr)
+        self._device_ptrs.add(ptr)
         return ptr
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> CudaBuffer:
@@ -272,11 +302,31 @@ class TensorRTBackend:
         nbytes = max(count * dtype.itemsize, 1)
         ptr = self.malloc(nbytes)
         host_ptr = _cuda(cudart.cudaMallocHost, nbytes)
-        self._host_ptrs.append(host_ptr)
+        self._host_ptrs.add(host_ptr)
         event = _cuda(cudart.cudaEventCreateWithFlags, cudart.cudaEventDisableTiming)
         self._events.append(event)
         host = np.frombuffer((ctypes.c_byte * nbytes).from_address(host_ptr), dtype, count).reshape(shape)
         return CudaBuffer(self, shape, ptr, host, event)
+
+    def free(self, ptr: int, host_ptr: int, event: Any) -> None:
+        """Free one buffer's device and pinned memory and its event now (CudaBuffer.release), after the stream's
+        work; close() frees what is left."""
+        if self.stream is None or ptr not in self._device_ptrs:
+            return  # closed already, or freed
+        self.synchronize()
+        _cuda(cudart.cudaFree, ptr)
+        self._device_ptrs.discard(ptr)
+        if host_ptr in self._host_ptrs:
+            _cuda(cudart.cudaFreeHost, host_ptr)
+            self._host_ptrs.discard(host_ptr)
+        if any(e is event for e in self._events):
+            _cuda(cudart.cudaEventDestroy, event)
+            self._events = [e for e in self._events if e is not event]
+
+    def forget(self, resource: TrtBinding | CapturedLaunch) -> None:
+        """A released binding or captured launch: close() and refit() no longer see it."""
+        self._bindings = [b for b in self._bindings if b is not resource]
+        self._captures = [c for c in self._captures if c is not resource]
 
     def bind(self, engine: str, batch: int, tensors: dict[str, Buffer]) -> TrtBinding:
         if engine not in self.plans:
@@ -374,7 +424,7 @@ class TensorRTBackend:
             cudart.cudaFreeHost(ptr)
         for event in self._events:
             cudart.cudaEventDestroy(event)
-        self._device_ptrs, self._host_ptrs, self._events = [], [], []
+        self._device_ptrs, self._host_ptrs, self._events = set(), set(), []
         cudart.cudaStreamDestroy(self.stream)
         self.stream = None
 
