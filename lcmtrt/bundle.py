@@ -234,7 +234,7 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
     for rel, digest in files.items():
         if not isinstance(digest, dict) or not isinstance(digest.get("size"), int) or ".." in Path(rel).parts:
             raise ValueError(f"files entry {rel!r} is malformed")
-    return Bundle(
+    bundle = Bundle(
         root=root,
         family=_one_of(d, "family"),
         precision=_one_of(d, "precision"),
@@ -257,6 +257,21 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         files=files,
         embeddings={k: SinusoidalEmbedding.from_json(e) for k, e in _mapping(d, "embeddings").items()},
     )
+    _check_embeddings(bundle)
+    return bundle
+
+
+def _check_embeddings(bundle: Bundle) -> None:
+    """Every host-computed embedding a denoise graph takes is described in bundle.json, at the graph's width."""
+    for engine in (e for name, e in bundle.engines.items() if name.startswith("denoise")):
+        inputs = {t.name: t for t in engine.inputs}
+        for name in ("time_embedding", "guidance_embedding"):
+            if (name in inputs) != (name in bundle.embeddings):
+                raise ValueError(f"{engine.name} {'takes' if name in inputs else 'lacks'} {name} but embeddings "
+                                 f"{'lack' if name in inputs else 'describe'} it")
+            if name in inputs and inputs[name].shape[-1] != bundle.embeddings[name].dim:
+                raise ValueError(f"{engine.name}.{name} is {inputs[name].shape[-1]} wide, its embedding "
+                                 f"{bundle.embeddings[name].dim}")
 
 
 def load_bundle(root: str | Path, verify_hashes: bool = True, full: bool = False) -> Bundle:

@@ -1,4 +1,4 @@
-"""`--device` has one meaning (lcmtrt/runtime/devices.py): one case-insensitive vocabulary for infer, bench and
+"""`--device` has one meaning (lcmtrt/runtime/backends/devices.py): one case-insensitive vocabulary for infer, bench and
 serve, mapped by each backend to its own device names; a device the bundle's backend cannot use is refused in one
 line that names the ones it can (exit code 2, never a traceback, never "rebuild it")."""
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from lcmtrt.cli.main import build_parser, main
 from lcmtrt.errors import UserError
-from lcmtrt.runtime.devices import (DEVICE_HELP, onnxruntime_device, openvino_device, parse_device,
+from lcmtrt.runtime.backends.devices import (DEVICE_HELP, onnxruntime_device, openvino_device, parse_device,
                                     tensorrt_device)
 
 

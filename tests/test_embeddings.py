@@ -14,6 +14,7 @@ from diffusers import LatentConsistencyModelPipeline
 from diffusers.models.embeddings import Timesteps, get_timestep_embedding
 
 from lcmtrt.bundle import load_bundle
+from lcmtrt.errors import UserError
 from lcmtrt.export.graphs import checked_time_embedding_spec, guidance_embedding_spec, time_embedding_spec
 from lcmtrt.runtime.embeddings import guidance_embedding, time_embedding
 from lcmtrt.runtime.pipeline import Pipeline
@@ -57,7 +58,7 @@ def test_an_unknown_time_proj_is_refused() -> None:
                                           self.downscale_freq_shift, max_period=20000)
 
     assert time_embedding_spec(LongPeriod(32, True, 0.0)).dim == 32  # the spec alone cannot tell ...
-    with pytest.raises(ValueError, match="time_proj"):  # ... the check against the module can
+    with pytest.raises(UserError, match="time_proj"):  # ... the check against the module can
         checked_time_embedding_spec(LongPeriod(32, True, 0.0))
 
 
@@ -83,16 +84,35 @@ def test_pipeline_feeds_each_step_its_embedding(tiny_sd15_bundle: Path) -> None:
 
 
 def test_bundles_without_host_embeddings_still_load(tiny_sd15_bundle: Path, tmp_path: Path) -> None:
-    """Bundles built before compute the embeddings in their graphs: bundle.json has no `embeddings`, and the
-    pipeline then computes and binds none."""
+    """Bundles built before compute the embeddings in their graphs: their denoise takes neither embedding and
+    bundle.json has no `embeddings`, so the pipeline computes and binds none (the manifest is made so here)."""
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(tiny_sd15_bundle, old)
     manifest = json.loads((old / "bundle.json").read_text())
     del manifest["embeddings"]
+    denoise = manifest["engines"]["denoise"]
+    denoise["inputs"] = [t for t in denoise["inputs"] if t["name"] not in ("time_embedding", "guidance_embedding")]
     (old / "bundle.json").write_text(json.dumps(manifest))
     bundle = load_bundle(old)
     assert bundle.embeddings == {}
     pipeline = Pipeline.load(old)
     assert pipeline._store._time_embeddings(step_plan(bundle.scheduler, 4)) == []
+    assert "guidance_embedding" not in pipeline.prepare(["a"], 0, None).inputs
+
+
+@pytest.mark.parametrize("damage", ["no embeddings", "wrong width"])
+def test_embeddings_that_do_not_fit_the_graph_are_refused(tiny_sd15_bundle: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd15_bundle, broken)
+    manifest = json.loads((broken / "bundle.json").read_text())
+    if damage == "no embeddings":
+        del manifest["embeddings"]
+    else:
+        manifest["embeddings"]["time_embedding"]["dim"] = 7
+    (broken / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="time_embedding.*rebuild"):
+        load_bundle(broken)

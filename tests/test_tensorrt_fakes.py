@@ -249,7 +249,7 @@ def test_timing_cache_is_keyed_by_tensorrt_version(fake, tmp_path: Path) -> None
     assert "timing_cache=timing_cache_path(" in build and ".lcmtrt-timing.cache" not in build
 
 
-# ---- --device: TensorRT runs on the first visible CUDA GPU only (lcmtrt/runtime/devices.py) ----------------------
+# ---- --device: TensorRT runs on the first visible CUDA GPU only (lcmtrt/runtime/backends/devices.py) ----------------------
 
 def test_device_names_of_the_gpu_open_and_others_are_refused_before_cuda(fake, tmp_path: Path) -> None:
     from lcmtrt.runtime.backends.tensorrt import TensorRTBackend

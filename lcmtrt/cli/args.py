@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from lcmtrt import limits
 from lcmtrt.errors import UserError
-from lcmtrt.runtime.devices import DEVICE_HELP, parse_device
+from lcmtrt.runtime.backends.devices import DEVICE_HELP, parse_device
 
 
 

@@ -337,6 +337,10 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
     if backend == "openvino" and any(e.refit_weights for e in src.engines.values()):
         raise UserError(f"{source} is refittable (LoRA swaps through ONNX Runtime or TensorRT); convert from a bundle "
                         "built without --refittable")
+    if precision != "fp32" and not src.embeddings:
+        log.warning("warning: %s computes the timestep and guidance embeddings inside its graphs (exported before "
+                    "lcmtrt fed them in fp32), so %s rounds their arguments and loses fidelity; re-export it "
+                    "(build-engines --preset/--config) for the full %s image", source, precision, precision)
     progress = Progress(total=len(src.engines) + 2)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,7 @@
 """ONNX -> TensorRT plan with the raw TensorRT 10/11 API; the host facts a plan is tied to live beside the backend
 (runtime/backends/tensorrt_host.py) and are re-exported here for the build.
 
-`tensorrt` and `cuda.bindings` are imported inside functions so that this module (and `check_compatibility`, which
-the runtime and CPU tests use) imports on hosts without them.
+`tensorrt` and `cuda.bindings` are imported inside functions so that this module imports on hosts without them.
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ from lcmtrt.runtime.backends.tensorrt_host import (check_compatibility, device_i
                                                   tensorrt_unavailable_reason, trt_logger)
 
 log = logging.getLogger(__name__)
-
-REBUILD = "rebuild them with `lcmtrt build-engines`"
-
 
 def timing_cache_path(folder: Path) -> Path:
     """The builder's timing cache in `folder`, one file per TensorRT version (a cache from another version is not

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lcmtrt.bundle import SinusoidalEmbedding
+from lcmtrt.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -86,7 +87,7 @@ def checked_time_embedding_spec(time_proj: nn.Module) -> SinusoidalEmbedding:
     with torch.no_grad():
         expected = time_proj(timesteps).float()
     if not torch.allclose(sinusoidal_reference(spec, timesteps), expected, atol=1e-5, rtol=0):
-        raise ValueError("this UNet's time_proj is not diffusers' get_timestep_embedding; lcmtrt cannot compute it")
+        raise UserError("this UNet's time_proj is not diffusers' get_timestep_embedding; lcmtrt cannot compute it")
     return spec
 
 
@@ -145,11 +146,11 @@ class DenoiseStage(nn.Module):
                  controlnet: nn.Module | None = None, adapter_states: int = 0):
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+            raise UserError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample or v_prediction)")
         if (mode == "embedding") != (unet.config.time_cond_proj_dim is not None):
             raise ValueError(f"guidance mode {mode!r} does not fit this UNet's time_cond_proj_dim")
         if controlnet is not None and _time_proj_config(controlnet) != _time_proj_config(unet):
-            raise ValueError("the ControlNet's timestep embedding differs from the UNet's; lcmtrt feeds both one")
+            raise UserError("the ControlNet's timestep embedding differs from the UNet's; lcmtrt feeds both one")
         self.embeddings = {"time_embedding": checked_time_embedding_spec(unet.time_proj)}
         if mode == "embedding":
             self.embeddings["guidance_embedding"] = guidance_embedding_spec(unet.config.time_cond_proj_dim)

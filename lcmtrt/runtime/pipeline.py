@@ -125,7 +125,7 @@ class Pipeline:
         plan, leading = self._plan(s)
         firsts, step_noise = self._draw(seed, rows, leading, _shares_one_image(s), plan)
         sources = None if s.images is None else _per_row(s.images, rows, "input images")
-        inputs, doubled = self._text_inputs(prompts, s.negative_prompts, given, cfg)
+        inputs, doubled = self._text_and_guidance_inputs(prompts, s.negative_prompts, given, cfg)
         factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
         return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
                             np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
@@ -157,7 +157,7 @@ class Pipeline:
         counts = noise_source.leading_rows(leading, rows, shared_image)
         return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch)
 
-    def _text_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
+    def _text_and_guidance_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
         """Token ids and guidance inputs (`scales`: float64, as given). Doubled inputs are [rows, 2, ...], negative
         first, for CFG's [negative; positive] text rows."""
@@ -360,7 +360,7 @@ class Pipeline:
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         self._require_usable()
-        plan, _ = self._plan(GenerationSettings(steps=steps), batch)  # the plan a request of `steps` runs
+        plan, _ = self._plan(GenerationSettings(steps=steps))  # the plan a request of `steps` runs
         program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}

@@ -7,7 +7,7 @@ from typing import Any
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.backends.base import Backend, Binding, Buffer, HostBuffer
-from lcmtrt.runtime.devices import DEVICE_HELP, onnxruntime_device, openvino_device, parse_device, tensorrt_device
+from lcmtrt.runtime.backends.devices import DEVICE_HELP, onnxruntime_device, openvino_device, parse_device, tensorrt_device
 
 __all__ = ["BACKENDS", "DEVICE_HELP", "Backend", "Binding", "Buffer", "HostBuffer", "batch_invariance",
            "open_backend", "parse_device", "resolve_device"]
@@ -35,7 +35,7 @@ def _openvino_missing(bundle: Bundle) -> UserError:
 
 
 def resolve_device(bundle: Bundle, device: str = "auto") -> str:
-    """The bundle's backend's name for `device` (runtime/devices.py's vocabulary, any case): "cuda" for TensorRT,
+    """The bundle's backend's name for `device` (runtime/backends/devices.py's vocabulary, any case): "cuda" for TensorRT,
     "cpu" or "cuda" for ONNX Runtime, an OpenVINO device name; refuses a device the backend cannot use in one line
     naming the ones it can. Cheap: only asks the backend's library which devices it has."""
     if bundle.backend == "tensorrt":

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import RefitError, UserError
-from lcmtrt.runtime.devices import onnxruntime_device
+from lcmtrt.runtime.backends.devices import onnxruntime_device
 
 log = logging.getLogger(__name__)
 NO_SPINNING = "session.intra_op.allow_spinning"

@@ -18,7 +18,7 @@ import openvino as ov
 from lcmtrt.runtime.backends.base import HostBuffer
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
-from lcmtrt.runtime.devices import openvino_device
+from lcmtrt.runtime.backends.devices import openvino_device
 
 log = logging.getLogger(__name__)
 

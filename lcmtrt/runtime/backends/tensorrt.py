@@ -23,7 +23,7 @@ except ImportError:
 from lcmtrt.runtime.backends.base import Buffer
 from lcmtrt.bundle import Bundle, EngineSpec
 from lcmtrt.errors import RefitError, UserError
-from lcmtrt.runtime.devices import tensorrt_device
+from lcmtrt.runtime.backends.devices import tensorrt_device
 from lcmtrt.runtime.backends.tensorrt_host import check_compatibility, device_info, trt_logger
 
 log = logging.getLogger(__name__)
