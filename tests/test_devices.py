@@ -151,3 +151,14 @@ def test_bench_and_serve_refuse_the_same_way(tiny_sd15_bundle: Path, tmp_path: P
     pytest.importorskip("fastapi")
     code = main(["-q", "serve", "--engines", str(tiny_sd15_bundle), "--device", "NPU", "--host", "256.0.0.1"])
     assert code == 2 and "--device npu cannot run this ONNX Runtime bundle" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("device", ["npu", "gpu.1"])
+def test_build_refuses_a_device_its_backend_cannot_build_for(device: str, tmp_path: Path, capsys) -> None:
+    """build-engines --device speaks the same vocabulary: ONNX Runtime builds for cpu or cuda only (before, any
+    string was accepted and ignored)."""
+    code = main(["-q", "build-engines", "--preset", "tiny-sd15", "--backend", "onnxruntime", "--device", device,
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ONNX Runtime" in err[0], err
+    assert not (tmp_path / "x").exists()

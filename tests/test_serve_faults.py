@@ -186,7 +186,13 @@ def test_a_failed_batch_fails_its_request_and_the_next_ones_are_served(tiny_sd15
             assert_openai_error(status, answer, 500, "internal_error")
         else:  # a request is answered as soon as its rows are read, before the batch's callback runs
             assert status == 200 and len(answer["data"]) == 1, answer
-        assert any(r.exc_info and f"injected failure in the {where}" in str(r.exc_info[1]) for r in served.records)
+        logged = lambda: any(r.exc_info and f"injected failure in the {where}" in str(r.exc_info[1])
+                             for r in served.records)
+        for _ in range(int(WAIT_S * 50)):  # the callback runs (and fails) after the answer was sent
+            if logged():
+                break
+            threading.Event().wait(0.02)
+        assert logged()
         for seed in (2, 3):
             status, _, answer = served.generate("tiny", "served after it", seed=seed)
             assert status == 200 and len(answer["data"]) == 1, answer

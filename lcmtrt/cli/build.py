@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from lcmtrt.cli.args import bounded, bounded_list
+from lcmtrt.cli.args import bounded, bounded_list, device_arg
 from lcmtrt.errors import UserError
 
 
@@ -25,7 +25,10 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
                             "installed, else ONNX Runtime CPU")
     build.add_argument("--precision", choices=("fp16", "fp32", "bf16"),
                        help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX")
-    build.add_argument("--device", default="CPU", help="OpenVINO device the bundle targets: CPU, GPU, NPU, ...")
+    build.add_argument("--device", type=device_arg, default="auto",
+                       help="the device the engines are built for, in infer's vocabulary (any case): auto (TensorRT's "
+                            "GPU; ONNX Runtime's CUDA where usable, else cpu; OpenVINO's CPU), cpu, cuda or gpu, or "
+                            "an OpenVINO device such as gpu.1 or npu")
     build.add_argument("--height", type=bounded("height"))
     build.add_argument("--width", type=bounded("width"))
     build.add_argument("--batch", type=bounded_list("batch"), help="batch sizes to build, e.g. 1,4")

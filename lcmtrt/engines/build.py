@@ -84,7 +84,7 @@ def build_bundle(
     precision: str | None = None,
     workspace_gb: float | None = None,
     refittable: bool = False,
-    device: str = "CPU",
+    device: str = "auto",
 ) -> Bundle:
     """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists).
     `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (export/refit.py).
@@ -188,18 +188,28 @@ class _Target:
     ov_device: str = "CPU"  # OpenVINO's name of the device an OpenVINO bundle targets
 
 
+def build_devices(backend: str, device: str) -> tuple[str, str]:
+    """--device of build-engines in the one vocabulary (runtime/backends/devices.py), for the chosen backend:
+    (ONNX Runtime's provider, OpenVINO's device name). auto: CUDA where ONNX Runtime can use it, OpenVINO's CPU."""
+    from lcmtrt.engines import onnxruntime_build
+    from lcmtrt.runtime.backends.devices import onnxruntime_device, tensorrt_device
+
+    if backend == "tensorrt":
+        tensorrt_device(device)  # a plan is built on, and for, the first visible CUDA GPU
+        return "cpu", "CPU"
+    if backend == "onnxruntime":
+        usable = onnxruntime_build.cuda_usable()
+        return onnxruntime_device(device, "cuda" if usable else "cpu", usable), "CPU"
+    from lcmtrt.engines import openvino_build
+
+    return "cpu", openvino_build.check_device(device)
+
+
 def _resolve_target(backend: str, precision: str | None, device: str, refittable: bool) -> _Target:
     """The backend and precisions to build, refusing combinations that cannot work before any model loads."""
-    from lcmtrt.engines import onnxruntime_build
-
     backend = resolve_backend(backend)
-    ort_device = "cpu"
-    if backend == "onnxruntime":
-        ort_device = "cuda" if onnxruntime_build.cuda_usable() else "cpu"
+    ort_device, device = build_devices(backend, device)
     if backend == "openvino":
-        from lcmtrt.engines import openvino_build
-
-        device = openvino_build.check_device(device)
         if refittable:
             raise UserError("--refittable bundles swap LoRAs through ONNX Runtime or TensorRT; build them with "
                             "--backend onnxruntime")
@@ -313,21 +323,16 @@ EXPORT_INFO = ("export_max_abs_error", "graph_precision", "batch_invariant_graph
 
 
 def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,
-                   workspace_gb: float | None = None, device: str = "CPU",
+                   workspace_gb: float | None = None, device: str = "auto",
                    batch_sizes: tuple[int, ...] | None = None) -> Bundle:
     """Engines for another backend, precision or set of batch sizes from an existing bundle's ONNX graphs (their
     batch axis is dynamic), without exporting again; written atomically like build_bundle."""
-    from lcmtrt.engines import onnxruntime_build
     from lcmtrt.bundle import load_bundle
 
     src = load_bundle(source)
     graph_precision = src.build.get("graph_precision", src.precision)
     backend = resolve_backend(backend)
-    ort_device = "cuda" if backend == "onnxruntime" and onnxruntime_build.cuda_usable() else "cpu"
-    if backend == "openvino":
-        from lcmtrt.engines import openvino_build
-
-        device = openvino_build.check_device(device)
+    ort_device, device = build_devices(backend, device)
     precision = resolve_precision(backend, precision or (graph_precision if backend != "openvino" else None),
                                   ort_device, device)
     wanted = "fp32" if backend == "openvino" else precision

@@ -205,4 +205,5 @@ class Programs:
     def describe(self) -> list[dict[str, Any]]:
         """The programs kept, least recently used first, for a server's /ready."""
         return [{"batch": k.batch, "steps": k.plan.steps, "timesteps": k.plan.timesteps.tolist(),
-                 "mode": "image-to-image" if k.img2img else "text-to-image", "cfg": k.cfg} for k in self.programs]
+                 "mode": "image-to-image" if k.img2img else "text-to-image", "cfg": k.cfg}
+                for k in list(self.programs)]  # a copy: /ready reads it while the worker runs

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -59,6 +60,7 @@ def load_models(config: ServeConfig) -> ServeState:
 
     metrics = ServeMetrics()
     cards, batchers, warmed = {}, {}, {}
+    one_at_a_time = threading.Lock()  # models warm in turn: timings taken while another warms would cut wrongly
     for name, path in config.models:
         if name in cards:
             raise UserError(f"two bundles are served as model {name!r}; name them with --engines NAME=DIR")
@@ -76,7 +78,8 @@ def load_models(config: ServeConfig) -> ServeState:
             # the default plan at every built batch size (timed: how rows are cut), image-to-image too when the
             # bundle has an encoder; /ready lists what stayed warm
             given = None if config.batch_ms is None else {b: config.batch_ms[b] / 1000 for b in bundle.batch_sizes}
-            warmed[name] = pipeline.warm_up(GenerationSettings(**condition_images(bundle)), given)
+            with one_at_a_time:
+                warmed[name] = pipeline.warm_up(GenerationSettings(**condition_images(bundle)), given)
             metrics.ready.labels(name).set(1)
             log.info("model %s ready: %s, batch sizes %s (a run takes %s ms), %d step programs warm, loaded and "
                      "warmed in %.1f s", name, bundle.root, list(bundle.batch_sizes), warmed[name]["batch_ms"],
@@ -186,8 +189,11 @@ def _add_status_routes(app: FastAPI, state: ServeState) -> None:
         models = {name: "failed" if b.failed else "ready" if b.ready.is_set() else "loading"
                   for name, b in state.batchers.items()}
         ok = state.ready() and not state.draining
-        # per model: the step programs warmed at load (batch, steps, mode) and a run's ms per batch size
-        return JSONResponse({"ready": ok, "draining": state.draining, "models": models, "warmed": state.warmed},
+        # per model: a run's ms per batch size measured at load, and the step programs kept now (batch, steps, mode)
+        warmed = {name: {**report, "programs": b.pipeline.resident_programs()}
+                  if (b := state.batchers[name]).pipeline is not None and b.failed is None else report
+                  for name, report in state.warmed.items()}
+        return JSONResponse({"ready": ok, "draining": state.draining, "models": models, "warmed": warmed},
                             status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"})
 
     @app.get("/metrics")

@@ -183,7 +183,8 @@ class Batcher:
             self._on_queue(self._queued)
             self._run(pieces)
         except Exception as e:  # noqa: BLE001 - a bug: the worker lives on and serves the next batch
-            log.exception("model %s: a batch of %d images failed", self.name, sum(b - a for _, a, b in pieces))
+            log.exception("model %s: handling a batch of %d images failed (requests already answered keep their "
+                          "images)", self.name, sum(b - a for _, a, b in pieces))
             for job, _, _ in pieces:
                 self._finish(job, error=e)
 

@@ -26,8 +26,8 @@ from fastapi import FastAPI
 from ray import serve
 from starlette.middleware import Middleware
 
-from lcmtrt import limits
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.backends.devices import parse_device
 from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models
 from lcmtrt.serve.config import (RAY_DEFAULTS, SERVE_DEFAULTS, check_api_keys, check_ray_settings, check_serve_settings,
                                  parse_models)
@@ -136,7 +136,8 @@ def builder_configs(args: dict[str, Any]) -> tuple[ServeConfig, RayConfig]:
     if not specs or not all(isinstance(spec, str) and spec for spec in specs):
         raise UserError(f"engines {args['engines']!r}: give DIR or NAME=DIR, comma-separated or as a list")
     keys = check_api_keys([*keys, *(k for k in os.environ.get("LCMTRT_API_KEY", "").split(",") if k)], "api_keys")
-    config = ServeConfig(parse_models(specs), device=str(args.get("device", "auto")), max_n=numbers["max_n"],
+    device = parse_device(str(args.get("device", "auto")))  # as --device is read; each replica maps it on load
+    config = ServeConfig(parse_models(specs), device=device, max_n=numbers["max_n"],
                          max_batch_wait_ms=numbers["max_batch_wait_ms"], max_queue=numbers["max_queue"],
                          max_body_mb=numbers["max_body_mb"], request_timeout_s=numbers["request_timeout_s"],
                          api_keys=keys, max_step_programs=int(numbers["max_step_programs"]))
