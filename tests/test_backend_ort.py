@@ -25,6 +25,12 @@ class FakeIoBinding:
 
     bind_output = bind_input
 
+    def clear_binding_inputs(self) -> None:
+        self.bound = [b for b in self.bound if b[0] != "x"]
+
+    def clear_binding_outputs(self) -> None:
+        self.bound = [b for b in self.bound if b[0] != "y"]
+
 
 class FakeSession:
     """Records its providers; refuses enable_cuda_graph for engines named in `no_graph` as ONNX Runtime does for
@@ -115,3 +121,21 @@ def test_refit_failure_after_a_swapped_engine_says_so(cuda_backend, monkeypatch:
     with pytest.raises(RefitError) as e:
         cuda_backend.refit({"vae": {"w": np.ones(4, np.float32)}})
     assert not e.value.changed
+
+
+def test_released_cuda_graphs_are_freed_with_their_session(cuda_backend) -> None:
+    """ONNX Runtime cannot free one captured graph, so evicted step programs' graphs pile up in the session: once
+    they outnumber the live ones (and DEAD_GRAPHS_KEPT), the session is replaced and the live bindings move to the
+    new one under new graph ids. Over many programs the graphs held stay bounded."""
+    kept = cuda_backend.bind("unet", 1, buffers(4096))
+    first = cuda_backend.sessions["unet"]
+    sessions = {id(first)}
+    for i in range(5 * backend_ort.DEAD_GRAPHS_KEPT):
+        cuda_backend.bind("unet", 1, buffers(8192 + 512 * i)).release()  # an evicted program's step
+        sessions.add(id(cuda_backend.sessions["unet"]))
+        assert cuda_backend._dead_graphs["unet"] <= backend_ort.DEAD_GRAPHS_KEPT
+    assert len(sessions) >= 4  # replaced again and again: each old session took its dead graphs with it
+    assert kept.session is cuda_backend.sessions["unet"] is not first and cuda_backend.sessions["unet"].graphed
+    assert graph_id(kept) != "1"  # a new id: it captures again on the new session
+    kept.run()
+    assert cuda_backend.sessions["unet"].runs[-1][0].bound == [("x", 4096), ("y", 4096 + 256)]

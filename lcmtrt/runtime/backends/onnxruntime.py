@@ -18,6 +18,7 @@ from lcmtrt.runtime.backends.devices import onnxruntime_device
 
 log = logging.getLogger(__name__)
 NO_SPINNING = "session.intra_op.allow_spinning"
+DEAD_GRAPHS_KEPT = 64  # released CUDA graphs an engine's session may hold before it is replaced
 
 
 class OrtBuffer:
@@ -74,13 +75,19 @@ class OrtBinding:
     session, binds the same buffers to the new one (`bind_to`) instead of allocating new ones."""
 
     def __init__(self, session: ort.InferenceSession, tensors: list[tuple[str, bool, OrtBuffer]], device_type: str,
-                 graph_id: int | None = None):
-        self.tensors, self.device_type = tensors, device_type
+                 graph_id: int | None = None, on_release: Callable[[OrtBinding], None] | None = None):
+        self.tensors, self.device_type, self.on_release = tensors, device_type, on_release
         self.run_options: ort.RunOptions | None = None
-        if graph_id is not None:  # enable_cuda_graph: each address set is its own captured graph
-            self.run_options = ort.RunOptions()
-            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.graph_id = graph_id
+        if graph_id is not None:
+            self.use_graph(graph_id)
         self.bind_to(session)
+
+    def use_graph(self, graph_id: int) -> None:
+        """enable_cuda_graph: each address set is its own captured graph, named by its id in the run options."""
+        self.graph_id = graph_id
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
     def bind_to(self, session: ort.InferenceSession) -> None:
         if self.tensors is None:  # released: a weight swap has nothing to bind
@@ -99,13 +106,16 @@ class OrtBinding:
             self.session.run_with_iobinding(self.io, self.run_options)
 
     def release(self) -> None:
-        """Unbind every buffer and drop the session and buffers. (A CUDA graph ONNX Runtime captured for this
-        binding's graph id stays inside the session: ONNX Runtime has no call that frees one graph.)"""
+        """Unbind every buffer and drop the session and buffers. A CUDA graph ONNX Runtime captured for this
+        binding's graph id stays inside the session (it has no call that frees one graph): the backend counts it,
+        and replaces the session once such dead graphs outnumber the live ones (OnnxRuntimeBackend._reclaim)."""
         if self.tensors is None:
             return
         self.io.clear_binding_inputs()
         self.io.clear_binding_outputs()
         self.tensors, self.io, self.session = None, None, None
+        if self.on_release is not None:
+            self.on_release(self)
 
 
 class OnnxRuntimeBackend:
@@ -135,6 +145,8 @@ class OnnxRuntimeBackend:
         self._overrides: dict[str, list] = {}  # replaced weights stay alive as long as their session
         self._bindings: dict[str, weakref.WeakSet[OrtBinding]] = {name: weakref.WeakSet() for name in bundle.engines}
         self._graph_ids = 0
+        self._dead_graphs: dict[str, int] = {name: 0 for name in bundle.engines}  # released graph ids, per engine
+        self._options: dict[str, ort.SessionOptions] = {}  # a refitted engine's options (its replaced weights)
         self.device = "CUDA (onnxruntime)" if self.provider_device == "cuda" else "CPU (onnxruntime)"
 
     def _session(self, name: str, options: ort.SessionOptions | None = None,
@@ -190,6 +202,7 @@ class OnnxRuntimeBackend:
                 binding.bind_to(session)
             self.sessions[engine] = session
             self._overrides[engine] = arrays  # the session reads these OrtValues' memory: alive as long as it
+            self._options[engine] = options
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> OrtBuffer:
         return OrtBuffer.allocate(tuple(shape), np.dtype(dtype), self.provider_device)
@@ -210,11 +223,34 @@ class OnnxRuntimeBackend:
             bound.append((name, name in inputs, buffer))
         graph_id = None
         if engine in self.cuda_graph_engines:
+            self._reclaim(engine)
             self._graph_ids += 1  # 0 is ONNX Runtime's default graph: start at 1
             graph_id = self._graph_ids
-        binding = OrtBinding(self.sessions[engine], bound, device_type, graph_id)
+        binding = OrtBinding(self.sessions[engine], bound, device_type, graph_id, self._released)
         self._bindings[engine].add(binding)
         return binding
+
+    def _released(self, binding: OrtBinding) -> None:
+        if binding.graph_id is not None:
+            for engine, live in self._bindings.items():
+                if binding in live:
+                    self._dead_graphs[engine] += 1
+
+    def _reclaim(self, engine: str) -> None:
+        """Once released bindings' CUDA graphs outnumber the live ones (and DEAD_GRAPHS_KEPT), replace the engine's
+        session: the old one goes with every graph it captured, and the live bindings are bound to the new one under
+        new ids (each captures again on its next run). Graphs held stay within twice the live bindings."""
+        live = [b for b in self._bindings[engine] if b.tensors is not None]
+        if self._dead_graphs[engine] < max(DEAD_GRAPHS_KEPT, len(live)):
+            return
+        session = self._session(engine, self._options.get(engine), cuda_graph=True)
+        for binding in live:
+            self._graph_ids += 1
+            binding.use_graph(self._graph_ids)
+            binding.bind_to(session)
+        self.sessions[engine] = session
+        self._dead_graphs[engine] = 0
+        log.info("engine %s: a new ONNX Runtime session frees the CUDA graphs of released step programs", engine)
 
     def capture(self, launch: Callable[[], None]) -> Callable[[], None]:
         return launch  # ONNX Runtime records CUDA graphs inside its own sessions, not across them
