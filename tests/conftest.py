@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,3 +120,20 @@ def assert_latents_close(ours: np.ndarray, reference: np.ndarray) -> None:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """diffusers' numpy_to_pil conversion of output_type='np' images."""
     return (images * 255).round().astype("uint8")
+
+
+def distinct_originals(count: int, config: Any = None, steps: int = 4) -> list[int]:
+    """original_inference_steps values whose `steps`-step plans all differ by value (default: LCMScheduler's)."""
+    from lcmtrt.bundle import SchedulerConfig
+    from lcmtrt.runtime.scheduler import step_plan
+
+    config = config or SchedulerConfig()
+    seen, chosen = set(), []
+    for original in range(steps, config.num_train_timesteps + 1):
+        plan = step_plan(config, steps, original_inference_steps=original)
+        if plan not in seen:
+            seen.add(plan)
+            chosen.append(original)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"fewer than {count} distinct plans")

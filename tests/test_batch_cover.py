@@ -119,14 +119,15 @@ class FakePipeline:
                           sum(p.engine_seconds for p in pieces), [b for p in pieces for b in p.batches])
 
 
-def serve_all(fake: FakePipeline, requests: list[list[int]], max_batch: int) -> tuple[list[Job], list[BatchStats]]:
+def serve_all(fake: FakePipeline, requests: list[list[int]], max_batch: int,
+              jobs: list[Job] | None = None) -> tuple[list[Job], list[BatchStats]]:
     """Queue every request before the worker starts (so batches are deterministic), run them all, and return the
-    jobs with their futures settled and the batches' stats."""
-    loop, stats = asyncio.new_event_loop(), []
+    jobs (appended to `jobs` when given, so a fake can look at them while it runs) and the batches' stats."""
+    loop, stats, jobs = asyncio.new_event_loop(), [], [] if jobs is None else jobs
     batcher = Batcher("fake", lambda: fake, BatcherConfig(max_batch, 0.0, 64), stats.append,
                       company_coming=lambda: False)
     try:
-        jobs = [batcher.submit(rows_of(ids), loop) for ids in requests]
+        jobs += [batcher.submit(rows_of(ids), loop) for ids in requests]
         batcher.start()
         loop.run_until_complete(asyncio.wait([job.future for job in jobs], timeout=120))
         batcher.stop()
@@ -146,16 +147,7 @@ def test_request_is_answered_when_its_own_rows_are_done() -> None:
     ended: dict[int, tuple[bool, bool]] = {}
     jobs: list[Job] = []
     fake = FakePipeline(1, before_launch=lambda i: ended.__setitem__(i, (jobs[0].ended, jobs[1].ended)))
-    loop = asyncio.new_event_loop()
-    batcher = Batcher("fake", lambda: fake, BatcherConfig(2, 0.0, 64), company_coming=lambda: False)
-    try:
-        jobs += [batcher.submit(rows_of([10]), loop), batcher.submit(rows_of([20]), loop)]
-        batcher.start()
-        loop.run_until_complete(asyncio.wait([job.future for job in jobs], timeout=120))
-        batcher.stop()
-        batcher.join(60)
-    finally:
-        loop.close()
+    serve_all(fake, [[10], [20]], 2, jobs)
     assert fake.launches == [[10], [20]]
     assert ended == {1: (False, False), 2: (True, False)}  # A answered while B's launch was still to run
     assert [images_of(job) for job in jobs] == [[10], [20]]

@@ -25,6 +25,7 @@ from PIL import Image
 
 openai = pytest.importorskip("openai")
 
+from conftest import distinct_originals  # noqa: E402
 from lcmtrt.bench.serving import server_timing  # noqa: E402
 from lcmtrt.cli.main import main  # noqa: E402
 from lcmtrt.runtime.images import fit_image  # noqa: E402
@@ -318,22 +319,6 @@ def test_ready_says_what_is_warmed(server: Server) -> None:
                                                                                                        np.uint8)))})
     assert server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})[0] == 200
     assert server.metric("lcmtrt_step_programs", model="tiny") == programs
-
-
-def distinct_originals(count: int, steps: int = 4) -> list[int]:
-    """original_inference_steps values whose `steps`-step plans on the default scheduler all differ by value."""
-    from lcmtrt.bundle import SchedulerConfig
-    from lcmtrt.runtime.scheduler import step_plan
-
-    seen, chosen = set(), []
-    for original in range(steps, 1001):
-        timesteps = tuple(step_plan(SchedulerConfig(), steps, original_inference_steps=original).timesteps)
-        if timesteps not in seen:
-            seen.add(timesteps)
-            chosen.append(original)
-        if len(chosen) == count:
-            return chosen
-    raise AssertionError(f"fewer than {count} distinct plans")
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,12 @@ import numpy as np
 import pytest
 
 import fake_trt
-from conftest import BACKENDS, on_backend
+from conftest import BACKENDS, distinct_originals, on_backend
 from lcmtrt.bundle import SchedulerConfig
 from lcmtrt.runtime.pipeline import Pipeline
 from lcmtrt.runtime.rows import PreparedRows
 from lcmtrt.runtime.scheduler import StepPlan, img2img_plan, step_plan
 from lcmtrt.runtime.settings import GenerationSettings
-
-
-def distinct_originals(config: SchedulerConfig, count: int, steps: int = 4) -> list[int]:
-    """original_inference_steps values whose `steps`-step plans all differ by value."""
-    seen, chosen = set(), []
-    for original in range(steps, config.num_train_timesteps + 1):
-        plan = step_plan(config, steps, original_inference_steps=original)
-        if plan not in seen:
-            seen.add(plan)
-            chosen.append(original)
-        if len(chosen) == count:
-            return chosen
-    raise AssertionError(f"fewer than {count} distinct plans")
 
 
 def test_plans_are_equal_by_value() -> None:
@@ -73,7 +60,7 @@ def test_evicted_programs_are_rebuilt_with_the_same_images(pipeline: Pipeline, t
         pipeline = Pipeline.load(on_backend(tiny_sd15_bundle, backend))
     pipeline.max_step_programs = 2
     try:
-        originals = distinct_originals(pipeline.bundle.scheduler, 6)
+        originals = distinct_originals(6, pipeline.bundle.scheduler)
         first = pipeline.generate(["a lighthouse"], seed=5, steps=4, original_inference_steps=originals[0]).images
         for original in originals[1:]:
             pipeline.generate(["a lighthouse"], seed=5, steps=4, original_inference_steps=original)
@@ -104,7 +91,7 @@ def test_forty_plans_keep_device_memory_bounded(monkeypatch: pytest.MonkeyPatch,
         pipeline = Pipeline(bundle, backend)
         pipeline.max_step_programs = 4
         full = None
-        for i, original in enumerate(distinct_originals(bundle.scheduler, 40)):
+        for i, original in enumerate(distinct_originals(40, bundle.scheduler)):
             pipeline.generate(["a fox"], seed=i, steps=4, original_inference_steps=original)
             assert len(pipeline._programs) == min(i + 1, 4)
             if i == 3:
