@@ -350,8 +350,8 @@ def test_distinct_plans_keep_step_programs_and_memory_bounded(plans_server: Serv
     print("server RSS MiB at ready and after each round of 40 plans:", " ".join(f"{x:.1f}" for x in rss))
     assert plans_server.metric("lcmtrt_step_programs") == 3
     assert rss[3] - rss[1] < 4, rss
-    (now,) = plans_server.request("GET", "/ready", key=None)[2]["warmed"].values()  # what is kept now, not at start
-    assert len(now["programs"]) == 3 and now["programs"][-1]["timesteps"] != warmed["programs"][-1]["timesteps"]
+    (now,) = plans_server.request("GET", "/ready", key=None)[2]["warmed"].values()
+    assert len(now["kept_now"]) == 3 and now["kept_now"][-1]["timesteps"] != warmed["programs"][-1]["timesteps"]
 
 
 @pytest.fixture(scope="module")

@@ -189,8 +189,8 @@ def _add_status_routes(app: FastAPI, state: ServeState) -> None:
         models = {name: "failed" if b.failed else "ready" if b.ready.is_set() else "loading"
                   for name, b in state.batchers.items()}
         ok = state.ready() and not state.draining
-        # per model: a run's ms per batch size measured at load, and the step programs kept now (batch, steps, mode)
-        warmed = {name: {**report, "programs": b.pipeline.resident_programs()}
+        # per model: what warm-up bound and a run's ms per batch size, and the step programs kept now (batch, steps, mode)
+        warmed = {name: {**report, "kept_now": b.pipeline.resident_programs()}
                   if (b := state.batchers[name]).pipeline is not None and b.failed is None else report
                   for name, report in state.warmed.items()}
         return JSONResponse({"ready": ok, "draining": state.draining, "models": models, "warmed": warmed},
