@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,22 @@ def test_static_ir_per_batch_with_weights_stored_once(ov_bundle: Path) -> None:
             assert model.input(0).get_shape()[0] in (batch, 2 * batch) or name == "denoise"
         bins = [ov_bundle / f"ov/{name}.b{b}.bin" for b in engine["batch_sizes"]]
         assert len({p.stat().st_ino for p in bins}) == 1, f"{name}: weights written once per batch size"
+
+
+@pytest.mark.parametrize("stage", ["denoise", "vae_decode"])
+def test_group_norms_are_one_op_in_fp32_ir(tiny_sd15_bundle: Path, ov_bundle: Path, stage: str) -> None:
+    """Each GroupNorm of the ONNX graph (the exporter's InstanceNormalization over [N, G, -1], which ONNX Runtime and
+    TensorRT run natively) is one GroupNormalization op in the OpenVINO IR, as in optimum-intel's; only the
+    LayerNorms stay MVN, and no Reshape -> MVN -> Reshape chain is left."""
+    import onnx
+
+    graph = Counter(n.op_type for n in onnx.load(str(tiny_sd15_bundle / "onnx" / f"{stage}.onnx")).graph.node)
+    for batch in (1, 2):
+        ir = Counter(op.get_type_name() for op in ov.Core().read_model(str(ov_bundle / f"ov/{stage}.b{batch}.xml"))
+                     .get_ordered_ops())
+        assert graph["InstanceNormalization"] > 0 and "GroupNormalization" not in graph
+        assert ir["GroupNormalization"] == graph["InstanceNormalization"], (batch, ir)
+        assert ir["MVN"] == graph["LayerNormalization"], (batch, ir)
 
 
 def test_compiled_model_cache_is_used(ov_bundle: Path, lcmtrt_cache: Path) -> None:

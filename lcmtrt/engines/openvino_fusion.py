@@ -1,0 +1,112 @@
+"""OpenVINO IR rewrite applied when an ONNX graph is converted: each GroupNorm that torch's TorchScript exporter
+decomposed becomes one GroupNormalization op again.
+
+The exporter writes `nn.GroupNorm` as Reshape(x, [0, G, -1]) -> InstanceNormalization (unit scale, zero bias) ->
+Reshape(., Shape(x)) -> Mul(weight) -> Add(bias). ONNX Runtime and TensorRT run that form natively, so the ONNX
+graphs keep it (ONNX's GroupNormalization-18 has no ONNX Runtime CPU kernel: it runs as its slower function body).
+OpenVINO converts it to Reshape -> MVN -> Reshape(ShapeOf) -> Multiply -> Add, where optimum-intel's IR (traced from
+torch) holds one GroupNormalization; this rewrite gives lcmtrt's IR the same op. Only exact matches are rewritten:
+the normalisation is the same arithmetic (mean and variance over each group of C/G channels times the spatial axes,
+epsilon inside the square root), so anything else is left as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def fuse_group_norms(model: Any) -> int:
+    """Rewrite every exporter GroupNorm chain in the OpenVINO `model`, reshaped to static shapes, in place (the
+    per-channel Multiply and Add after it folded in as the op's scale and bias); returns how many were rewritten."""
+    import openvino.opset12 as ops
+
+    fused = 0
+    for mvn in [op for op in model.get_ordered_ops() if op.get_type_name() == "MVN"]:
+        match = _group_norm_chain(mvn)
+        if match is None:
+            continue
+        x, groups, epsilon, last = match
+        channels = x.get_partial_shape()[1].get_length()
+        dtype = x.get_element_type().to_dtype()
+        scale, bias = np.ones(channels, dtype), np.zeros(channels, dtype)
+        last, scale, bias = _fold_affine(last, scale, bias)
+        norm = ops.group_normalization(x, ops.constant(scale), ops.constant(bias), groups, epsilon)
+        norm.set_friendly_name(last.get_node().get_friendly_name())
+        names = last.get_names()
+        last.replace(norm.output(0))
+        if names:  # a graph output keeps its tensor name
+            norm.output(0).set_names(names)
+        fused += 1
+    if fused:
+        model.validate_nodes_and_infer_types()
+    return fused
+
+
+def _constant(output: Any) -> np.ndarray | None:
+    node = output.get_node()
+    return node.get_data() if node.get_type_name() == "Constant" else None
+
+
+def _single_consumer(output: Any) -> Any | None:
+    """The one node that reads `output`, or None when none or several do."""
+    targets = list(output.get_target_inputs())
+    return targets[0].get_node() if len(targets) == 1 else None
+
+
+def _group_norm_chain(mvn: Any) -> tuple[Any, int, float, Any] | None:
+    """(x, groups, epsilon, the chain's last output) when `mvn` is the middle of Reshape(x, [0, G, -1]) -> MVN over
+    the last axis -> Reshape back to x's shape, x's shape static with a channel count divisible by G; else None."""
+    attributes = mvn.get_attributes()
+    scaled = attributes.get("normalize_variance") and str(attributes.get("eps_mode")).upper() == "INSIDE_SQRT"
+    if mvn.get_input_size() != 2 or not scaled:  # MVN-2 (no axes input) or another normalisation
+        return None
+    axes = _constant(mvn.input_value(1))
+    grouped = mvn.input_value(0).get_node()
+    if axes is None or axes.tolist() not in ([2], [-1]) or grouped.get_type_name() != "Reshape":
+        return None
+    target = _constant(grouped.input_value(1))
+    if target is None or len(target) != 3 or target[0] != 0 or target[2] != -1 or not grouped.get_attributes().get(
+            "special_zero") or _single_consumer(grouped.output(0)) is None:
+        return None
+    x, groups = grouped.input_value(0), int(target[1])
+    shape = x.get_partial_shape()
+    if not shape.is_static or len(shape) < 2 or groups <= 0 or shape[1].get_length() % groups:
+        return None
+    restore = _single_consumer(mvn.output(0))
+    # a row-major Reshape of [N, G, -1] back to x's own static shape undoes the first one, whatever computed its
+    # target (OpenVINO may take it from another tensor of equal shape)
+    if restore is None or restore.get_type_name() != "Reshape" or restore.get_output_partial_shape(0) != shape:
+        return None
+    return x, groups, float(attributes["eps"]), restore.output(0)
+
+
+def _per_channel(output: Any, other: Any, channels: int) -> np.ndarray | None:
+    """The [C] values of `other` when it is a constant that broadcasts along the channel axis of `output` only."""
+    value = _constant(other)
+    rank = len(output.get_partial_shape())
+    if value is None or value.ndim > rank or value.size != channels:
+        return None
+    padded = (1,) * (rank - value.ndim) + value.shape  # C values with C on axis 1: every other axis is 1
+    return value.reshape(-1) if padded[1] == channels else None
+
+
+def _fold_affine(last: Any, scale: np.ndarray, bias: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Fold the per-channel Multiply, then Add, that follow the chain (the GroupNorm's weight and bias) into the
+    op's scale and bias: (new last output, scale, bias)."""
+    for kind in ("Multiply", "Add"):
+        node = _single_consumer(last)
+        if node is None or node.get_type_name() != kind:
+            continue
+        other = node.input_value(1) if node.input_value(0) == last else node.input_value(0)
+        values = _per_channel(last, other, scale.size)
+        if values is None or node.get_output_partial_shape(0) != last.get_partial_shape():
+            return last, scale, bias
+        values = values.astype(scale.dtype)
+        if kind == "Multiply":
+            scale, bias = scale * values, bias * values
+        else:
+            bias = bias + values
+        last = node.output(0)
+    return last, scale, bias

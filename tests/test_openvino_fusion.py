@@ -1,0 +1,122 @@
+"""The OpenVINO IR rewrite of the exporter's GroupNorm decomposition (engines/openvino_fusion.py): what it fuses,
+that the result computes the same, and what it leaves alone."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+import openvino.opset13 as ops  # noqa: E402
+
+from lcmtrt.engines.openvino_fusion import fuse_group_norms  # noqa: E402
+
+
+def kinds(model) -> Counter:
+    return Counter(op.get_type_name() for op in model.get_ordered_ops())
+
+
+def run(model, x: np.ndarray) -> np.ndarray:
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled.create_infer_request().infer({0: x})[0]
+
+
+def norms_module():
+    """GroupNorms as diffusers uses them: with and without affine, on a 4-D map and on a 3-D [N, C, L] tensor."""
+    import torch
+
+    class Norms(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.plain = torch.nn.GroupNorm(4, 8), torch.nn.GroupNorm(2, 8, affine=False, eps=1e-6)
+            torch.nn.init.normal_(self.first.weight)
+            torch.nn.init.normal_(self.first.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.silu(self.first(x))
+            return self.plain(y.flatten(2)).view(x.shape) + x
+
+    return Norms().eval()
+
+
+def exported(tmp_path: Path, batch: int):
+    """The torch GroupNorms exported as lcmtrt exports (TorchScript, opset 17), converted by OpenVINO at a static
+    batch: (model, input, torch's output)."""
+    import torch
+
+    from lcmtrt.export.onnx_export import OPSET
+
+    module, x = norms_module(), torch.randn(2, 8, 6, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(tmp_path / "norms.onnx"), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+        expected = module(x[:batch]).numpy()
+    model = ov.convert_model(str(tmp_path / "norms.onnx"))
+    model.reshape({"x": [batch, 8, 6, 5]})
+    return model, x[:batch].numpy(), expected
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_exported_group_norms_become_one_op_each(tmp_path: Path, batch: int) -> None:
+    model, x, expected = exported(tmp_path, batch)
+    before = kinds(model)
+    assert before["MVN"] == 2 and before["GroupNormalization"] == 0
+    unfused = run(model, x)
+    assert fuse_group_norms(model) == 2
+    after = kinds(model)
+    assert after["GroupNormalization"] == 2 and after["MVN"] == 0
+    assert after["Reshape"] == before["Reshape"] - 4  # each chain's two Reshapes are gone
+    assert after["Multiply"] == before["Multiply"] - 1  # the affine GroupNorm's weight is the op's scale
+    fused = run(model, x)
+    np.testing.assert_allclose(fused, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(fused, unfused, rtol=0, atol=2e-5)
+    assert fuse_group_norms(model) == 0  # nothing left to fuse: a second batch size's pass is a no-op
+
+
+def test_saved_and_read_back(tmp_path: Path) -> None:
+    model, x, expected = exported(tmp_path, 1)
+    fuse_group_norms(model)
+    ov.save_model(model, str(tmp_path / "norms.xml"), compress_to_fp16=False)
+    again = ov.Core().read_model(str(tmp_path / "norms.xml"))
+    assert kinds(again)["GroupNormalization"] == 2
+    assert [p.get_any_name() for p in again.outputs] == ["y"]
+    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
+
+
+def chain(shape: list[int], target: list[int], axes: list[int], variance: bool = True, mode: str = "inside_sqrt",
+          weight: np.ndarray | None = None):
+    """Reshape(x, target) -> MVN(axes) -> Reshape(., ShapeOf(x)) [-> Multiply(weight)] as a model."""
+    x = ops.parameter(shape, np.float32, name="x")
+    grouped = ops.reshape(x, ops.constant(np.array(target, np.int64)), True)
+    norm = ops.mvn(grouped, ops.constant(np.array(axes, np.int64)), variance, 1e-5, mode)
+    y = ops.reshape(norm, ops.shape_of(x), False)
+    if weight is not None:
+        y = ops.multiply(y, ops.constant(weight))
+    return ov.Model([y], [x])
+
+
+@pytest.mark.parametrize("case", [
+    dict(target=[0, 4, -1], axes=[1]),  # normalises across groups, not within one
+    dict(target=[0, 4, -1], axes=[2], variance=False),  # centring only
+    dict(target=[0, 4, -1], axes=[2], mode="outside_sqrt"),  # epsilon added outside the root
+    dict(target=[0, 3, -1], axes=[2]),  # 8 channels do not split into 3 groups
+    dict(target=[0, 4, 60], axes=[2]),  # not the exporter's [0, G, -1]
+])
+def test_other_normalisations_are_left_alone(case: dict) -> None:
+    model = chain([1, 8, 6, 5], **case)
+    assert fuse_group_norms(model) == 0 and kinds(model)["GroupNormalization"] == 0
+
+
+def test_only_a_per_channel_weight_is_folded() -> None:
+    x = np.random.default_rng(0).standard_normal((1, 8, 6, 5)).astype(np.float32)
+    weight = np.random.default_rng(1).standard_normal((8, 6, 1)).astype(np.float32)  # per channel and row
+    model = chain([1, 8, 6, 5], [0, 4, -1], [2], weight=weight)
+    expected = run(model, x)
+    assert fuse_group_norms(model) == 1
+    assert kinds(model)["Multiply"] == 1  # kept as it was, after the fused op
+    np.testing.assert_allclose(run(model, x), expected, rtol=0, atol=2e-5)
