@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from lcmtrt.cli.args import add_device_flag, bounded, pair_arg, probe_writable, seeds_arg
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.settings import GenerationSettings
 
 log = logging.getLogger("lcmtrt")
 GRID_LIMIT = 64  # a grid is one image held in memory: beyond this, one file per image
@@ -143,7 +144,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         _save(Image.fromarray(shown[0]), args.save_control)
     # each engine batch's images are written as soon as they exist: memory stays bounded whatever --num-images is
     written, grid, result = 0, [], None
-    for result in pipeline.generate_pieces(prompts, seed=args.seed, **settings):
+    for result in pipeline.generate_pieces(prompts, seed=args.seed, settings=settings):
         if args.grid:
             grid += list(result.images)
         else:
@@ -184,13 +185,13 @@ def _fitted_inputs(bundle: Any, fit: str, sources: list, controls: list) -> tupl
 
 
 def _settings(args: argparse.Namespace, family: str, inputs: list, control_maps: list,
-              adapter_maps: list | None) -> dict[str, Any]:
+              adapter_maps: list | None) -> GenerationSettings:
     """The pipeline's generation settings from the command line."""
     sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (
         ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
     if sdxl_flags and family != "sdxl":
         log.warning("warning: --%s only conditions SDXL-class models; ignored", sdxl_flags[0].replace("_", "-"))
-    return dict(
+    return GenerationSettings(
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         original_inference_steps=args.original_inference_steps,
