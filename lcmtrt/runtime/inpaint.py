@@ -12,13 +12,15 @@ outside the mask).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +71,14 @@ def warn_full_masks(masks: np.ndarray, route: str) -> None:
                     "runs the same)")
 
 
-def load_mask(path: str | Path, width: int, height: int, fit: str = "stretch") -> np.ndarray:
-    """uint8 [H, W]: the file read like an input image (load_image), fitted to the bundle's size like the image
-    (Lanczos on RGB, as diffusers' mask processor resizes before converting), then grayscale."""
+def fit_mask(image: "Image.Image", width: int, height: int, fit: str = "stretch") -> np.ndarray:
+    """uint8 [H, W] from a mask read like an input image (images.load_image: RGB), fitted to the bundle's size
+    like the image (Lanczos on RGB: diffusers' mask processor resizes before converting), then grayscale."""
     from PIL import Image
 
-    from lcmtrt.runtime.images import fit_image, load_image
+    from lcmtrt.runtime.images import fit_image
 
-    rgb = fit_image(load_image(path), width, height, fit)
+    rgb = fit_image(image, width, height, fit)
     return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
 
 
