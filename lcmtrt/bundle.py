@@ -10,7 +10,11 @@ from typing import Any
 
 from lcmtrt.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `inpaint` bundles, whose denoise engines take a mask; every other bundle is still written as 1
+OLDEST_SCHEMA = 1  # schema 1 bundles run unchanged: they are schema 2 bundles without inpainting
+INPAINT_ROUTES = ("unet9", "blend")  # a 9-channel inpainting UNet, or any 4-channel UNet blending after each step
+# the denoise inputs each route adds, and the engine that encodes the image and the masked image
+INPAINT_INPUTS = {"unet9": ("mask", "masked_image_latents"), "blend": ("mask", "image_latents", "init_noise")}
 MANIFEST = "bundle.json"
 HASHED_FILE_LIMIT = 64 << 20  # files up to this size are hashed whole on load; larger ones by sample blocks
 
@@ -142,6 +146,9 @@ class Bundle:
     # denoise inputs computed on the host (time_embedding, guidance_embedding); bundles built before have none and
     # compute them inside the graph
     embeddings: dict[str, SinusoidalEmbedding] = field(default_factory=dict)
+    # inpainting: "unet9" (9-channel UNet: only inpainting rows), "blend" (4-channel UNet, mask blended after each
+    # step), None (no inpainting; bundles built before have none)
+    inpaint: str | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -152,7 +159,7 @@ class Bundle:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self.inpaint else OLDEST_SCHEMA,  # older lcmtrt refuses inpainting
             "family": self.family,
             "precision": self.precision,
             "backend": self.backend,
@@ -176,6 +183,7 @@ class Bundle:
             "build": self.build,
             "files": self.files,
             **({"embeddings": {k: e.to_json() for k, e in self.embeddings.items()}} if self.embeddings else {}),
+            **({"inpaint": self.inpaint} if self.inpaint else {}),
         }
 
 
@@ -256,9 +264,27 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         build=_mapping(d, "build"),
         files=files,
         embeddings={k: SinusoidalEmbedding.from_json(e) for k, e in _mapping(d, "embeddings").items()},
+        inpaint=d.get("inpaint"),
     )
     _check_embeddings(bundle)
+    _check_inpaint(bundle)
     return bundle
+
+
+def _check_inpaint(bundle: Bundle) -> None:
+    """An inpainting bundle has its encoder and denoise engines taking its route's inputs; any other bundle none."""
+    if bundle.inpaint is None:
+        if "inpaint_encode" in bundle.engines:
+            raise ValueError("engine inpaint_encode is listed but inpaint is not set")
+        return
+    if bundle.inpaint not in INPAINT_ROUTES:
+        raise ValueError(f"inpaint is {bundle.inpaint!r}, not one of {', '.join(INPAINT_ROUTES)}")
+    if "inpaint_encode" not in bundle.engines:
+        raise ValueError(f"an inpaint {bundle.inpaint!r} bundle lists no inpaint_encode engine")
+    for engine in (e for name, e in bundle.engines.items() if name.startswith("denoise")):
+        missing = [n for n in INPAINT_INPUTS[bundle.inpaint] if n not in engine.input_names]
+        if missing:
+            raise ValueError(f"{engine.name} lacks {', '.join(missing)} for inpaint {bundle.inpaint!r}")
 
 
 def _check_embeddings(bundle: Bundle) -> None:
@@ -296,7 +322,7 @@ def load_bundle(root: str | Path, verify_hashes: bool = True, full: bool = False
             f"{root} uses bundle schema {version}, newer than this lcmtrt understands ({SCHEMA_VERSION}); "
             "upgrade lcmtrt or rebuild the bundle with this version"
         )
-    if version < SCHEMA_VERSION:
+    if version < OLDEST_SCHEMA:
         raise UserError(f"{root} uses old bundle schema {version}; {rebuild}")
     try:
         bundle = _parse(root, raw)

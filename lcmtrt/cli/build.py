@@ -39,6 +39,9 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--adapter", help="hub id or folder of a T2I-Adapter replacing the preset's")
     build.add_argument("--refittable", action="store_true",
                        help="keep LoRA-touchable weights replaceable, for `infer --lora` without a rebuild")
+    build.add_argument("--inpaint", action="store_true",
+                       help="also build inpainting (infer --mask): a 4-channel UNet blends the source outside the mask "
+                            "after each step; a 9-channel inpainting UNet needs no flag")
     build.add_argument("--cfg", action="store_true",
                        help="also build classifier-free guidance (UNets without a guidance embedding, e.g. LCM-LoRA)")
 
@@ -57,8 +60,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.source_bundle is not None:
         given = [f for f in ("model", "height", "width", "controlnet", "adapter") if getattr(args, f)]
-        if given or args.lora or args.cfg or args.refittable:
-            raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable'])[0]} "
+        if given or args.lora or args.cfg or args.refittable or args.inpaint:
+            raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable/inpaint'])[0]} "
                             "needs a new export (--preset or --config)")
         out = args.out or Path("artifacts") / f"{args.source_bundle.name}-{args.backend}-{args.precision or 'default'}"
         convert_bundle(args.source_bundle, out, backend=args.backend, precision=args.precision,
@@ -75,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,
                                    loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
-                                   cfg=args.cfg or None, controlnet=args.controlnet,
+                                   cfg=args.cfg or None, inpaint=args.inpaint or None, controlnet=args.controlnet,
                                    adapter=args.adapter)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,

@@ -34,7 +34,13 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
     infer.add_argument("--image", action="append", type=Path,
                        help="image-to-image input: once for all prompts, or once per image")
-    infer.add_argument("--strength", type=bounded("strength"), default=0.8, help="image-to-image strength in (0, 1]")
+    infer.add_argument("--mask", action="append", type=Path,
+                       help="inpainting (bundles built with --inpaint or a 9-channel model): white repaints, black "
+                            "keeps; grey binarised at 50%% and resized to the bundle's size as diffusers does; once "
+                            "for all images or once per image, with --image")
+    infer.add_argument("--strength", type=bounded("strength"),
+                       help="in (0, 1]: image-to-image (default 0.8) or inpainting (default 1.0, diffusers' inpaint "
+                            "pipelines; 1 starts from noise, lower keeps more of the image and drops steps)")
     infer.add_argument("--img2img-mode", choices=("classic", "lcm"), default="classic",
                        help="classic: drop the first steps (AutoPipelineForImage2Image); lcm: all steps, shorter "
                             "schedule (LatentConsistencyModelImg2ImgPipeline)")
@@ -112,7 +118,10 @@ def grid_image(images):
 def cmd_infer(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    import numpy as np
+
     from lcmtrt.runtime.images import canny_map, load_image
+    from lcmtrt.runtime.inpaint import fit_mask
     from lcmtrt.runtime.pipeline import Pipeline
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -122,7 +131,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     paths = _output_paths(args.output, len(prompts), args.grid)
     if args.image and len(args.image) not in (1, len(prompts)):
         raise UserError(f"{len(args.image)} --image inputs for {len(prompts)} images; give one or one per image")
+    if args.mask and not args.image:
+        raise UserError("--mask needs the image it repaints (--image)")
+    if args.mask and len(args.mask) not in (1, len(prompts)):
+        raise UserError(f"{len(args.mask)} --mask inputs for {len(prompts)} images; give one or one per image")
     sources = [load_image(path) for path in args.image or []]
+    masks = [load_image(path) for path in args.mask or []]  # unreadable masks are refused before the bundle loads
     controls = [load_image(path) for path in args.control_image or []]
     if args.canny:
         controls = [canny_map(image, *args.canny) for image in controls]
@@ -139,7 +153,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         apply_loras(pipeline, [LoraSpec.parse(text) for text in args.lora if text != "none"])
     loaded = time.perf_counter()
     inputs, control_maps, adapter_maps, shown = _fitted_inputs(pipeline.bundle, args.fit, sources, controls)
-    settings = _settings(args, pipeline.bundle.family, inputs, control_maps, adapter_maps)
+    mask_maps = [fit_mask(mask, pipeline.bundle.width, pipeline.bundle.height, args.fit) for mask in masks]
+    settings = _settings(args, pipeline.bundle.family, inputs, control_maps, adapter_maps, mask_maps)
     if args.save_control is not None:
         _save(Image.fromarray(shown[0]), args.save_control)
     # each engine batch's images are written as soon as they exist: memory stays bounded whatever --num-images is
@@ -158,7 +173,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                          elapsed / written * (len(prompts) - written))
     done = time.perf_counter()
     if args.grid:
-        _save(grid_image(inputs + shown + grid), paths(0))
+        masks_shown = [np.repeat(mask[..., None], 3, axis=2) for mask in mask_maps]  # as fitted, before binarising
+        _save(grid_image(inputs + masks_shown + shown + grid), paths(0))
         print(paths(0))
     log.info("%d image(s) %dx%d, seed %s, timesteps %s, noise from %s; load %.2f s, generate %.2f s",
              len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds, result.timesteps,
@@ -185,7 +201,7 @@ def _fitted_inputs(bundle: Any, fit: str, sources: list, controls: list) -> tupl
 
 
 def _settings(args: argparse.Namespace, family: str, inputs: list, control_maps: list,
-              adapter_maps: list | None) -> GenerationSettings:
+              adapter_maps: list | None, masks: list) -> GenerationSettings:
     """The pipeline's generation settings from the command line."""
     sdxl_flags = [f for f in ("original_size", "target_size") if getattr(args, f)] + (
         ["crop_top_left"] if args.crop_top_left != (0, 0) else [])
@@ -209,4 +225,5 @@ def _settings(args: argparse.Namespace, family: str, inputs: list, control_maps:
         adapter_images=adapter_maps,
         adapter_scale=args.adapter_scale,
         adapter_factor=args.adapter_factor,
+        masks=masks or None,
     )

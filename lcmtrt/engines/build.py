@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lcmtrt.bundle import MANIFEST, Bundle, EngineSpec, TextConfig
-from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, example_inputs, guidance_mode, scheduler_config,
-                                       source_info, stage_modules, vae_precision, zero_empty_negative)
+from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, example_inputs, guidance_mode, inpaint_route,
+                                       scheduler_config, source_info, stage_modules, vae_precision,
+                                       zero_empty_negative)
 from lcmtrt.engines.preset import Preset
 from lcmtrt.engines.staging import Progress, digests, link_or_copy, staged_bundle
 from lcmtrt.errors import UserError
@@ -136,7 +137,7 @@ def build_bundle(
                 height=preset.height,
                 width=preset.width,
                 batch_sizes=tuple(preset.batch_sizes),
-                latent_channels=checkpoint.unet.config.in_channels,
+                latent_channels=checkpoint.vae.config.latent_channels,  # a 9-channel UNet's latents have the VAE's
                 vae_scale_factor=checkpoint.vae_scale_factor,
                 vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
                 default_steps=preset.steps,
@@ -149,6 +150,7 @@ def build_bundle(
                 build=build_info,
                 files=digests(staging),
                 embeddings=embeddings,
+                inpaint=inpaint_route(checkpoint, preset),
             )
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)

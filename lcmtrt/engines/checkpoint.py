@@ -44,6 +44,19 @@ def guidance_mode(checkpoint: Any, preset: Preset) -> str:
     return "cfg" if preset.cfg else "none"
 
 
+def inpaint_route(checkpoint: Any, preset: Preset) -> str | None:
+    """"unet9" for an inpainting UNet (latents, mask and masked image latents in: 2 x latent channels + 1), "blend"
+    for any other UNet built with inpaint = true, else None."""
+    latent, channels = checkpoint.vae.config.latent_channels, checkpoint.unet.config.in_channels
+    route = "unet9" if channels == 2 * latent + 1 else "blend" if preset.inpaint else None
+    if route is None and channels != latent:
+        raise UserError(f"this UNet takes {channels} input channels; lcmtrt runs {latent} (text-to-image) or "
+                        f"{2 * latent + 1} (inpainting)")
+    if route is not None and (checkpoint.controlnet is not None or checkpoint.adapter is not None):
+        raise UserError("inpainting with a ControlNet or a T2I-Adapter is not supported yet; build without inpaint")
+    return route
+
+
 def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
                     modules: dict[str, tuple[Any, list[str]]]) -> dict[str, dict[str, Any]]:
     import torch
@@ -55,7 +68,7 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     generator = torch.Generator().manual_seed(0)
     b = EXAMPLE_BATCH
     randn = lambda *shape: torch.randn(shape, generator=generator)
-    channels = checkpoint.unet.config.in_channels
+    channels = checkpoint.vae.config.latent_channels
     latent = (b, channels, preset.height // checkpoint.vae_scale_factor, preset.width // checkpoint.vae_scale_factor)
     length = max_length(checkpoint.tokenizer)
     encoders = [checkpoint.text_encoder] + ([checkpoint.text_encoder_2] if checkpoint.text_encoder_2 else [])
@@ -70,6 +83,10 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
     if "adapter" in modules:
         adapter_states = {f"adapter_state_{k}": randn(b, *shape) for k, shape in
                           enumerate(modules["adapter"][0].state_shapes)}
+
+    mask = (torch.rand(b, 1, *latent[2:], generator=generator) < 0.5).float()
+    images = torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator, dtype=torch.uint8)
+    sampled = {} if is_tiny_vae(checkpoint.vae) else {"sample_noise": randn(*latent)}
 
     def denoise_inputs(stage: Any, rows: int) -> dict[str, Any]:
         embeddings = {"time_embedding": torch.from_numpy(time_embedding(plan.timesteps[1:2],
@@ -87,6 +104,8 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
                                            dtype=torch.uint8),
             "control_scale": torch.tensor([1.0, 0.5]),
             "adapter_keep": torch.tensor([1.0, 0.0]),
+            "mask": mask, "masked_image_latents": randn(*latent), "image_latents": randn(*latent),
+            "init_noise": randn(*latent),
             **adapter_states,
         }
         return {name: pool[name] for name in stage.input_names}
@@ -99,14 +118,14 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
             "adapter_scale": torch.tensor([1.0, 0.8]),
         },
         "vae_decode": {"latents": randn(*latent)},
-        "vae_encode": {
-            "images": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
-                                    dtype=torch.uint8),
-            "coeffs": coeffs,
-            "noise": randn(*latent),
-            **({} if is_tiny_vae(checkpoint.vae) else {"sample_noise": randn(*latent)}),
-        },
+        "vae_encode": {"images": images, "coeffs": coeffs, "noise": randn(*latent), **sampled},
     }
+    if "inpaint_encode" in modules:
+        pool = {"images": images, "coeffs": coeffs, "keep_image": torch.tensor([1.0, 0.0]),
+                "mask_image": (torch.rand(b, 1, preset.height, preset.width, generator=generator) < 0.5).float(),
+                "init_noise": randn(*latent), "image_sample_noise": randn(*latent),
+                "masked_sample_noise": randn(*latent)}
+        examples["inpaint_encode"] = {name: pool[name] for name in modules["inpaint_encode"][0].input_names}
     for name in ("denoise", "denoise_cfg"):
         if name in modules:
             examples[name] = denoise_inputs(modules[name][0], 2 * b if name == "denoise_cfg" else b)
@@ -141,7 +160,8 @@ def max_length(tokenizer: Any) -> int:
 
 def stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, preset: Preset,
                    mode: str) -> dict[str, tuple[Any, list[str]]]:
-    """The stage modules to export, in export order, with their output names."""
+    """The stage modules to export, in export order, with their output names. A 9-channel UNet's bundle runs
+    inpainting only: no image-to-image encoder (diffusers' img2img pipelines cannot run it either)."""
     import copy
 
     import torch
@@ -170,15 +190,22 @@ def stage_modules(checkpoint: Any, precision: str, scheduler: SchedulerConfig, p
         adapter.state_shapes = [tuple(state.shape[1:]) for state in probe]
         states = len(probe)
         modules["adapter"] = (adapter, [f"adapter_state_{k}" for k in range(states)])
+    route = inpaint_route(checkpoint, preset)
     if mode == "cfg":  # one graph without guidance for guidance <= 1, one with the doubled batch for > 1
         modules["denoise"] = (DenoiseStage(copy.deepcopy(checkpoint.unet), precision, prediction, "none", sdxl,
-                                           copy.deepcopy(control), states), steps)
-        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl, control, states),
-                                  steps)
+                                           copy.deepcopy(control), states, route), steps)
+        modules["denoise_cfg"] = (DenoiseStage(checkpoint.unet, precision, prediction, "cfg", sdxl, control, states,
+                                               route), steps)
     else:
-        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl, control, states), steps)
-    if preset.img2img:  # its own copy: the fp16 conversion replaces norm modules in place
+        modules["denoise"] = (DenoiseStage(checkpoint.unet, precision, prediction, mode, sdxl, control, states,
+                                           route), steps)
+    if preset.img2img and route != "unet9":  # its own copy: the fp16 conversion replaces norm modules in place
         modules["vae_encode"] = (VaeEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling), ["latents"])
+    if route is not None:
+        from lcmtrt.export.inpaint import InpaintEncodeStage
+
+        encoder = InpaintEncodeStage(copy.deepcopy(checkpoint.vae), vae, scaling, route)
+        modules["inpaint_encode"] = (encoder, encoder.output_names)
     modules["vae_decode"] = (VaeDecodeStage(checkpoint.vae, vae, scaling), ["images"])
     return modules
 
@@ -190,6 +217,7 @@ BATCH_AXES = {
     "denoise": {"coeffs": None, "time_embedding": None},
     "denoise_cfg": {"coeffs": None, "time_embedding": None, "prompt_embeds": "2*batch", "text_embeds": "2*batch", "time_ids": "2*batch"},
     "vae_encode": {"coeffs": None},
+    "inpaint_encode": {"coeffs": None},
 }
 
 

@@ -25,6 +25,7 @@ class Preset:
     unet: str | None = None  # replaces the model's UNet (e.g. an LCM-distilled UNet on its base pipeline)
     vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
     img2img: bool = True  # also build the vae_encode engine
+    inpaint: bool = False  # also build inpainting (a 9-channel UNet is an inpainting bundle by itself)
     cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
     controlnet: str | None = None  # a ControlNet fused into the denoise engines (hub id, folder or tiny name)
     adapter: str | None = None  # a T2I-Adapter: its own engine, run once per request

@@ -139,11 +139,15 @@ class DenoiseStage(nn.Module):
     time_cond_proj_dim), "cfg" (classifier-free guidance: prompt_embeds/text_embeds/time_ids hold
     [negative; positive] rows, uncond_mask zeroes the negative embeddings per row as SDXL's
     force_zeros_for_empty_prompt does) or "none" (a UNet without embedding at guidance <= 1: no guidance input).
-    SDXL-class graphs also take text_embeds (pooled) and time_ids.
+    SDXL-class graphs also take text_embeds (pooled) and time_ids. Inpainting (`inpaint`): "unet9" concatenates
+    `mask` and `masked_image_latents` after the latents for a 9-channel UNet; "blend" replaces, after the step, the
+    latents outside `mask` with `image_latents` noised with `init_noise` to the next timestep (sqrt_alpha_prev,
+    sqrt_beta_prev: 1 and 0 on the last step, the image latents as they are), as diffusers' inpaint pipelines do
+    for 4-channel UNets; its `denoised` output is blended the same way, since that is what is decoded.
     """
 
     def __init__(self, unet: nn.Module, precision: str, prediction_type: str, mode: str, sdxl: bool,
-                 controlnet: nn.Module | None = None, adapter_states: int = 0):
+                 controlnet: nn.Module | None = None, adapter_states: int = 0, inpaint: str | None = None):
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise UserError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample or v_prediction)")
@@ -173,6 +177,9 @@ class DenoiseStage(nn.Module):
         # int(N * adapter_conditioning_factor) steps, else 0: adding zeros equals diffusers passing none)
         self.adapter_states = [f"adapter_state_{k}" for k in range(adapter_states)]
         self.input_names += self.adapter_states + (["adapter_keep"] if adapter_states else [])
+        self.inpaint = inpaint
+        self.input_names += {"unet9": ["mask", "masked_image_latents"], "blend": ["mask", "image_latents", "init_noise"],
+                             None: []}[inpaint]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dict(zip(self.input_names, tensors))
@@ -212,8 +219,12 @@ class DenoiseStage(nn.Module):
             if self.mode == "cfg":
                 states = [torch.cat([state, state]) for state in states]
             residuals["down_intrablock_additional_residuals"] = [state.to(self.dtype) for state in states]
+        unet_sample = sample
+        if self.inpaint == "unet9":  # diffusers: cat([latents (x2 under CFG), mask, masked_image_latents], dim=1)
+            extra = torch.cat([x["mask"], x["masked_image_latents"]], dim=1)
+            unet_sample = torch.cat([sample, torch.cat([extra, extra]) if self.mode == "cfg" else extra], dim=1)
         model_output = self.unet(
-            sample.to(self.dtype), timestep, embeds.to(self.dtype), timestep_cond=cond, added_cond_kwargs=added,
+            unet_sample.to(self.dtype), timestep, embeds.to(self.dtype), timestep_cond=cond, added_cond_kwargs=added,
             **residuals,
         ).sample.float()
         if self.mode == "cfg":
@@ -227,6 +238,11 @@ class DenoiseStage(nn.Module):
             x0 = sqrt_alpha * latents - sqrt_beta * model_output
         denoised = c_out * x0 + c_skip * latents
         next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * x["noise"]
+        if self.inpaint == "blend":
+            mask = x["mask"]
+            proper = sqrt_alpha_prev * x["image_latents"] + sqrt_beta_prev * x["init_noise"]  # add_noise(t_next)
+            next_latents = (1 - mask) * proper + mask * next_latents
+            denoised = (1 - mask) * proper + mask * denoised
         return next_latents, denoised
 
 
@@ -290,7 +306,11 @@ class VaeEncodeStage(nn.Module):
 
     def encode(self, images: torch.Tensor, sample_noise: torch.Tensor | None) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).float() / 255.0
-        pixels = (2.0 * pixels - 1.0).to(self.dtype)
+        return self.encode_pixels(2.0 * pixels - 1.0, sample_noise)
+
+    def encode_pixels(self, pixels: torch.Tensor, sample_noise: torch.Tensor | None) -> torch.Tensor:
+        """fp32 NCHW pixels in [-1, 1] -> scaled latents (mean + std * sample_noise, or TAESD's latents)."""
+        pixels = pixels.to(self.dtype)
         if self.deterministic:
             latents = self.vae.encode(pixels).latents.float()
         else:

@@ -9,11 +9,12 @@ from lcmtrt.export.lora import LoraSpec, resolve
 from lcmtrt.export.models import SAFE, load_unet, load_vae, quiet_libraries, resolve_model
 
 
-def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = True) -> Any:
+def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = True, inpaint: bool = False) -> Any:
     """diffusers' text-to-image pipeline for a bundle's checkpoint with LCMScheduler and the bundle's LoRAs fused:
-    what the bundle reproduces. `embedding`: the UNet takes guidance through time_cond_proj_dim (else CFG)."""
-    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+    what the bundle reproduces. `embedding`: the UNet takes guidance through time_cond_proj_dim (else CFG).
+    `inpaint`: StableDiffusion(XL)InpaintPipeline instead (AutoPipelineForInpainting's choice)."""
+    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
 
     quiet_libraries()
     parts = {}
@@ -23,9 +24,11 @@ def reference_pipeline(sources: dict[str, Any], family: str, embedding: bool = T
         parts["vae"] = load_vae(sources["vae"])
     path = resolve_model(sources["model"])
     if family == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **SAFE, **parts)
+        cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+        pipe = cls.from_pretrained(path, add_watermarker=False, **SAFE, **parts)
     else:
         cls = LatentConsistencyModelPipeline if embedding else StableDiffusionPipeline
+        cls = StableDiffusionInpaintPipeline if inpaint else cls
         pipe = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **SAFE, **parts)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     loras = [LoraSpec(**entry) for entry in sources.get("loras", [])]

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b",
                "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15",
-               "tiny-t2i-adapter-sdxl")
+               "tiny-t2i-adapter-sdxl", "tiny-sd15-inpaint", "tiny-sdxl-inpaint")
 # tiny LoRA name -> the file its folder holds: PEFT-format (diffusers keys) LCM-LoRAs, Kohya-format style LoRAs
 TINY_LORAS = {
     "tiny-lcm-lora-sd15": "pytorch_lora_weights.safetensors",
@@ -49,8 +49,9 @@ def _tiny_text_encoder(projection: bool = False):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _tiny_lcm_unet(guidance_embedding: bool = True):
-    """The tiny SD1.5-like UNet: LCM-distilled (with time_cond_proj_dim) or a base UNet for LCM-LoRA."""
+def _tiny_lcm_unet(guidance_embedding: bool = True, in_channels: int = 4):
+    """The tiny SD1.5-like UNet: LCM-distilled (with time_cond_proj_dim) or a base UNet for LCM-LoRA; 9 input
+    channels make it an inpainting UNet (latents, mask, masked image latents)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -59,7 +60,7 @@ def _tiny_lcm_unet(guidance_embedding: bool = True):
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -85,7 +86,8 @@ def _tiny_vae():
     ).eval()
 
 
-def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = None, guidance_embedding: bool = True):
+def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = None, guidance_embedding: bool = True,
+                    in_channels: int = 4):
     """An SDXL-like LCM UNet: text_time added conditioning (6 time ids x 8 + 32 pooled = 80), linear projections,
     cross-attention over both encoders' 32 + 32 features, guidance embedding."""
     import torch
@@ -93,7 +95,7 @@ def _tiny_sdxl_unet(transformer_layers: tuple, reverse_layers: tuple | None = No
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=transformer_layers,
@@ -137,6 +139,17 @@ def write_tiny_sd15_base(dest: Path) -> Path:
 
 def write_tiny_sdxl_base(dest: Path) -> Path:
     return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 2), guidance_embedding=False))
+
+
+def write_tiny_sd15_inpaint(dest: Path) -> Path:
+    """stable-diffusion-inpainting in miniature: the tiny base UNet with 9 input channels (for LCM-LoRA + CFG)."""
+    return _write_lcm_pipeline(dest, _tiny_vae(), _tiny_text_encoder(),
+                               _tiny_lcm_unet(guidance_embedding=False, in_channels=9))
+
+
+def write_tiny_sdxl_inpaint(dest: Path) -> Path:
+    """stable-diffusion-xl-1.0-inpainting-0.1 in miniature: the tiny SDXL base UNet with 9 input channels."""
+    return _write_sdxl_pipeline(dest, _tiny_sdxl_unet((1, 2), guidance_embedding=False, in_channels=9))
 
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
@@ -299,6 +312,7 @@ _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tin
             "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b,
             "tiny-sd15-base": write_tiny_sd15_base, "tiny-controlnet-sd15": write_tiny_controlnet,
             "tiny-t2i-adapter-sdxl": write_tiny_adapter, "tiny-sdxl-base": write_tiny_sdxl_base,
+            "tiny-sd15-inpaint": write_tiny_sd15_inpaint, "tiny-sdxl-inpaint": write_tiny_sdxl_inpaint,
             "tiny-lcm-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=False),
             "tiny-style-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=True),
             "tiny-lcm-lora-sdxl": lambda d: _write_loras(d, sdxl=True, style=False),

@@ -13,19 +13,32 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 # diffusers encodes one input image shared by all rows once (one VAE sample draw); every other draw has a row per image
-DRAWN_ONCE_PER_SHARED_IMAGE = frozenset({"sample_noise"})
+DRAWN_ONCE_PER_SHARED_IMAGE = frozenset({"sample_noise", "image_sample_noise"})
+# the inpaint pipelines' masked image (image x mask) is one image, encoded once, when both image and mask are shared
+DRAWN_ONCE_PER_SHARED_MASK = frozenset({"masked_sample_noise"})
+# the inpaint pipelines encode a shared image as one row: with a list of generators only the first one draws for it
+# (image-to-image repeats the image to the batch first, so there every generator draws its "sample_noise")
+FIRST_GENERATOR_ONLY = frozenset({"image_sample_noise", "masked_sample_noise"})
 
 
-def leading_rows(names: Sequence[str], rows: int, shared_image: bool) -> tuple[int, ...]:
-    """How many rows each leading draw of a `rows`-image run has: one for a shared image's VAE sample, else `rows`."""
-    return tuple(1 if shared_image and name in DRAWN_ONCE_PER_SHARED_IMAGE else rows for name in names)
+def leading_rows(names: Sequence[str], rows: int, shared_image: bool, shared_mask: bool = False,
+                 skipped: Collection[str] = ()) -> tuple[int, ...]:
+    """How many rows each leading draw of a `rows`-image run has: one for a shared image's VAE samples (and the
+    masked image's when the mask is shared too), none for a draw diffusers skips (`skipped`), else `rows`."""
+    def count(name: str) -> int:
+        if name in skipped:
+            return 0
+        once = name in DRAWN_ONCE_PER_SHARED_IMAGE or (shared_mask and name in DRAWN_ONCE_PER_SHARED_MASK)
+        return 1 if shared_image and once else rows
+
+    return tuple(count(name) for name in names)
 
 
 def choose_source() -> str:
@@ -86,28 +99,52 @@ class _Source:
 
 
 def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leading: tuple[int, ...], steps: int,
-         use_torch: bool) -> tuple[list[np.ndarray], np.ndarray]:
-    """`leading[k]` rows for each leading draw (leading_rows: 1 for a shared image's VAE sample), broadcast to `rows`,
-    then step noise [steps, rows, *latent_shape] whose last step is all zeros."""
-    firsts = [np.empty((rows, *latent_shape), np.float32) for _ in leading]
+         use_torch: bool, names: Sequence[str] = (), lead_seed: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """`leading[k]` rows for each leading draw (leading_rows: 1 for a shared image's VAE sample, 0 for a skipped
+    draw, whose rows are zeros), broadcast to `rows`, then step noise [steps, rows, *latent_shape] whose last step
+    is all zeros. With a list of seeds, a one-row draw named in FIRST_GENERATOR_ONLY is the first generator's: the
+    run's first seed, `lead_seed` when these rows are a later piece of the run."""
+    firsts = [np.zeros((rows, *latent_shape), np.float32) for _ in leading]
     noise = np.zeros((steps, rows, *latent_shape), np.float32)
     if isinstance(seeds, int):
         source = _Source(seeds, use_torch)
         for first, count in zip(firsts, leading):
-            first[:] = source.randn((count, *latent_shape))  # broadcasts a single shared row
+            if count:
+                first[:] = source.randn((count, *latent_shape))  # broadcasts a single shared row
         for step in range(steps - 1):
             noise[step] = source.randn((rows, *latent_shape))
         return firsts, noise
     if len(seeds) != rows:
         raise ValueError(f"{len(seeds)} seeds for {rows} rows")
+    names = tuple(names) or ("",) * len(leading)
+    lead_only = [count == 1 and name in FIRST_GENERATOR_ONLY for count, name in zip(leading, names)]
+    shared = _lead_draws(seeds[0] if lead_seed is None else lead_seed, latent_shape, leading, lead_only, use_torch)
     for row, seed in enumerate(seeds):
         # diffusers draws one (1, ...) tensor per generator, in row order, for each draw; rows never interleave.
         source = _Source(seed, use_torch)
-        for first in firsts:
-            first[row] = source.randn((1, *latent_shape))[0]
+        is_lead = lead_seed is None and row == 0
+        for k, (first, count) in enumerate(zip(firsts, leading)):
+            if count == 0 or (lead_only[k] and not is_lead):
+                first[row] = shared.get(k, 0.0)
+            else:
+                first[row] = source.randn((1, *latent_shape))[0]
         for step in range(steps - 1):
             noise[step, row] = source.randn((1, *latent_shape))[0]
     return firsts, noise
+
+
+def _lead_draws(seed: int, latent_shape: tuple[int, ...], leading: tuple[int, ...], lead_only: list[bool],
+                use_torch: bool) -> dict[int, np.ndarray]:
+    """The first generator's draws that every row shares (lead_only), by leading index."""
+    if not any(lead_only):
+        return {}
+    source, shared = _Source(seed, use_torch), {}
+    for k, count in enumerate(leading):
+        if count:
+            value = source.randn((1, *latent_shape))[0]
+            if lead_only[k]:
+                shared[k] = value
+    return shared
 
 
 class NoiseStream:
@@ -122,8 +159,10 @@ class NoiseStream:
 
     SKIP_BLOCK = 64  # rows drawn and dropped at a time while positioning the phases
 
-    def __init__(self, seeds: int | list[int], rows: int, use_torch: bool, shared_image: bool = False):
+    def __init__(self, seeds: int | list[int], rows: int, use_torch: bool, shared_image: bool = False,
+                 shared_mask: bool = False, skipped: Collection[str] = ()):
         self.seeds, self.rows, self.use_torch, self.shared_image = seeds, rows, use_torch, shared_image
+        self.shared_mask, self.skipped = shared_mask, frozenset(skipped)
         self.cursor = 0
         self._names: tuple[str, ...] | None = None  # the leading draws the phases were positioned for
         self._phases: list[_Source] = []
@@ -143,8 +182,10 @@ class NoiseStream:
             raise ValueError(f"leading draws {names} taken from a stream positioned for {self._names}")
         start, self.cursor = self.cursor, self.cursor + count
         if isinstance(self.seeds, list):
-            return draw(self.seeds[start:start + count], count, latent_shape, (count,) * len(names), steps,
-                        self.use_torch)
+            leading = leading_rows(names, self.rows, self.shared_image, self.shared_mask, self.skipped)
+            leading = tuple(min(c, count) for c in leading)  # a piece's share: its rows, one shared row, or none
+            return draw(self.seeds[start:start + count], count, latent_shape, leading, steps, self.use_torch,
+                        names, None if start == 0 else self.seeds[0])
         if self._names is None:
             self._position(latent_shape, names, steps)
         firsts = []
@@ -161,9 +202,12 @@ class NoiseStream:
     def _position(self, latent_shape: tuple[int, ...], names: tuple[str, ...], steps: int) -> None:
         source = _Source(self.seeds, self.use_torch)
         self._names = names
-        for total in leading_rows(names, self.rows, self.shared_image) + (self.rows,) * (steps - 1):
+        totals = leading_rows(names, self.rows, self.shared_image, self.shared_mask, self.skipped)
+        for total in totals + (self.rows,) * (steps - 1):
             self._phases.append(source.copy())
-            if total == 1 and self.rows > 1:  # drawn once, here, and broadcast to every piece's rows
+            if total == 0:  # a draw diffusers skips: zeros
+                self._shared.append(np.zeros(latent_shape, np.float32))
+            elif total == 1 and self.rows > 1:  # drawn once, here, and broadcast to every piece's rows
                 self._shared.append(source.randn((1, *latent_shape))[0])
             else:
                 self._shared.append(None)

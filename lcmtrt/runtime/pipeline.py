@@ -1,4 +1,4 @@
-"""Text-to-image and image-to-image over any backend. Buffers and bindings are made once per (batch, plan) and kept
+"""Text-to-image, image-to-image and inpainting over any backend. Buffers and bindings are made once per (batch, plan) and kept
 in a bounded LRU (programs.py); a request only writes its inputs, launches [vae_encode ->] text -> N x denoise ->
 vae_decode, and reads the images. Rows are cut into launches of the built batch sizes by measured cost (cover.py)."""
 
@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from lcmtrt.runtime import inpaint
 from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
@@ -49,6 +50,7 @@ class Pipeline:
                             f"{self.id_inputs}; rebuild it")
         self._store = Programs(bundle, backend, max_step_programs)
         self.encode_noises = self._store.encode_noises
+        self.inpaint_draws = inpaint.draw_names(bundle) if bundle.inpaint else ()  # leading draws of inpainting
         self._batches, self._programs = self._store.batches, self._store.programs
         # seconds one launch takes at each built batch size: how rows are cut (cover.py); measured at warm-up
         self.batch_costs: dict[int, float] = linear_costs(bundle.batch_sizes)
@@ -100,7 +102,7 @@ class Pipeline:
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != len(prompts):
             raise UserError(f"{len(seeds)} seeds given for {len(prompts)} images; give one seed or one per image")
-        stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch, _shares_one_image(settings))
+        stream = noise_source.NoiseStream(seeds, len(prompts), self.use_torch, *self._sharing(settings))
         piece = piece or max(self.bundle.batch_sizes)
         if not stream.exact_for(self.bundle.latent_shape):  # torch's normals come in blocks of 16 values
             piece = len(prompts)
@@ -123,17 +125,25 @@ class Pipeline:
         scales = given.astype(np.float32)
         cfg = self._uses_cfg(scales, bool(s.negative_prompts and any(s.negative_prompts)))
         plan, leading = self._plan(s)
-        firsts, step_noise = self._draw(seed, rows, leading, _shares_one_image(s), plan)
+        firsts, step_noise = self._draw(seed, rows, leading, self._sharing(s), plan)
         sources = None if s.images is None else _per_row(s.images, rows, "input images")
         inputs, doubled = self._text_and_guidance_inputs(prompts, s.negative_prompts, given, cfg)
         factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
-        return PreparedRows(BatchKey(plan, sources is not None, cfg), inputs, frozenset(doubled), firsts,
-                            np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources, factors)
+        inputs.update(self._inpaint_inputs(s, rows))
+        masked = s.masks is not None
+        return PreparedRows(BatchKey(plan, sources is not None and not masked, cfg, masked), inputs,
+                            frozenset(doubled), firsts, np.ascontiguousarray(step_noise.swapaxes(0, 1)), sources,
+                            factors)
 
     def _plan(self, s: GenerationSettings) -> tuple[StepPlan, tuple[str, ...]]:
         """The step plan, and the names of its leading draws in diffusers' order: the initial latents, or the
         encoder's noises."""
         steps = self.bundle.default_steps if s.steps is None else s.steps
+        if s.masks is not None:
+            return self._inpaint_plan(s, steps), self.inpaint_draws
+        if self.bundle.inpaint == "unet9":
+            raise UserError(f"bundle {self.bundle.root} holds a 9-channel inpainting UNet, which only inpaints: give "
+                            "an image and a mask (--image, --mask)")
         if s.images is None:
             plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=s.original_inference_steps)
             return plan, ("latents",)
@@ -142,11 +152,49 @@ class Pipeline:
         shape = (self.bundle.height, self.bundle.width, 3)
         if any(np.shape(image) != shape for image in s.images):
             raise ValueError(f"input images must be uint8 arrays of shape {shape}")
-        plan = img2img_plan(self.bundle.scheduler, steps, s.strength, s.img2img_mode, s.original_inference_steps)
+        plan = img2img_plan(self.bundle.scheduler, steps, s.resolved_strength, s.img2img_mode,
+                            s.original_inference_steps)
         return plan, tuple(self.encode_noises)
 
+    def _inpaint_plan(self, s: GenerationSettings, steps: int) -> StepPlan:
+        """diffusers' inpaint pipelines drop the first steps by strength as classic image-to-image does."""
+        if self.bundle.inpaint is None:
+            raise UserError(f"bundle {self.bundle.root} was built without inpainting; rebuild it with "
+                            "`lcmtrt build-engines --inpaint` (or a 9-channel inpainting model)")
+        if s.images is None:
+            raise UserError("a mask needs the image it repaints (--image)")
+        if s.img2img_mode != "classic":
+            raise UserError("inpainting drops the first steps by --strength as diffusers' inpaint pipelines do; "
+                            "--img2img-mode lcm does not apply")
+        shape = (self.bundle.height, self.bundle.width, 3)
+        if any(np.shape(image) != shape for image in s.images):
+            raise UserError(f"input images must be uint8 arrays of shape {shape}")
+        return img2img_plan(self.bundle.scheduler, steps, s.resolved_strength, "classic", s.original_inference_steps)
+
+    def _sharing(self, s: GenerationSettings) -> tuple[bool, bool, frozenset[str]]:
+        """Which leading draws one shared image (and mask) make once, and which diffusers skips (noise.py)."""
+        shared_image = s.images is not None and len(s.images) == 1
+        if s.masks is None or self.bundle.inpaint is None:
+            return shared_image, False, frozenset()
+        return (shared_image, len(s.masks) == 1,
+                inpaint.skipped_draws(self.bundle.inpaint, s.resolved_strength))
+
+    def _inpaint_inputs(self, s: GenerationSettings, rows: int) -> dict[str, np.ndarray]:
+        """The masks (full size for the encoder, latent size for denoise) and each row's start, or a blend bundle's
+        neutral inputs for rows without a mask."""
+        route = self.bundle.inpaint
+        if s.masks is None:
+            return inpaint.neutral_inputs(self.bundle, rows) if route == "blend" else {}
+        masks = inpaint.binarize(s.masks, self.bundle.height, self.bundle.width)
+        inpaint.warn_full_masks(masks, route)
+        full = _per_row(list(masks), rows, "masks")
+        # diffusers' is_strength_max: at strength 1 the start latents are the noise itself
+        keep = np.full(rows, 0.0 if s.resolved_strength == 1.0 else 1.0, np.float32)
+        inputs = {"mask": inpaint.latent_mask(full, self.bundle.vae_scale_factor), "keep_image": keep}
+        return {**inputs, "mask_image": full} if route == "unet9" else inputs
+
     def _draw(self, seed: int | Sequence[int] | noise_source.NoiseStream, rows: int, leading: tuple[str, ...],
-              shared_image: bool, plan: StepPlan) -> tuple[list[np.ndarray], np.ndarray]:
+              sharing: tuple[bool, bool, frozenset[str]], plan: StepPlan) -> tuple[list[np.ndarray], np.ndarray]:
         """Every random draw of the request, in diffusers' order: the leading draws (by name), then each step's
         noise. Which leading draws one shared input image makes once is decided by name (noise.leading_rows)."""
         if isinstance(seed, noise_source.NoiseStream):  # a piece of a longer run: its rows of the run's draws
@@ -154,8 +202,8 @@ class Pipeline:
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != rows:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
-        counts = noise_source.leading_rows(leading, rows, shared_image)
-        return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch)
+        counts = noise_source.leading_rows(leading, rows, *sharing)
+        return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch, leading)
 
     def _text_and_guidance_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -222,18 +270,26 @@ class Pipeline:
         server can answer a request whose rows are done while the rest of the batch runs. The rows are cut by
         `batch_costs` (cheapest_cover): padded into a larger batch where one launch costs less than the pieces."""
         self._require_usable()
-        plan, img2img, cfg = rows.key.plan, rows.key.img2img, rows.key.cfg
+        plan, img2img, cfg, masked = rows.key.plan, rows.key.img2img, rows.key.cfg, rows.key.inpaint
         start = 0
         for count, batch in cheapest_cover(len(rows), self._costs()):
             pad = lambda array: _pad_rows(array[start:start + count], batch)
-            program = self._store.get(batch, plan, img2img, cfg)
+            program = self._store.get(batch, plan, img2img, cfg, masked)
             buffers = self._store.buffers(batch, cfg)
+            # by name: shared buffers, or the inpaint encoder's own (mask_image, keep_image, its noises)
+            owned = program.encoder.inputs if program.encoder is not None else {}
+            target = lambda name: buffers.shared[name] if name in buffers.shared else owned.get(name)
             for name, array in rows.inputs.items():
                 if name in rows.doubled:
                     buffers.shared[name].write(np.concatenate([pad(array[:, 0]), pad(array[:, 1])]))
                 else:
-                    buffers.shared[name].write(pad(array))
-            if program.encoder is None:
+                    target(name).write(pad(array))
+            if masked:
+                program.encoder.images.write(pad(rows.sources))
+                for name, drawn in zip(self.inpaint_draws, rows.firsts):
+                    if target(name) is not None:  # the blend route's masked image sample is drawn, never used
+                        target(name).write(pad(drawn))
+            elif program.encoder is None:
                 buffers.latents[0].write(pad(rows.firsts[0]))
             else:
                 program.encoder.images.write(pad(rows.sources))
@@ -261,7 +317,7 @@ class Pipeline:
     def measure_batch_costs(self, settings: GenerationSettings | None = None, repeats: int = 3) -> dict[int, float]:
         """Time one whole run at each built batch size (the default plan, or `settings`'), the fastest of `repeats`
         after a first run that binds and captures; the result becomes `batch_costs`, which cuts later runs."""
-        costs = {}
+        costs, settings = {}, self._runnable(settings)
         for size in self.bundle.batch_sizes:
             rows = self.prepare(["warm up"] * size, 0, settings)
             self.run(rows)  # binds, allocates and captures: not timed
@@ -289,10 +345,19 @@ class Pipeline:
             self.measure_batch_costs(replace(s, images=None))
         else:
             for size in self.bundle.batch_sizes:
-                self.run(self.prepare(["warm up"] * size, 0, replace(s, images=None)))
+                self.run(self.prepare(["warm up"] * size, 0, self._runnable(replace(s, images=None))))
             self.batch_costs = {int(size): float(seconds) for size, seconds in costs.items()}
         return {"programs": self.resident_programs(), "batch_ms_source": "given" if given else "measured",
                 "batch_ms": {str(size): round(seconds * 1000, 3) for size, seconds in self.batch_costs.items()}}
+
+    def _runnable(self, settings: GenerationSettings | None) -> GenerationSettings | None:
+        """A 9-channel inpainting bundle runs inpainting only: warm-up and timing give it a blank image and a mask
+        repainting everything; any other bundle's settings pass as they are."""
+        if self.bundle.inpaint != "unet9" or (settings is not None and settings.masks is not None):
+            return settings
+        size = (self.bundle.height, self.bundle.width)
+        return replace(settings or GenerationSettings(), images=[np.zeros((*size, 3), np.uint8)],
+                       masks=[np.full(size, 255, np.uint8)])
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
@@ -374,11 +439,6 @@ def _seeds(seed: int | Sequence[int] | None) -> int | list[int]:
     if seed is None:
         return random.randrange(2**31)
     return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-
-
-def _shares_one_image(settings: GenerationSettings) -> bool:
-    """Image-to-image with one input image for every row (diffusers then encodes it once)."""
-    return settings.images is not None and len(settings.images) == 1
 
 
 def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:

@@ -48,6 +48,7 @@ class Encoder:
     images: Buffer
     noises: list[Buffer]  # in draw order: [sample_noise,] noise
     binding: Binding
+    inputs: dict[str, Buffer] = field(default_factory=dict)  # inpainting: every input it owns (images too), by name
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ProgramKey(NamedTuple):
     plan: StepPlan
     img2img: bool
     cfg: bool
+    inpaint: bool = False
 
 
 def release(resource: Any) -> None:
@@ -113,10 +115,10 @@ class Programs:
             self.batches[batch, cfg] = BatchBuffers(denoise, shared, latents, denoised, images, text, vae, adapter)
         return self.batches[batch, cfg]
 
-    def get(self, batch: int, plan: StepPlan, img2img: bool, cfg: bool) -> Program:
-        """The program of (batch, plan, img2img, cfg), made now if it is not kept (releasing the least recently
-        used one when `limit` are kept already)."""
-        key = ProgramKey(batch, plan, img2img, cfg)
+    def get(self, batch: int, plan: StepPlan, img2img: bool, cfg: bool, inpaint: bool = False) -> Program:
+        """The program of (batch, plan, img2img, cfg, inpaint), made now if it is not kept (releasing the least
+        recently used one when `limit` are kept already)."""
+        key = ProgramKey(batch, plan, img2img, cfg, inpaint)
         if key in self.programs:
             self.programs.move_to_end(key)
             return self.programs[key]
@@ -152,8 +154,18 @@ class Programs:
                                                           **noises})
         return Encoder(images, list(noises.values()), binding)
 
+    def _inpaint_encoder(self, batch: int, coeffs: Buffer, buffers: BatchBuffers) -> Encoder:
+        """The inpaint encoder: it writes the start latents and the latents the denoise engine takes beside them
+        (masked_image_latents or image_latents); the blend route's init_noise is the denoise engine's buffer too."""
+        engine, alloc = self.bundle.engines["inpaint_encode"], self.backend.alloc
+        owned = {t.name: alloc(t.concrete(batch), t.dtype) for t in engine.inputs
+                 if t.name != "coeffs" and t.name not in buffers.shared}
+        io = {**owned, "coeffs": coeffs, "latents": buffers.latents[0],
+              **{t.name: buffers.shared[t.name] for t in (*engine.inputs, *engine.outputs) if t.name in buffers.shared}}
+        return Encoder(owned["images"], [], self.backend.bind("inpaint_encode", batch, io), owned)
+
     def _build(self, key: ProgramKey) -> Program:
-        batch, plan, img2img, cfg = key
+        batch, plan, img2img, cfg, inpaint = key
         buffers = self.buffers(batch, cfg)
         coeffs = self._step_coeffs(plan)
         embeddings = self._time_embeddings(plan)
@@ -161,6 +173,8 @@ class Programs:
         factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
         step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
         encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
+        if inpaint:
+            encoder = self._inpaint_encoder(batch, coeffs[0], buffers)
         conditioning = {t.name: buffers.shared[t.name] for t in self.bundle.engines[buffers.denoise].inputs
                         if t.name in buffers.shared}
         bindings = [
@@ -196,7 +210,9 @@ class Programs:
         for binding in [*program.bindings, *([encoder.binding] if encoder else [])]:
             release(binding)
         owned = [*program.noise, *(b for per_step in program.step_inputs.values() for b in per_step)]
-        for buffer in owned + ([encoder.images, *encoder.noises] if encoder else []):
+        if encoder:
+            owned += list(encoder.inputs.values()) or [encoder.images, *encoder.noises]
+        for buffer in owned:
             release(buffer)
         if not any(k.plan == key.plan for k in self.programs):  # the plan's last program: its coefficients go too
             for buffer in [*self.coeffs.pop(key.plan, []), *self.embeddings.pop(key.plan, [])]:
@@ -205,5 +221,6 @@ class Programs:
     def describe(self) -> list[dict[str, Any]]:
         """The programs kept, least recently used first, for a server's /ready."""
         return [{"batch": k.batch, "steps": k.plan.steps, "timesteps": k.plan.timesteps.tolist(),
-                 "mode": "image-to-image" if k.img2img else "text-to-image", "cfg": k.cfg}
+                 "mode": "inpainting" if k.inpaint else "image-to-image" if k.img2img else "text-to-image",
+                 "cfg": k.cfg}
                 for k in list(self.programs)]  # a copy: /ready reads it while the worker runs

@@ -22,6 +22,7 @@ class BatchKey:
     plan: StepPlan
     img2img: bool
     cfg: bool
+    inpaint: bool = False  # inpainting rows: the inpaint encoder and the mask; never with other rows
 
 
 @dataclass
@@ -30,8 +31,9 @@ class PreparedRows:
     inputs: dict[str, np.ndarray]  # engine input name -> [rows, ...]; names in `doubled` are [rows, 2, ...]
     doubled: frozenset[str]  # CFG's [negative; positive] inputs: index 0 of axis 1 is the negative row
     firsts: list[np.ndarray]  # [rows, *latent] each: the initial latents, or the encoder's noises in draw order
+    # (inpainting: noise.py's names in inpaint.draw_names order, a skipped draw all zeros)
     step_noise: np.ndarray  # [rows, steps, *latent]; the last step's is zeros
-    sources: np.ndarray | None  # image-to-image inputs, uint8 [rows, H, W, 3]
+    sources: np.ndarray | None  # image-to-image and inpainting inputs, uint8 [rows, H, W, 3]
     factors: dict[str, np.ndarray]  # per-step factors (control_scale, adapter_keep), [rows, steps]
 
     def __len__(self) -> int:

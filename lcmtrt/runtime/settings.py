@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 # settings given either once for all rows or once per row; a piece of a long run takes its rows' share
-PER_ROW = ("images", "control_images", "adapter_images", "negative_prompts", "guidance_scale")
+PER_ROW = ("images", "masks", "control_images", "adapter_images", "negative_prompts", "guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class GenerationSettings:
     original_inference_steps: int | None = None
     negative_prompts: Sequence[str] | None = None
     images: Sequence[np.ndarray] | None = None
-    strength: float = 0.8
+    strength: float | None = None
     img2img_mode: str = "classic"
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
@@ -37,6 +37,14 @@ class GenerationSettings:
     adapter_images: Sequence[np.ndarray] | None = None
     adapter_scale: float = 1.0
     adapter_factor: float = 1.0
+    masks: Sequence[np.ndarray] | None = None
+
+    @property
+    def resolved_strength(self) -> float:
+        """strength, or its default: 1.0 for inpainting (diffusers' inpaint pipelines), 0.8 for image-to-image."""
+        if self.strength is not None:
+            return float(self.strength)
+        return 1.0 if self.masks is not None else 0.8
 
     @classmethod
     def of(cls, settings: GenerationSettings | None = None, **given: Any) -> GenerationSettings:
