@@ -83,9 +83,11 @@ def example_inputs(checkpoint: Any, preset: Preset, scheduler: SchedulerConfig,
             "uncond_mask": torch.tensor([1.0, 0.0]),
             "text_embeds": randn(rows, checkpoint.text_encoder_2.config.projection_dim) if checkpoint.text_encoder_2 else None,
             "time_ids": torch.tensor([size + [0, 0] + size] * rows, dtype=torch.float32),
-            "control_image": torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
-                                           dtype=torch.uint8),
-            "control_scale": torch.tensor([1.0, 0.5]),
+            **{name: torch.randint(0, 256, (b, preset.height, preset.width, 3), generator=generator,
+                                   dtype=torch.uint8) for name in stage.control_images},
+            # one scale per row, or per row and ControlNet for several (a MultiControlNet)
+            "control_scale": torch.tensor([1.0, 0.5]) if len(stage.control_images) <= 1 else
+            torch.linspace(0.25, 1.0, b * len(stage.control_images)).reshape(b, -1),
             "adapter_keep": torch.tensor([1.0, 0.0]),
             **adapter_states,
         }
