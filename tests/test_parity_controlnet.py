@@ -274,3 +274,23 @@ def test_api_control_image_list(models, multi_models, control, flipped) -> None:
             arguments(card, **fields)
         error = refusal.value
         assert error.status == 400 and error.param.startswith(param) and message in error.message, error.message
+
+
+def test_build_takes_several_controlnets(monkeypatch, tmp_path: Path, capsys) -> None:
+    """build-engines --controlnet A --controlnet B replaces the preset's ControlNet(s) with a MultiControlNet in that
+    order; a preset's controlnet may be a list; an empty list is refused in one line."""
+    import lcmtrt.engines.build as build
+    from lcmtrt.engines.preset import load_preset
+
+    built = []
+    monkeypatch.setattr(build, "build_bundle", lambda preset, out, **kwargs: built.append(preset))
+    for given, expected in [(["a"], ("a",)), (["a", "b"], ("a", "b")), ([], ("tiny-controlnet-sd15",))]:
+        argv = ["-q", "build-engines", "--preset", "tiny-sd15-canny", "--out", str(tmp_path / "x")]
+        assert main(argv + [arg for name in given for arg in ("--controlnet", name)]) == 0
+        assert built.pop().controlnets == expected
+    assert load_preset("tiny-sd15-multicontrol").controlnets == ("tiny-controlnet-sd15", "tiny-controlnet-sd15-b")
+    config = tmp_path / "empty.toml"
+    config.write_text('model = "tiny-sd15"\nheight = 64\nwidth = 64\ncontrolnet = []\n')
+    capsys.readouterr()
+    assert main(["build-engines", "--config", str(config)]) == 2
+    assert "must name one or more ControlNets" in capsys.readouterr().err
