@@ -285,8 +285,10 @@ def _check_controls(bundle: Bundle) -> None:
                              "control_image, N >= 2 take control_image_0..N-1")
         if nets != bundle.control_nets:
             raise ValueError(f"{engine.name} holds {nets} ControlNets, denoise {bundle.control_nets}")
-        if nets and ("control_scale" not in inputs or inputs["control_scale"].shape[1:] != ((nets,) if nets > 1 else ())):
-            raise ValueError(f"{engine.name}.control_scale does not take one scale per row for each of {nets} ControlNets")
+        per_row = (nets,) if nets > 1 else ()  # [batch] for one ControlNet, [batch, N] for N
+        if nets and ("control_scale" not in inputs or inputs["control_scale"].shape[1:] != per_row):
+            raise ValueError(f"{engine.name}.control_scale does not take one scale per row for each of {nets} "
+                             "ControlNets")
     listed = bundle.sources.get("controlnets")
     if listed is not None and (not isinstance(listed, list) or len(listed) != bundle.control_nets):
         raise ValueError(f"sources.controlnets lists {listed!r} for {bundle.control_nets} ControlNets in denoise")

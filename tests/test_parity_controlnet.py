@@ -98,7 +98,8 @@ def per_net(nets: int, value: float, second: float) -> float | list[float]:
 @pytest.mark.parametrize("nets", [1, 2])
 @pytest.mark.parametrize("scale", [0.5, 1.0])
 @pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)])
-def test_matches_diffusers(request, backend: str, control, flipped, nets: int, scale: float, start: float, end: float) -> None:
+def test_matches_diffusers(request, backend: str, control, flipped, nets: int, scale: float, start: float,
+                           end: float) -> None:
     _, ours, reference, maps = case(request, nets, control, flipped)
     # the second ControlNet: another scale and a window of its own (steps 1 and 2 of 4)
     scale, start, end = per_net(nets, scale, 0.8), per_net(nets, start, 0.25), per_net(nets, end, 0.75)

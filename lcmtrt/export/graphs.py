@@ -150,7 +150,8 @@ class DenoiseStage(nn.Module):
             raise UserError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample or v_prediction)")
         if (mode == "embedding") != (unet.config.time_cond_proj_dim is not None):
             raise ValueError(f"guidance mode {mode!r} does not fit this UNet's time_cond_proj_dim")
-        nets = list(controlnet) if isinstance(controlnet, nn.ModuleList) else [controlnet] * (controlnet is not None)
+        # one ControlNetModel, or a ModuleList of several (export/models.py: a MultiControlNet in build order)
+        nets = list(controlnet) if isinstance(controlnet, nn.ModuleList) else [] if controlnet is None else [controlnet]
         if any(_time_proj_config(net) != _time_proj_config(unet) for net in nets):
             raise UserError("the ControlNet's timestep embedding differs from the UNet's; lcmtrt feeds both one")
         self.embeddings = {"time_embedding": checked_time_embedding_spec(unet.time_proj)}
@@ -221,7 +222,6 @@ class DenoiseStage(nn.Module):
         denoised = c_out * x0 + c_skip * latents
         next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * x["noise"]
         return next_latents, denoised
-
 
     def _control(self, x: dict[str, torch.Tensor], sample: torch.Tensor, timestep: torch.Tensor,
                  embeds: torch.Tensor, added: dict[str, torch.Tensor] | None) -> dict[str, Any]:

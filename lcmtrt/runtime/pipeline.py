@@ -322,7 +322,8 @@ class Pipeline:
         if self._unusable is not None:
             raise UserError(self._unusable)
 
-    def _control_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float | Sequence[float], start: float | Sequence[float],
+    def _control_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan,
+                        scale: float | Sequence[float], start: float | Sequence[float],
                         end: float | Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
         """The control image inputs for every row and each step's ControlNet scale ([steps], or [steps, N] for N
         ControlNets), or None without a ControlNet."""
