@@ -157,6 +157,11 @@ class Bundle:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    @property
+    def control_nets(self) -> int:
+        """ControlNets fused into the denoise engines: 0, 1 (input control_image) or N (control_image_0..N-1)."""
+        return control_nets(self.engines["denoise"]) if "denoise" in self.engines else 0
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION if self.inpaint else OLDEST_SCHEMA,  # older lcmtrt refuses inpainting
@@ -268,6 +273,7 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
     )
     _check_embeddings(bundle)
     _check_inpaint(bundle)
+    _check_controls(bundle)
     return bundle
 
 
@@ -285,6 +291,33 @@ def _check_inpaint(bundle: Bundle) -> None:
         missing = [n for n in INPAINT_INPUTS[bundle.inpaint] if n not in engine.input_names]
         if missing:
             raise ValueError(f"{engine.name} lacks {', '.join(missing)} for inpaint {bundle.inpaint!r}")
+
+
+def control_nets(engine: EngineSpec) -> int:
+    """How many ControlNets a denoise engine holds, from its input names."""
+    names = engine.input_names
+    return 1 if "control_image" in names else sum(1 for n in names if n.startswith("control_image_"))
+
+
+def _check_controls(bundle: Bundle) -> None:
+    """Each denoise engine takes a control image per ControlNet named in sources (build order) and a control_scale
+    of one value per row (one ControlNet) or one per row and ControlNet (several)."""
+    for engine in (e for name, e in bundle.engines.items() if name.startswith("denoise")):
+        nets, inputs = control_nets(engine), {t.name: t for t in engine.inputs}
+        numbered = {n for n in inputs if n.startswith("control_image_")}
+        if numbered and ("control_image" in inputs or len(numbered) < 2
+                         or numbered != {f"control_image_{k}" for k in range(len(numbered))}):
+            raise ValueError(f"{engine.name} takes control images {sorted(numbered)}: one ControlNet takes "
+                             "control_image, N >= 2 take control_image_0..N-1")
+        if nets != bundle.control_nets:
+            raise ValueError(f"{engine.name} holds {nets} ControlNets, denoise {bundle.control_nets}")
+        per_row = (nets,) if nets > 1 else ()  # [batch] for one ControlNet, [batch, N] for N
+        if nets and ("control_scale" not in inputs or inputs["control_scale"].shape[1:] != per_row):
+            raise ValueError(f"{engine.name}.control_scale does not take one scale per row for each of {nets} "
+                             "ControlNets")
+    listed = bundle.sources.get("controlnets")
+    if listed is not None and (not isinstance(listed, list) or len(listed) != bundle.control_nets):
+        raise ValueError(f"sources.controlnets lists {listed!r} for {bundle.control_nets} ControlNets in denoise")
 
 
 def _check_embeddings(bundle: Bundle) -> None:

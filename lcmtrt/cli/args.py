@@ -51,6 +51,18 @@ def bounded_list(name: str) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
+def bounded_floats(name: str) -> Callable[[str], float | tuple[float, ...]]:
+    """One number, or comma-separated numbers (one per ControlNet), each in limits.LIMITS[name]."""
+    one = bounded(name)
+
+    def parse(text: str) -> float | tuple[float, ...]:
+        values = tuple(one(part) for part in text.split(","))
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = name
+    return parse
+
+
 def probe_writable(folder: Path, what: str) -> None:
     """Create and remove a file in `folder`: access() says yes for root on /proc and read-only mounts, and finding
     out after minutes of generation would be too late."""

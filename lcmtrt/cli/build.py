@@ -35,7 +35,9 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--workspace-gb", type=bounded("workspace_gb"), help="TensorRT builder workspace limit")
     build.add_argument("--lora", action="append", default=[], metavar="ID_OR_FILE[:WEIGHT]",
                        help="fuse a LoRA (.safetensors; hub id, file or folder), added to the preset's; repeatable")
-    build.add_argument("--controlnet", help="hub id or folder of a ControlNet replacing the preset's")
+    build.add_argument("--controlnet", action="append", default=[], metavar="ID_OR_DIR",
+                       help="hub id or folder of a ControlNet replacing the preset's; repeat it for a MultiControlNet "
+                            "(one control image per ControlNet at infer, in this order)")
     build.add_argument("--adapter", help="hub id or folder of a T2I-Adapter replacing the preset's")
     build.add_argument("--refittable", action="store_true",
                        help="keep LoRA-touchable weights replaceable, for `infer --lora` without a rebuild")
@@ -78,13 +80,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,
                                    loras=preset.loras + tuple(LoraSpec.parse(text) for text in args.lora) or None,
-                                   cfg=args.cfg or None, inpaint=args.inpaint or None, controlnet=args.controlnet,
+                                   cfg=args.cfg or None, inpaint=args.inpaint or None,
+                                   controlnet=_controlnets(args.controlnet),
                                    adapter=args.adapter)
     out = args.out or Path("artifacts") / preset.name
     build_bundle(preset, out, backend=args.backend, precision=args.precision, workspace_gb=args.workspace_gb,
                  refittable=args.refittable, device=args.device)
     print(out)
     return 0
+
+
+def _controlnets(given: list[str]) -> str | tuple[str, ...] | None:
+    """--controlnet as the preset's setting: none given keeps the preset's, one is one ControlNet, several a
+    MultiControlNet in the order given."""
+    return None if not given else given[0] if len(given) == 1 else tuple(given)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

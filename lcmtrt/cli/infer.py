@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lcmtrt.cli.args import add_device_flag, bounded, pair_arg, probe_writable, seeds_arg
+from lcmtrt.cli.args import add_device_flag, bounded, bounded_floats, pair_arg, probe_writable, seeds_arg
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.settings import GenerationSettings
 
@@ -48,12 +48,17 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
                        help="how an input image of another size is fitted (stretch: as diffusers)")
     add_device_flag(infer)
     infer.add_argument("--control-image", action="append", type=Path,
-                       help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per image")
+                       help="ControlNet bundles: a ready control map (or a photo with --canny), once or once per "
+                            "image; a MultiControlNet bundle: once per ControlNet, in build order, for all images")
     infer.add_argument("--canny", nargs="?", const=(100, 200), type=pair_arg, metavar="LOW,HIGH",
-                       help="compute the canny map of --control-image with OpenCV (default thresholds 100,200)")
-    infer.add_argument("--control-scale", type=bounded("control_scale"), default=1.0, help="ControlNet conditioning scale")
-    infer.add_argument("--control-start", type=bounded("control_start"), default=0.0, help="diffusers' control_guidance_start")
-    infer.add_argument("--control-end", type=bounded("control_end"), default=1.0, help="diffusers' control_guidance_end")
+                       help="compute the canny map of every --control-image with OpenCV (default thresholds 100,200)")
+    # a MultiControlNet takes each of these once for all its ControlNets or once per ControlNet: 0.8,0.5
+    infer.add_argument("--control-scale", type=bounded_floats("control_scale"), default=1.0,
+                       help="ControlNet conditioning scale (one, or one per ControlNet: 0.8,0.5)")
+    infer.add_argument("--control-start", type=bounded_floats("control_start"), default=0.0,
+                       help="diffusers' control_guidance_start (one, or one per ControlNet)")
+    infer.add_argument("--control-end", type=bounded_floats("control_end"), default=1.0,
+                       help="diffusers' control_guidance_end (one, or one per ControlNet)")
     infer.add_argument("--save-control", type=Path, help="write the control map used (first one)")
     infer.add_argument("--adapter-scale", type=bounded("adapter_scale"), default=1.0, help="T2I-Adapter conditioning scale")
     infer.add_argument("--adapter-factor", type=bounded("adapter_factor"), default=1.0,

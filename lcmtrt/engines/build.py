@@ -104,7 +104,7 @@ def build_bundle(
     with staged_bundle(out) as staging:
         with progress.stage(f"load model {preset.model}"):
             checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
-                                         controlnet=preset.controlnet, adapter=preset.adapter)
+                                         controlnet=preset.controlnets or None, adapter=preset.adapter)
         loras = []
         if preset.loras:
             from lcmtrt.export.lora import fuse_loras

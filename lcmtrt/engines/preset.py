@@ -27,7 +27,8 @@ class Preset:
     img2img: bool = True  # also build the vae_encode engine
     inpaint: bool = False  # also build inpainting (a 9-channel UNet is an inpainting bundle by itself)
     cfg: bool = False  # a UNet without guidance embedding (LCM-LoRA): also build classifier-free guidance
-    controlnet: str | None = None  # a ControlNet fused into the denoise engines (hub id, folder or tiny name)
+    # ControlNet(s) fused into the denoise engines (hub id, folder or tiny name); several: a MultiControlNet, in order
+    controlnet: str | tuple[str, ...] | None = None
     adapter: str | None = None  # a T2I-Adapter: its own engine, run once per request
     loras: tuple[LoraSpec, ...] = ()  # fused at export, in order, like diffusers' set_adapters + fuse_lora
     description: str = ""
@@ -40,7 +41,17 @@ class Preset:
             raise UserError(f"batch sizes {list(self.batch_sizes)} must be distinct positive integers")
         if self.steps < 1:
             raise UserError(f"steps {self.steps} must be at least 1")
+        if isinstance(self.controlnet, tuple) and (not self.controlnet or not all(
+                isinstance(c, str) and c for c in self.controlnet)):
+            raise UserError(f"controlnet {list(self.controlnet)} must name one or more ControlNets")
         return self
+
+    @property
+    def controlnets(self) -> tuple[str, ...]:
+        """The ControlNets to fuse, in order (one entry per control image the bundle will take)."""
+        if self.controlnet is None:
+            return ()
+        return (self.controlnet,) if isinstance(self.controlnet, str) else tuple(self.controlnet)
 
     def with_overrides(self, **overrides: Any) -> Preset:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
@@ -64,6 +75,8 @@ def _from_toml(name: str, text: str, origin: str) -> Preset:
             raise UserError(f"{origin}: missing required setting {required!r}")
     if "batch_sizes" in data:
         data["batch_sizes"] = tuple(data["batch_sizes"])
+    if isinstance(data.get("controlnet"), list):  # a MultiControlNet: the ControlNets in build order
+        data["controlnet"] = tuple(data["controlnet"])
     if "loras" in data:
         try:
             data["loras"] = tuple(LoraSpec(**entry) for entry in data["loras"])

@@ -7,6 +7,7 @@ back at its exit, so the runtime is precision-agnostic and the scheduler arithme
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,7 +154,9 @@ class DenoiseStage(nn.Module):
             raise UserError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample or v_prediction)")
         if (mode == "embedding") != (unet.config.time_cond_proj_dim is not None):
             raise ValueError(f"guidance mode {mode!r} does not fit this UNet's time_cond_proj_dim")
-        if controlnet is not None and _time_proj_config(controlnet) != _time_proj_config(unet):
+        # one ControlNetModel, or a ModuleList of several (export/models.py: a MultiControlNet in build order)
+        nets = list(controlnet) if isinstance(controlnet, nn.ModuleList) else [] if controlnet is None else [controlnet]
+        if any(_time_proj_config(net) != _time_proj_config(unet) for net in nets):
             raise UserError("the ControlNet's timestep embedding differs from the UNet's; lcmtrt feeds both one")
         self.embeddings = {"time_embedding": checked_time_embedding_spec(unet.time_proj)}
         if mode == "embedding":
@@ -168,11 +171,13 @@ class DenoiseStage(nn.Module):
                              "none": []}[mode]
         self.input_names += ["text_embeds", "time_ids"] if sdxl else []
         # ControlNet: uint8 NHWC control image (diffusers' [0, 1] control preprocessing inside) and this step's
-        # scale (conditioning scale x diffusers' controlnet_keep for the step); no guidance embedding for it
+        # scale (conditioning scale x diffusers' controlnet_keep for the step); no guidance embedding for it.
+        # Several (a ModuleList): control_image_0..N-1 and control_scale [batch, N], residuals summed in order
         self.controlnet = to_precision(controlnet, precision) if controlnet is not None else None
-        if self.controlnet is not None:
-            self.controlnet.time_proj = self.given_time
-        self.input_names += ["control_image", "control_scale"] if controlnet is not None else []
+        for net in nets:
+            net.time_proj = self.given_time
+        self.control_images = ["control_image"] if len(nets) == 1 else [f"control_image_{k}" for k in range(len(nets))]
+        self.input_names += self.control_images + ["control_scale"] if nets else []
         # T2I-Adapter: the adapter engine's scaled states, and this step's keep (1 for the first
         # int(N * adapter_conditioning_factor) steps, else 0: adding zeros equals diffusers passing none)
         self.adapter_states = [f"adapter_state_{k}" for k in range(adapter_states)]
@@ -201,18 +206,7 @@ class DenoiseStage(nn.Module):
         added = None
         if pooled is not None:
             added = {"text_embeds": pooled.to(self.dtype), "time_ids": x["time_ids"].to(self.dtype)}
-        residuals = {}
-        if self.controlnet is not None:
-            image = (x["control_image"].permute(0, 3, 1, 2).float() / 255.0).to(self.dtype)
-            scale = x["control_scale"]
-            if self.mode == "cfg":  # diffusers doubles the control image for CFG (no guess mode)
-                image, scale = torch.cat([image, image]), torch.cat([scale, scale])
-            down, mid = self.controlnet(sample.to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
-                                        controlnet_cond=image, conditioning_scale=1.0, added_cond_kwargs=added,
-                                        return_dict=False)
-            scale = scale.to(self.dtype)[:, None, None, None]
-            residuals = {"down_block_additional_residuals": [d * scale for d in down],
-                         "mid_block_additional_residual": mid * scale}
+        residuals = self._control(x, sample, timestep, embeds, added) if self.controlnet is not None else {}
         if self.adapter_states:
             keep = x["adapter_keep"][:, None, None, None]
             states = [x[name] * keep for name in self.adapter_states]
@@ -244,6 +238,25 @@ class DenoiseStage(nn.Module):
             next_latents = (1 - mask) * proper + mask * next_latents
             denoised = (1 - mask) * proper + mask * denoised
         return next_latents, denoised
+
+    def _control(self, x: dict[str, torch.Tensor], sample: torch.Tensor, timestep: torch.Tensor,
+                 embeds: torch.Tensor, added: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """The ControlNet residuals, each net's scaled by its per-row scale and summed in build order as diffusers'
+        MultiControlNetModel sums them."""
+        nets = list(self.controlnet) if isinstance(self.controlnet, nn.ModuleList) else [self.controlnet]
+        down_sum, mid_sum = None, None
+        for k, (net, name) in enumerate(zip(nets, self.control_images)):
+            image = (x[name].permute(0, 3, 1, 2).float() / 255.0).to(self.dtype)
+            scale = x["control_scale"] if len(nets) == 1 else x["control_scale"][:, k]
+            if self.mode == "cfg":  # diffusers doubles the control image for CFG (no guess mode)
+                image, scale = torch.cat([image, image]), torch.cat([scale, scale])
+            down, mid = net(sample.to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
+                            controlnet_cond=image, conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+            scale = scale.to(self.dtype)[:, None, None, None]
+            down, mid = [d * scale for d in down], mid * scale
+            down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
+            mid_sum = mid if mid_sum is None else mid_sum + mid
+        return {"down_block_additional_residuals": down_sum, "mid_block_additional_residual": mid_sum}
 
 
 class AdapterStage(nn.Module):

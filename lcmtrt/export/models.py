@@ -31,7 +31,7 @@ class Checkpoint:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     text_encoder_2: Any = None  # SDXL-class: CLIPTextModelWithProjection (pooled, projected text embeddings)
-    controlnet: Any = None  # fused into the denoise graphs
+    controlnet: Any = None  # fused into the denoise graphs: a ControlNetModel, or a ModuleList of several in order
     adapter: Any = None  # T2I-Adapter: its own engine, states fed to the denoise graphs
     tokenizer_2: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,9 +102,11 @@ def load_vae(source: str) -> Any:
 
 
 def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
-                    vae: str | None = None, controlnet: str | None = None, adapter: str | None = None) -> Checkpoint:
+                    vae: str | None = None, controlnet: str | tuple[str, ...] | None = None,
+                    adapter: str | None = None) -> Checkpoint:
     """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
-    and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE)."""
+    and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE). Several
+    `controlnet`s are a MultiControlNet: a ModuleList in the order given."""
     from diffusers import AutoencoderKL, LCMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -128,9 +130,7 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
                 "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs),
             }
         if controlnet:
-            from diffusers import ControlNetModel
-
-            second["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet), **SAFE).eval()
+            second["controlnet"] = _load_controlnets(controlnet)
         if adapter:
             from diffusers import T2IAdapter
 
@@ -151,6 +151,25 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
         **second,
-        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, "controlnet": controlnet,
+        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, **_controlnet_sources(controlnet),
                "adapter": adapter},
     )
+
+
+def _load_controlnets(controlnet: str | tuple[str, ...]) -> Any:
+    """One ControlNetModel, or several in a ModuleList (summed in this order, as diffusers' MultiControlNetModel)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    names = (controlnet,) if isinstance(controlnet, str) else tuple(controlnet)
+    nets = [ControlNetModel.from_pretrained(resolve_model(name), **SAFE).eval() for name in names]
+    if len(nets) == 1:
+        return nets[0]
+    return torch.nn.ModuleList(nets).eval()
+
+
+def _controlnet_sources(controlnet: str | tuple[str, ...] | None) -> dict[str, Any]:
+    """bundle.json's record of the ControlNet(s): `controlnet` for one (as bundles always had), `controlnets` in
+    build order for several."""
+    names = () if not controlnet else (controlnet,) if isinstance(controlnet, str) else tuple(controlnet)
+    return {"controlnet": names[0]} if len(names) == 1 else {"controlnets": list(names)} if names else {}

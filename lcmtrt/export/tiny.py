@@ -15,7 +15,7 @@ from lcmtrt.export.clip_tokenizer import write_clip_tokenizer
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny-sd15", "sd15-random", "tiny-taesd", "taesd-random", "tiny-sdxl", "tiny-ssd1b",
-               "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15",
+               "tiny-sd15-base", "tiny-sdxl-base", "tiny-controlnet-sd15", "tiny-controlnet-sd15-b",
                "tiny-t2i-adapter-sdxl", "tiny-sd15-inpaint", "tiny-sdxl-inpaint")
 # tiny LoRA name -> the file its folder holds: PEFT-format (diffusers keys) LCM-LoRAs, Kohya-format style LoRAs
 TINY_LORAS = {
@@ -202,13 +202,14 @@ def _write_loras(dest: Path, sdxl: bool, style: bool) -> Path:
     return dest
 
 
-def write_tiny_controlnet(dest: Path) -> Path:
+def write_tiny_controlnet(dest: Path, seed: int = 0) -> Path:
     """A tiny SD1.5-like ControlNet for the tiny UNet. Its output convolutions are zero-initialised in diffusers,
-    which would make every residual zero: they are randomised here so the control path is really tested."""
+    which would make every residual zero: they are randomised here so the control path is really tested. Another
+    `seed` gives another ControlNet of the same shape (MultiControlNet tests)."""
     import torch
     from diffusers import ControlNetModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     controlnet = ControlNetModel(
         block_out_channels=(4, 8), layers_per_block=1, in_channels=4, cross_attention_dim=32, norm_num_groups=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), conditioning_embedding_out_channels=(16, 32),
@@ -311,6 +312,7 @@ def write_sd15_random(dest: Path) -> Path:
 _WRITERS = {"tiny-sd15": write_tiny_sd15, "sd15-random": write_sd15_random, "tiny-taesd": write_tiny_taesd,
             "taesd-random": write_taesd_random, "tiny-sdxl": write_tiny_sdxl, "tiny-ssd1b": write_tiny_ssd1b,
             "tiny-sd15-base": write_tiny_sd15_base, "tiny-controlnet-sd15": write_tiny_controlnet,
+            "tiny-controlnet-sd15-b": lambda d: write_tiny_controlnet(d, seed=1),
             "tiny-t2i-adapter-sdxl": write_tiny_adapter, "tiny-sdxl-base": write_tiny_sdxl_base,
             "tiny-sd15-inpaint": write_tiny_sd15_inpaint, "tiny-sdxl-inpaint": write_tiny_sdxl_inpaint,
             "tiny-lcm-lora-sd15": lambda d: _write_loras(d, sdxl=False, style=False),

@@ -108,7 +108,8 @@ class Pipeline:
             piece = len(prompts)
         for start in range(0, len(prompts), piece):
             cut = slice(start, start + piece)
-            yield replace(self.run(self.prepare(prompts[cut], stream, settings.piece(cut, len(prompts)))),
+            shared = ("control_images",) if self.bundle.control_nets > 1 else ()  # one map per ControlNet
+            yield replace(self.run(self.prepare(prompts[cut], stream, settings.piece(cut, len(prompts), shared))),
                           seeds=seeds)
 
     def prepare(self, prompts: Sequence[str], seed: int | Sequence[int] | noise_source.NoiseStream,
@@ -237,11 +238,12 @@ class Pipeline:
         factors."""
         denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
         factors: dict[str, np.ndarray] = {}
-        controls = self._control_inputs(denoise_inputs, s.control_images, rows, plan, s.control_scale,
-                                        s.control_start, s.control_end)
+        controls = self._control_inputs(s.control_images, rows, plan, s.control_scale, s.control_start,
+                                        s.control_end)
         if controls is not None:
-            inputs["control_image"] = controls[0]
-            factors["control_scale"] = np.tile(np.asarray(controls[1], np.float32), (rows, 1))
+            inputs.update(controls[0])
+            # [rows, steps], or [rows, steps, N] for N ControlNets
+            factors["control_scale"] = np.tile(controls[1], (rows,) + (1,) * controls[1].ndim)
         adapted = self._adapter_inputs(s.adapter_images, rows, plan, s.adapter_scale, s.adapter_factor)
         if adapted is not None:
             inputs["adapter_image"] = adapted[0]
@@ -385,18 +387,31 @@ class Pipeline:
         if self._unusable is not None:
             raise UserError(self._unusable)
 
-    def _control_inputs(self, denoise_inputs: tuple[str, ...], images: Sequence[np.ndarray] | None, rows: int,
-                        plan: StepPlan, scale: float, start: float, end: float) -> tuple[np.ndarray, list[float]] | None:
-        """The control images for every row and each step's ControlNet scale, or None without a ControlNet."""
-        if not _conditioned("control_image" in denoise_inputs, images, self.bundle.root, "ControlNet",
-                            "--controlnet"):
+    def _control_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan,
+                        scale: float | Sequence[float], start: float | Sequence[float],
+                        end: float | Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """The control image inputs for every row and each step's ControlNet scale ([steps], or [steps, N] for N
+        ControlNets), or None without a ControlNet."""
+        nets = self.bundle.control_nets
+        if not _conditioned(nets > 0, images, self.bundle.root, "ControlNet", "--controlnet"):
             return None
-        if not 0.0 <= start < end <= 1.0:
-            raise UserError(f"--control-start {start} and --control-end {end} must satisfy 0 <= start < end <= 1")
+        scales, starts, ends = (_per_net(value, nets, what) for value, what in
+                                ((scale, "control scales"), (start, "control starts"), (end, "control ends")))
+        for first, last in zip(starts, ends):
+            if not 0.0 <= first < last <= 1.0:
+                raise UserError(f"--control-start {first} and --control-end {last} must satisfy "
+                                "0 <= start < end <= 1")
         steps = plan.steps
-        # diffusers' controlnet_keep: a step is controlled unless it lies outside [start, end] of the schedule
-        scales = [scale * (1.0 - float(i / steps < start or (i + 1) / steps > end)) for i in range(steps)]
-        return _per_row(images, rows, "control images"), scales
+        # diffusers' controlnet_keep, per ControlNet: a step is controlled unless it lies outside [start, end]
+        keep = [[scale * (1.0 - float(i / steps < first or (i + 1) / steps > last))
+                 for scale, first, last in zip(scales, starts, ends)] for i in range(steps)]
+        if nets == 1:
+            return {"control_image": _per_row(images, rows, "control images")}, np.asarray(keep, np.float32)[:, 0]
+        if len(images) != nets:
+            raise UserError(f"this bundle has {nets} ControlNets: give {nets} control images (one per ControlNet, in "
+                            f"build order, shared by all images), not {len(images)}")
+        maps = {f"control_image_{k}": np.stack([image] * rows) for k, image in enumerate(images)}
+        return maps, np.asarray(keep, np.float32)
 
     def _adapter_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float,
                         factor: float) -> tuple[np.ndarray, list[float]] | None:
@@ -446,6 +461,15 @@ def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:
     if len(images) not in (1, rows):
         raise UserError(f"{len(images)} {what} for {rows} prompts; give one or one per prompt")
     return np.stack([images[0]] * rows if len(images) == 1 else list(images))
+
+
+def _per_net(value: float | Sequence[float], nets: int, what: str) -> list[float]:
+    """A ControlNet setting once for all ControlNets or once per ControlNet, as one float per ControlNet."""
+    values = [float(value)] if isinstance(value, (int, float, np.floating, np.integer)) else [float(v) for v in value]
+    if len(values) not in (1, nets):
+        raise UserError(f"{len(values)} {what} for {nets} ControlNet{'s' if nets > 1 else ''}; give one"
+                        f"{' or one per ControlNet' if nets > 1 else ''}")
+    return values * nets if len(values) == 1 else values
 
 
 def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, what: str, flag: str) -> bool:

@@ -22,7 +22,7 @@ from lcmtrt.runtime.backends import Backend, Binding, Buffer
 from lcmtrt.runtime.embeddings import time_embedding
 from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan
 
-PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # [batch] denoise inputs that take a value per step
+PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # denoise inputs ([batch], [batch, N]) bound per step
 DEFAULT_MAX_PROGRAMS = 16
 
 
@@ -57,7 +57,7 @@ class Program:
 
     plan: StepPlan
     noise: list[Buffer]  # one [batch, C, h, w] buffer per step: each bound tensor is an allocation of its own
-    step_inputs: dict[str, list[Buffer]]  # per-step [batch] factors: control_scale, adapter_keep
+    step_inputs: dict[str, list[Buffer]]  # per-step factors: control_scale ([batch] or [batch, N]), adapter_keep
     launch: Callable[[], None]
     bindings: list[Binding] = field(default_factory=list)
     encoder: Encoder | None = None
@@ -170,8 +170,10 @@ class Programs:
         coeffs = self._step_coeffs(plan)
         embeddings = self._time_embeddings(plan)
         step_noise = [self.backend.alloc((batch, *self.bundle.latent_shape), np.float32) for _ in plan.timesteps]
-        factors = [n for n in PER_STEP_FACTORS if n in self.bundle.engines[buffers.denoise].input_names]
-        step_inputs = {n: [self.backend.alloc((batch,), np.float32) for _ in plan.timesteps] for n in factors}
+        # [batch] each, or [batch, N] for the control_scale of N ControlNets: the shape the engine declares
+        factors = [t for t in self.bundle.engines[buffers.denoise].inputs if t.name in PER_STEP_FACTORS]
+        step_inputs = {t.name: [self.backend.alloc(t.concrete(batch), np.float32) for _ in plan.timesteps]
+                       for t in factors}
         encoder = self._encoder(batch, coeffs[0], buffers.latents[0]) if img2img else None
         if inpaint:
             encoder = self._inpaint_encoder(batch, coeffs[0], buffers)

@@ -17,7 +17,9 @@ class GenerationSettings:
     image-to-image with `strength` and `img2img_mode` (classic | lcm). SDXL-class bundles take diffusers'
     micro-conditioning: original_size and target_size default to (height, width). ControlNet bundles take
     `control_images` (uint8 [H, W, 3] at the bundle's size, one or one per row), the conditioning scale and
-    diffusers' control_guidance_start/end. T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the
+    diffusers' control_guidance_start/end; a bundle of N >= 2 ControlNets (MultiControlNet) takes one map per
+    ControlNet in build order, shared by all rows, and each of scale, start and end once for all or once per
+    ControlNet (diffusers' lists). T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the
     adapter's channels), adapter_conditioning_scale and _factor. None means the bundle's default."""
 
     steps: int | None = None
@@ -31,9 +33,9 @@ class GenerationSettings:
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     control_images: Sequence[np.ndarray] | None = None
-    control_scale: float = 1.0
-    control_start: float = 0.0
-    control_end: float = 1.0
+    control_scale: float | Sequence[float] = 1.0
+    control_start: float | Sequence[float] = 0.0
+    control_end: float | Sequence[float] = 1.0
     adapter_images: Sequence[np.ndarray] | None = None
     adapter_scale: float = 1.0
     adapter_factor: float = 1.0
@@ -57,10 +59,11 @@ class GenerationSettings:
             raise TypeError(f"unknown generation setting {unknown[0]!r}")
         return settings if settings is not None else cls(**given)
 
-    def piece(self, cut: slice, rows: int) -> GenerationSettings:
-        """The settings of rows `cut` of a run of `rows`: per-row values are cut, the rest kept."""
+    def piece(self, cut: slice, rows: int, shared: tuple[str, ...] = ()) -> GenerationSettings:
+        """The settings of rows `cut` of a run of `rows`: per-row values are cut, the rest (and `shared`: a
+        MultiControlNet's one map per ControlNet) kept."""
         return replace(self, **{name: getattr(self, name)[cut] for name in PER_ROW
-                                if _is_per_row(getattr(self, name), rows)})
+                                if name not in shared and _is_per_row(getattr(self, name), rows)})
 
 
 def _is_per_row(value: Any, rows: int) -> bool:

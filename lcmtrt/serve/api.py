@@ -7,13 +7,15 @@ import base64
 import binascii
 import io
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
+from lcmtrt import limits
 from lcmtrt.bundle import Bundle
+from lcmtrt.errors import UserError
 from lcmtrt.runtime.images import fit_image
 from lcmtrt.runtime.settings import GenerationSettings
 
@@ -37,6 +39,31 @@ class ApiError(Exception):
 
 
 Finite = dict(allow_inf_nan=False)
+MAX_CONTROLNETS = 16  # control_image / control_scale / start / end lists: one entry per ControlNet of a bundle
+
+
+def per_net(name: str) -> Any:
+    """A field given once, or as a list with one entry per ControlNet of a MultiControlNet bundle: control_image
+    (base64 strings) or a number checked against limits.LIMITS[name]. One validator, so a wrong value gets one
+    plain message rather than one per branch of a union."""
+
+    def check(value: Any) -> Any:
+        if value is None and name == "control_image":  # as omitted
+            return None
+        values = value if isinstance(value, list) else [value]
+        if not 1 <= len(values) <= MAX_CONTROLNETS:
+            raise ValueError(f"give one value or a list of 1 to {MAX_CONTROLNETS} (one per ControlNet)")
+        if name == "control_image":
+            if not all(isinstance(v, str) for v in values):
+                raise ValueError("give a base64 image, or a list of them (one per ControlNet)")
+            return value
+        try:
+            numbers = [limits.checked_values({name: v})[name] for v in values]
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return numbers if isinstance(value, list) else numbers[0]
+
+    return Annotated[Any, PlainValidator(check)]
 
 
 class GenerationRequest(BaseModel):
@@ -57,10 +84,11 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100, **Finite)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     original_inference_steps: int | None = Field(None, ge=1, le=1000)
-    control_image: str | None = None
-    control_scale: float = Field(1.0, ge=0, le=10, **Finite)
-    control_start: float = Field(0.0, ge=0, le=1, **Finite)
-    control_end: float = Field(1.0, ge=0, le=1, **Finite)
+    # base64; a MultiControlNet model takes one map per ControlNet in build order, and each number once or per net
+    control_image: per_net("control_image") = None
+    control_scale: per_net("control_scale") = 1.0
+    control_start: per_net("control_start") = 0.0
+    control_end: per_net("control_end") = 1.0
     adapter_scale: float = Field(1.0, ge=0, le=10, **Finite)
     adapter_factor: float = Field(1.0, ge=0, le=1, **Finite)
 
@@ -136,7 +164,7 @@ class ModelCard:
         engines = self.bundle.engines
         if "adapter" in engines:
             return "T2I-Adapter"
-        return "ControlNet" if "control_image" in engines["denoise"].input_names else None
+        return "ControlNet" if self.bundle.control_nets else None
 
     def describe(self) -> dict[str, Any]:
         b = self.bundle
@@ -144,7 +172,7 @@ class ModelCard:
                 "family": b.family, "size": self.size, "batch_sizes": list(b.batch_sizes), "backend": b.backend,
                 "precision": b.precision, "default_steps": b.default_steps,
                 "default_guidance_scale": b.default_guidance_scale, "guidance_mode": b.guidance_mode,
-                "conditioning": self.conditioning, "img2img": "vae_encode" in b.engines}
+                "conditioning": self.conditioning, "controlnets": b.control_nets, "img2img": "vae_encode" in b.engines}
 
 
 def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, max_n: int,
@@ -165,9 +193,10 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
     if steps > original:
         raise ApiError(400, f"num_inference_steps {steps} is more than original_inference_steps {original}; use at "
                             f"most {original}", param="num_inference_steps", code="invalid_value")
-    if not request.control_start < request.control_end:
-        raise ApiError(400, f"control_start {request.control_start} must be below control_end "
-                            f"{request.control_end}", param="control_start", code="invalid_value")
+    start, end = request.control_start, request.control_end
+    if isinstance(start, float) and isinstance(end, float) and not start < end:  # lists: per ControlNet, below
+        raise ApiError(400, f"control_start {start} must be below control_end {end}", param="control_start",
+                       code="invalid_value")
     settings: dict[str, Any] = dict(
         steps=steps, guidance_scale=request.guidance_scale, original_inference_steps=request.original_inference_steps,
         negative_prompts=[request.negative_prompt] if request.negative_prompt else None)
@@ -192,15 +221,38 @@ def _conditioning(card: ModelCard, request: GenerationRequest) -> dict[str, Any]
     if request.control_image is None:
         raise ApiError(400, f"model {card.name} has a {kind}: send its control map as control_image (base64)",
                        param="control_image", code="missing_value")
-    control = decode_base64_image(request.control_image, "control_image")
+    nets = max(1, b.control_nets)
+    given = [request.control_image] if isinstance(request.control_image, str) else request.control_image
+    if len(given) != nets:
+        expected = f"a list of {nets} base64 maps, one per ControlNet in build order" if nets > 1 else "one base64 map"
+        raise ApiError(400, f"model {card.name} takes {expected} as control_image (got {len(given)})",
+                       param="control_image", code="invalid_value")
+    per_net_values = {name: _per_net_value(card, request, name, nets)
+                      for name in ("control_scale", "control_start", "control_end")}
+    for first, last in zip(per_net_values["control_start"], per_net_values["control_end"]):
+        if not first < last:
+            raise ApiError(400, f"control_start {first} must be below control_end {last}", param="control_start",
+                           code="invalid_value")
+    controls = [decode_base64_image(text, "control_image") for text in given]
     size = (b.width, b.height)
     if kind == "ControlNet":
-        return dict(control_images=[fit_image(control, *size)], control_scale=request.control_scale,
-                    control_start=request.control_start, control_end=request.control_end)
+        return dict(control_images=[fit_image(control, *size) for control in controls], **per_net_values)
+    control = controls[0]
     gray = b.engines["adapter"].inputs[0].shape[-1] == 1
     adapter_map = fit_image(control.convert("L"), *size)[..., None] if gray else fit_image(control, *size)
     return dict(adapter_images=[adapter_map], adapter_scale=request.adapter_scale,
                 adapter_factor=request.adapter_factor)
+
+
+def _per_net_value(card: ModelCard, request: GenerationRequest, name: str, nets: int) -> list[float]:
+    """control_scale/_start/_end as one value per ControlNet: given once for all, or once per ControlNet."""
+    value = getattr(request, name)
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) not in (1, nets):
+        raise ApiError(400, f"model {card.name} has {nets} ControlNet{'s' if nets > 1 else ''}: give {name} once"
+                            f"{f' or as a list of {nets}' if nets > 1 else ''} (got {len(values)})", param=name,
+                       code="invalid_value")
+    return values * nets if len(values) == 1 else values
 
 
 def encode_images(images: np.ndarray, output_format: str, compression: int | None) -> list[str]:
