@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The venv of bench's CPU peer, optimum-intel's OVLatentConsistencyModelPipeline (`lcmtrt bench --compare optimum-intel`).
-# It has its own venv because optimum-intel pins older transformers (<5.6) and huggingface-hub (<1.22) than lcmtrt's
-# exporter uses. Idempotent: an existing venv that already has these versions is left as it is.
+# The venv of bench's CPU peers: optimum-intel's OVLatentConsistencyModelPipeline (`lcmtrt bench --compare
+# optimum-intel`) and openvino-genai's Text2ImagePipeline (`--compare openvino-genai`), which runs on optimum-intel's
+# export. It has its own venv because optimum-intel pins older transformers (<5.6) and huggingface-hub (<1.22) than
+# lcmtrt's exporter uses. Idempotent: an existing venv that already has these versions is left as it is.
 #
 #   scripts/optimum-intel-env.sh [VENV_DIR]      (default: .venv-optimum in the repository root)
 #
@@ -13,7 +14,9 @@ python=${PYTHON:-python3}
 
 # One resolved set, installed and run offline on a local checkpoint: optimum-intel 2.2 needs optimum 2.3,
 # transformers <5.6 and huggingface-hub <1.22, which leaves diffusers 0.39 as the newest that fits. OpenVINO is the
-# release lcmtrt's own OpenVINO backend uses, so the two compare the same compiler.
+# release lcmtrt's own OpenVINO backend uses, so the two compare the same compiler; openvino-genai and
+# openvino-tokenizers are that release's (openvino-tokenizers also makes the export write the OpenVINO tokenizer
+# models genai reads).
 torch_pin="torch==2.13.0"  # named first and alone: the CPU build; a bare `torch` would pull the CUDA one
 pins=(
   "optimum-intel[openvino,diffusers]==2.2.0"
@@ -23,6 +26,7 @@ pins=(
   "huggingface-hub==1.21.0"
   "openvino==2026.4.1"
   "openvino-tokenizers==2026.4.1.0"
+  "openvino-genai==2026.4.1.0"
   "nncf==3.4.0"
 )
 
@@ -64,7 +68,8 @@ if "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.fi
   "${pip[@]}" uninstall --quiet --yes torchvision
 fi
 
-echo "checking that OVLatentConsistencyModelPipeline imports"
+echo "checking that OVLatentConsistencyModelPipeline and Text2ImagePipeline import"
 "$venv/bin/python" -c "from optimum.intel import OVLatentConsistencyModelPipeline; import torch, openvino; \
-print('ok: torch', torch.__version__, '| openvino', openvino.__version__)"
+from openvino_genai import Text2ImagePipeline, TorchGenerator; import openvino_genai; \
+print('ok: torch', torch.__version__, '| openvino', openvino.__version__, '| genai', openvino_genai.__version__)"
 echo "peer venv ready: $venv/bin/python"

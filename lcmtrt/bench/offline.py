@@ -82,22 +82,23 @@ class LcmtrtContender:
         }
 
 
-class OptimumIntelContender:
-    """The CPU peer: optimum-intel's OVLatentConsistencyModelPipeline on the bundle's checkpoint, one worker per
-    batch size (its shapes are static), in its own environment (scripts/optimum-intel-env.sh)."""
+class OpenVinoPeerContender:
+    """A CPU peer (optimum-intel's OVLatentConsistencyModelPipeline or openvino-genai's Text2ImagePipeline) on the
+    bundle's checkpoint, one worker per batch size (its shapes are static), in the peer venv
+    (scripts/optimum-intel-env.sh)."""
 
-    name = "optimum-intel"
+    def __init__(self, kind: str, bundle: Any, settings: BenchSettings, precision: str = "fp32"):
+        from lcmtrt.bench.peers.optimum_intel import OpenVinoPeer, peer_checkpoint
 
-    def __init__(self, bundle: Any, settings: BenchSettings, precision: str = "fp32"):
-        from lcmtrt.bench.peers.optimum_intel import OptimumIntelPeer, peer_checkpoint
-
-        checkpoint = peer_checkpoint(bundle)
+        self.name, self.precision = kind, precision
+        self.checkpoint = peer_checkpoint(bundle, kind)
         self.guidance_scale = bundle.default_guidance_scale
         self.peers: dict[int, Any] = {}
         try:
             for batch in settings.batches:
-                self.peers[batch] = OptimumIntelPeer(checkpoint, bundle.height, bundle.width, batch, precision,
-                                                     steps=settings.steps[0], guidance_scale=self.guidance_scale)
+                self.peers[batch] = OpenVinoPeer(self.checkpoint, bundle.height, bundle.width, batch, precision,
+                                                 steps=settings.steps[0], guidance_scale=self.guidance_scale,
+                                                 kind=kind)
         except BaseException:
             self.close()
             raise
@@ -107,6 +108,20 @@ class OptimumIntelContender:
 
     def stage_times(self, batch: int, steps: int) -> None:
         return None  # the peer's pipeline is timed whole
+
+    def fidelity(self, batch: int, steps: int) -> dict[str, Any]:
+        """This peer's images against its own fp32 ones, for lcmtrt's fidelity prompts and seed: an fp32 worker is
+        loaded beside the timed one for the comparison, then closed."""
+        from lcmtrt.bench.peers.optimum_intel import OpenVinoPeer
+
+        timed = self.peers[batch]
+        prompts = fidelity_prompts(batch)
+        mine = timed.images(prompts, steps, self.guidance_scale, seed=0)
+        with OpenVinoPeer(self.checkpoint, timed.height, timed.width, batch, "fp32", steps=steps,
+                          guidance_scale=self.guidance_scale, kind=self.name) as reference:
+            theirs = reference.images(prompts, steps, self.guidance_scale, seed=0)
+        return {"reference": f"{self.name} fp32", "reference_precision": "fp32", "images": len(mine), "steps": steps,
+                **compare_images(mine, theirs)}
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:
         first = next(iter(self.peers.values()))
@@ -165,6 +180,21 @@ def bench_lcmtrt(bundle_dir: str, device: str, settings: BenchSettings) -> dict[
     return contender.summary(run_alternating([contender], settings)["lcmtrt"], settings)
 
 
+def fidelity_prompts(batch: int) -> list[str]:
+    """The prompts of a fidelity comparison: one per row of the first batch size (at most four)."""
+    return FIDELITY_PROMPTS[:max(1, batch)]
+
+
+def compare_images(mine: np.ndarray, theirs: np.ndarray) -> dict[str, float | int]:
+    """PSNR (dB; inf when equal), largest difference and % of values within 1/255 of two uint8 image stacks."""
+    if mine.shape != theirs.shape:
+        raise ValueError(f"cannot compare images of shapes {mine.shape} and {theirs.shape}")
+    diff = np.abs(mine.astype(np.float64) - theirs.astype(np.float64))
+    mse = float(np.mean(diff**2))
+    return {"psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
+
+
 def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps: int) -> dict[str, Any]:
     """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts and seed."""
     from lcmtrt.bundle import load_bundle
@@ -175,16 +205,12 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps
     if same(reference_bundle) != same(ours.bundle):
         raise UserError(f"--reference {reference_dir} is not the same model, LoRAs and size as {bundle_dir}")
     conditions = condition_images(ours.bundle)
-    prompts = FIDELITY_PROMPTS[:max(1, batch)]
-    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
+    prompts = fidelity_prompts(batch)
+    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images
     del ours
-    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
-    diff = np.abs(mine - theirs)
-    mse = float(np.mean(diff**2))
+    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images
     return {"reference": str(reference_dir), "reference_precision": reference_bundle.precision,
-            "images": len(prompts), "steps": steps,
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
-            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
+            "images": len(prompts), "steps": steps, **compare_images(mine, theirs)}
 
 
 def cpu_model() -> str:
@@ -313,10 +339,12 @@ def format_report(report: dict[str, Any]) -> str:
     for peer in others:
         if "cold_start" in report[peer]:
             lines.append(f"{peer} cold start: {report[peer]['cold_start']['first_image_s']:.2f} s to the first image")
-    if ours.get("fidelity"):
-        f = ours["fidelity"]
-        lines.append(f"fidelity vs {f['reference_precision']} {f['reference']}: PSNR {f['psnr_db']:.1f} dB, max "
-                     f"difference {f['max_diff']}/255, {f['within_1_pct']:.2f}% of pixels within 1/255")
+    for who in ["lcmtrt"] + others:
+        if report[who].get("fidelity"):
+            f = report[who]["fidelity"]
+            lines.append(f"{who} fidelity vs {f['reference_precision']} {f['reference']} ({f['images']} images): "
+                         f"PSNR {f['psnr_db']:.1f} dB, max difference {f['max_diff']}/255, "
+                         f"{f['within_1_pct']:.2f}% of pixels within 1/255")
     lines.append("")
     header = f"{'setting':16s} {'who':22s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
              f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s} {'gap %':>6s}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from lcmtrt.cli.args import add_device_flag, bounded, bounded_list, check_report_paths, write_reports
 from lcmtrt.errors import UserError
 
 log = logging.getLogger("lcmtrt")
+OPENVINO_PEERS = ("optimum-intel", "openvino-genai")  # the peers of scripts/optimum-intel-env.sh's venv
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:
@@ -20,11 +22,16 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--iterations", type=bounded("iterations"), default=5)
     bench.add_argument("--warmup", type=bounded("warmup"), default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
-    bench.add_argument("--compare", action="append", choices=("diffusers", "optimum-intel"),
+    bench.add_argument("--compare", action="append", choices=("diffusers",) + OPENVINO_PEERS,
                        help="time a peer on the same checkpoint, alternated with lcmtrt in this run; repeatable "
-                            "(optimum-intel runs in its own environment: scripts/optimum-intel-env.sh)")
+                            "(optimum-intel and openvino-genai run in their own environment: "
+                            "scripts/optimum-intel-env.sh)")
     bench.add_argument("--peer-precision", choices=("fp32", "default"), default="fp32",
-                       help="optimum-intel's precision: fp32, or OpenVINO's default (bf16 on CPUs that have it)")
+                       help="optimum-intel's and openvino-genai's precision: fp32, or OpenVINO's default (bf16 on "
+                            "CPUs that have it)")
+    bench.add_argument("--peer-fidelity", action="store_true",
+                       help="with --peer-precision default: also compare each OpenVINO peer's images with its own "
+                            "fp32 ones (PSNR, max difference, %% within 1/255)")
     bench.add_argument("--also", action="append", type=Path, metavar="BUNDLE",
                        help="time another bundle of the same model (e.g. another backend) alternated in this run")
     bench.add_argument("--reference", type=Path, metavar="FP32_BUNDLE",
@@ -35,8 +42,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lcmtrt.bench.offline import (BenchSettings, DiffusersContender, LcmtrtContender, fidelity,
-                                      format_report, run_alternating, speedups)
+    from lcmtrt.bench.offline import BenchSettings, fidelity, format_report, run_alternating, speedups
     from lcmtrt.bundle import load_bundle
     from lcmtrt.runtime.conditioning import condition_images
 
@@ -46,34 +52,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if peers and condition_images(bundle):
         raise UserError(f"--compare {peers[0]} does not cover ControlNet or T2I-Adapter bundles yet; "
                         "bench them without --compare")
+    if args.peer_fidelity and (args.peer_precision != "default" or not set(peers) & set(OPENVINO_PEERS)):
+        raise UserError("--peer-fidelity compares an OpenVINO peer's default precision with its fp32: give it with "
+                        f"--peer-precision default and --compare {' or --compare '.join(OPENVINO_PEERS)}")
+    for peer in [p for p in peers if p in OPENVINO_PEERS]:  # a bundle no peer can reproduce fails before loading
+        from lcmtrt.bench.peers.optimum_intel import peer_checkpoint
+
+        peer_checkpoint(bundle, peer)
     if args.reference is not None:
         load_bundle(args.reference)  # a bad reference fails before minutes of timing
     settings = BenchSettings(args.batch or bundle.batch_sizes, args.steps or (bundle.default_steps,),
                              args.iterations, args.warmup)
     log.info("benchmarking %s: batches %s, steps %s, %d iterations%s", args.engines, list(settings.batches),
              list(settings.steps), settings.iterations, f", alternated with {', '.join(peers)}" if peers else "")
-    ours = LcmtrtContender(str(args.engines), args.device, settings)
-    contenders: list = [ours]
-    for other in args.also or []:
-        other_bundle = load_bundle(other)
-        contenders.append(LcmtrtContender(str(other), "auto", settings,
-                                          f"lcmtrt {other_bundle.backend} {other_bundle.precision}"))
-    if "diffusers" in peers:
-        log.info("loading the diffusers reference ...")
-        contenders.append(DiffusersContender(str(args.engines)))
-    if "optimum-intel" in peers:
-        from lcmtrt.bench.offline import OptimumIntelContender
-
-        log.info("loading optimum-intel's OVLatentConsistencyModelPipeline ...")
-        contenders.append(OptimumIntelContender(bundle, settings, args.peer_precision))
+    contenders = _load_contenders(args, bundle, peers, settings)
+    ours = contenders[0]
+    peer_fidelity = {}
     try:
         results = run_alternating(contenders, settings)
+        if args.peer_fidelity:
+            for contender in contenders[1:]:
+                if contender.name in OPENVINO_PEERS:
+                    log.info("comparing %s's %s images with its fp32 ones ...", contender.name, args.peer_precision)
+                    peer_fidelity[contender.name] = contender.fidelity(settings.batches[0], settings.steps[0])
     finally:
         for contender in contenders[1:]:
             getattr(contender, "close", lambda: None)()
     report = {"lcmtrt": ours.summary(results["lcmtrt"], settings)}
     for contender in contenders[1:]:
         report[contender.name] = contender.summary(results[contender.name])
+        if contender.name in peer_fidelity:
+            report[contender.name]["fidelity"] = peer_fidelity[contender.name]
     if len(contenders) > 1:
         report["speedup"] = {c.name: speedups(report["lcmtrt"], report[c.name]) for c in contenders[1:]}
     if args.reference is not None:
@@ -86,6 +95,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     write_reports(args, report, _plot_bench)
     return 0
+
+
+def _load_contenders(args: argparse.Namespace, bundle: Any, peers: list[str], settings: Any) -> list[Any]:
+    """lcmtrt on --engines first, then each --also bundle, then the peers in the order given; on a failure the
+    peers already started are stopped."""
+    from lcmtrt.bench.offline import DiffusersContender, LcmtrtContender, OpenVinoPeerContender
+    from lcmtrt.bundle import load_bundle
+
+    contenders: list[Any] = [LcmtrtContender(str(args.engines), args.device, settings)]
+    try:
+        for other in args.also or []:
+            other_bundle = load_bundle(other)
+            contenders.append(LcmtrtContender(str(other), "auto", settings,
+                                              f"lcmtrt {other_bundle.backend} {other_bundle.precision}"))
+        for peer in peers:
+            if peer == "diffusers":
+                log.info("loading the diffusers reference ...")
+                contenders.append(DiffusersContender(str(args.engines)))
+            else:
+                log.info("loading the %s peer (%s precision) ...", peer, args.peer_precision)
+                contenders.append(OpenVinoPeerContender(peer, bundle, settings, args.peer_precision))
+    except BaseException:
+        for contender in contenders[1:]:
+            getattr(contender, "close", lambda: None)()
+        raise
+    return contenders
 
 
 def _plot_bench(report: dict, path: Path) -> None:
