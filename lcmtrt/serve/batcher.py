@@ -5,8 +5,9 @@ batches up to the largest batch the bundle was built for, counting images, so on
 several batches. A batch waits for company only while `company_coming()` says more requests to this model are on
 their way (received, not yet queued), and at most `max_wait_s` after its oldest request arrived: a lone request runs
 at once. The oldest request always goes first, so none starves. A batch runs as the pipeline cuts it into launches,
-and each request is answered as soon as the launch holding its last row is read, while the rest of the batch runs on. The queue is bounded in images: `submit` refuses
-at once beyond it, and nothing accepted is ever dropped unless cancelled.
+and each request is answered as soon as the launch holding its last row is read, while the rest of the batch runs
+on. The queue is bounded in images: `submit` refuses at once beyond it, and nothing accepted is ever dropped unless
+cancelled.
 """
 
 from __future__ import annotations
