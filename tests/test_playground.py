@@ -248,7 +248,8 @@ def test_page_fits_a_phone(browser, page_server: Server, tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def inpaint_page_server(build_tiny, tmp_path_factory) -> Server:
     running = start_server(tmp_path_factory.mktemp("playground-inpaint"), "--engines",
-                           f"blend={build_tiny('tiny-sd15-blend')}")
+                           f"blend={build_tiny('tiny-sd15-blend')}", "--engines",
+                           f"unet9={build_tiny('tiny-sd15-inpaint')}")
     yield running
     stop(running)
 
@@ -293,8 +294,7 @@ def test_painted_mask_inpaints_as_the_api(browser, inpaint_page_server: Server, 
     brush_size(browser, 4)
     stroke(browser, [(40, 30)])  # rows 28..31, columns 38..41 kept again
     assert browser.find_element("id", "mask-eraser").get_attribute("aria-pressed") == "true"
-    repaint = np.zeros((80, 96), bool)
-    repaint[25:35, 15:65] = True
+    repaint = box_mask(25, 15, 35, 65)
     repaint[28:32, 38:42] = False
 
     set_field(browser, "prompt", "a red brick wall")
@@ -307,13 +307,39 @@ def test_painted_mask_inpaints_as_the_api(browser, inpaint_page_server: Server, 
         repaint)
     assert "inpaint default" in browser.find_element("css selector", "#results li").text
     assert browser.find_element("id", "mode-field").is_displayed()  # a blend model also does image to image
-    card = inpaint_page_server.request("GET", "/v1/models")[2]["data"][0]
     rgba = np.zeros((80, 96, 4), np.uint8)
     rgba[..., 3] = np.where(repaint, 0, 255)  # OpenAI's mask: transparent where repainted
-    fields = {"model": "blend", "prompt": "a red brick wall", "seed": "42", "n": "1",
+    np.testing.assert_array_equal(result_pixels(browser), api_edit(inpaint_page_server, "blend", source, rgba))
+    screenshot(browser, tmp_path, "playground-inpaint.png")
+
+    # a 9-channel model only inpaints: no mode, and nothing painted is a message, not a request
+    Select(browser.find_element("id", "model")).select_by_value("unet9")
+    assert browser.find_element("id", "img2img-legend").text == "Inpainting"
+    assert not browser.find_element("id", "mode-field").is_displayed()
+    browser.find_element("id", "mask-clear").click()
+    browser.find_element("id", "generate").click()
+    assert "only inpaints" in browser.find_element("id", "error").text
+    browser.find_element("id", "mask-brush").click()
+    brush_size(browser, 10)
+    stroke(browser, [(20, 30), (60, 30)])
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: len(d.find_elements("css selector", "#results li")) == 2, "no 9-channel result")
+    rgba[..., 3] = np.where(box_mask(25, 15, 35, 65), 0, 255)
+    np.testing.assert_array_equal(result_pixels(browser), api_edit(inpaint_page_server, "unet9", source, rgba))
+
+
+def box_mask(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    repaint = np.zeros((80, 96), bool)
+    repaint[top:bottom, left:right] = True
+    return repaint
+
+
+def api_edit(server: Server, model: str, source: Path, rgba: np.ndarray) -> np.ndarray:
+    """The API's image for the playground's request (seed 42, the card's defaults) with this OpenAI mask."""
+    card = next(m for m in server.request("GET", "/v1/models")[2]["data"] if m["id"] == model)
+    fields = {"model": model, "prompt": "a red brick wall", "seed": "42", "n": "1",
               "num_inference_steps": str(card["default_steps"]), "guidance_scale": str(card["default_guidance_scale"])}
     body, kind = multipart(fields, {"image": ("photo.png", source.read_bytes()), "mask": ("mask.png", png_bytes(rgba))})
-    status, _, answer = inpaint_page_server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    status, _, answer = server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
     assert status == 200, answer
-    np.testing.assert_array_equal(result_pixels(browser), decoded(answer["data"][0]))
-    screenshot(browser, tmp_path, "playground-inpaint.png")
+    return decoded(answer["data"][0])
