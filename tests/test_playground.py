@@ -1,6 +1,7 @@
 """The playground page of `lcmtrt serve` in a real headless chromium (Debian's chromium and chromium-driver): it asks
-for the API key, generates an image whose pixels equal the API's for the same request, shows a 503 and a 400 as
-readable messages, and fits a phone-width screen. Screenshots are kept in $LCMTRT_TEST_ARTIFACTS (default
+for the API key, generates an image whose pixels equal the API's for the same request, inpaints with a mask painted
+by brush and eraser as the API does with the same mask, shows a 503 and a 400 as readable messages, and fits a
+phone-width screen. Screenshots are kept in $LCMTRT_TEST_ARTIFACTS (default
 artifacts/tests/)."""
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def result_pixels(driver, index: int = 0) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
 
 
-def open_with_key(driver, server: Server) -> None:
+def open_with_key(driver, server: Server, first_model: str = "tiny") -> None:
     from selenium.webdriver.support import expected_conditions as ec
 
     driver.get(f"http://127.0.0.1:{server.port}/")
@@ -94,7 +95,7 @@ def open_with_key(driver, server: Server) -> None:
     wait(driver, ec.visibility_of_element_located(("id", "key-panel")), "the page did not ask for the API key")
     set_field(driver, "api-key", KEY)
     driver.find_element("id", "save-key").click()
-    wait(driver, lambda d: d.find_element("id", "model").get_attribute("value") == "tiny", "no model listed")
+    wait(driver, lambda d: d.find_element("id", "model").get_attribute("value") == first_model, "no model listed")
     assert driver.execute_script("return sessionStorage.getItem('lcmtrt-api-key')") == KEY
     assert not driver.find_element("id", "key-panel").is_displayed()
 
@@ -242,3 +243,103 @@ def test_page_fits_a_phone(browser, page_server: Server, tmp_path: Path) -> None
         screenshot(browser, tmp_path, "playground-phone.png")
     finally:
         browser.set_window_size(1280, 900)
+
+
+@pytest.fixture(scope="module")
+def inpaint_page_server(build_tiny, tmp_path_factory) -> Server:
+    running = start_server(tmp_path_factory.mktemp("playground-inpaint"), "--engines",
+                           f"blend={build_tiny('tiny-sd15-blend')}", "--engines",
+                           f"unet9={build_tiny('tiny-sd15-inpaint')}")
+    yield running
+    stop(running)
+
+
+def stroke(driver, points: list[tuple[int, int]]) -> None:
+    """Pointer events (down, moves, up) over the mask canvas at the centres of these image pixels."""
+    driver.execute_script("""
+        const canvas = document.getElementById("mask-canvas"), box = canvas.getBoundingClientRect();
+        const at = ([x, y]) => ({clientX: box.left + (x + 0.5) * box.width / canvas.width,
+                                 clientY: box.top + (y + 0.5) * box.height / canvas.height,
+                                 pointerId: 1, isPrimary: true, bubbles: true, button: 0, buttons: 1});
+        const points = arguments[0];
+        canvas.dispatchEvent(new PointerEvent("pointerdown", at(points[0])));
+        for (const point of points.slice(1)) canvas.dispatchEvent(new PointerEvent("pointermove", at(point)));
+        canvas.dispatchEvent(new PointerEvent("pointerup", at(points[points.length - 1])));""", points)
+
+
+def brush_size(driver, size: int) -> None:
+    driver.execute_script("""const range = document.getElementById("brush-size");
+        range.value = arguments[0]; range.dispatchEvent(new Event("input"));""", size)
+
+
+def test_painted_mask_inpaints_as_the_api(browser, inpaint_page_server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    open_with_key(browser, inpaint_page_server, "blend")
+    source = tmp_path / "photo.png"
+    source.write_bytes(png_bytes((np.random.default_rng(0).random((80, 96, 3)) * 255).astype(np.uint8)))
+    assert not browser.find_element("id", "mask-editor").is_displayed()  # no image yet
+    browser.find_element("id", "init-image").send_keys(str(source))
+    wait(browser, lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 96,
+         "the mask canvas did not take the image's size")
+    assert browser.find_element("id", "mask-editor").is_displayed()
+    assert not browser.find_element("id", "init-preview").is_displayed()  # the editor shows the image
+
+    brush_size(browser, 20)  # painted, then cleared: nothing of it is sent
+    stroke(browser, [(5, 5), (50, 50)])
+    browser.find_element("id", "mask-clear").click()
+    brush_size(browser, 10)
+    stroke(browser, [(20, 30), (40, 30), (60, 30)])  # rows 25..34, columns 15..64
+    browser.find_element("id", "mask-eraser").click()
+    brush_size(browser, 4)
+    stroke(browser, [(40, 30)])  # rows 28..31, columns 38..41 kept again
+    assert browser.find_element("id", "mask-eraser").get_attribute("aria-pressed") == "true"
+    repaint = box_mask(25, 15, 35, 65)
+    repaint[28:32, 38:42] = False
+
+    set_field(browser, "prompt", "a red brick wall")
+    set_field(browser, "seed", "42")
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#results li img.mask-map"), "no inpainted result")
+    shown_mask = browser.find_element("css selector", "#results li img.mask-map").get_attribute("src")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(shown_mask.split(",", 1)[1]))).convert("L")) == 255,
+        repaint)
+    assert "inpaint default" in browser.find_element("css selector", "#results li").text
+    assert browser.find_element("id", "mode-field").is_displayed()  # a blend model also does image to image
+    rgba = np.zeros((80, 96, 4), np.uint8)
+    rgba[..., 3] = np.where(repaint, 0, 255)  # OpenAI's mask: transparent where repainted
+    np.testing.assert_array_equal(result_pixels(browser), api_edit(inpaint_page_server, "blend", source, rgba))
+    screenshot(browser, tmp_path, "playground-inpaint.png")
+
+    # a 9-channel model only inpaints: no mode, and nothing painted is a message, not a request
+    Select(browser.find_element("id", "model")).select_by_value("unet9")
+    assert browser.find_element("id", "img2img-legend").text == "Inpainting"
+    assert not browser.find_element("id", "mode-field").is_displayed()
+    browser.find_element("id", "mask-clear").click()
+    browser.find_element("id", "generate").click()
+    assert "only inpaints" in browser.find_element("id", "error").text
+    browser.find_element("id", "mask-brush").click()
+    brush_size(browser, 10)
+    stroke(browser, [(20, 30), (60, 30)])
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: len(d.find_elements("css selector", "#results li")) == 2, "no 9-channel result")
+    rgba[..., 3] = np.where(box_mask(25, 15, 35, 65), 0, 255)
+    np.testing.assert_array_equal(result_pixels(browser), api_edit(inpaint_page_server, "unet9", source, rgba))
+
+
+def box_mask(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    repaint = np.zeros((80, 96), bool)
+    repaint[top:bottom, left:right] = True
+    return repaint
+
+
+def api_edit(server: Server, model: str, source: Path, rgba: np.ndarray) -> np.ndarray:
+    """The API's image for the playground's request (seed 42, the card's defaults) with this OpenAI mask."""
+    card = next(m for m in server.request("GET", "/v1/models")[2]["data"] if m["id"] == model)
+    fields = {"model": model, "prompt": "a red brick wall", "seed": "42", "n": "1",
+              "num_inference_steps": str(card["default_steps"]), "guidance_scale": str(card["default_guidance_scale"])}
+    body, kind = multipart(fields, {"image": ("photo.png", source.read_bytes()), "mask": ("mask.png", png_bytes(rgba))})
+    status, _, answer = server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    assert status == 200, answer
+    return decoded(answer["data"][0])

@@ -170,6 +170,7 @@ def test_models_health_metrics_and_keys(server: Server) -> None:
     status, _, listing = server.request("GET", "/v1/models")
     tiny = next(m for m in listing["data"] if m["id"] == "tiny")
     assert status == 200 and tiny["size"] == "64x64" and tiny["batch_sizes"] == [1, 2] and tiny["family"] == "sd15"
+    assert tiny["inpaint"] is None and tiny["img2img"] is True
     assert server.request("GET", "/health", key=None)[0] == 200
     assert "batch-invariant" not in server.log.read_text()  # freshly exported bundles need no warning
     assert server.request("GET", "/metrics", key=None)[0] == 200
@@ -239,12 +240,15 @@ def test_bad_input_gets_status_and_openai_error(server: Server) -> None:
              ({"prompt": "x", "strength": "1.5"}, {"image": ("a.png", source)}, "strength"),
              ({"prompt": "x"}, {"image": ("a.png", b"this is not an image")}, "image"),
              ({"prompt": "x"}, {"image": ("a.png", bomb_png())}, "image"),
-             ({"prompt": "x"}, {"image": ("a.png", source), "mask": ("m.png", source)}, "mask"),
+             ({"prompt": "x"}, {"image": ("a.png", source), "mask": ("m.png", png_bytes(np.zeros((64, 64, 4),
+                                                                                        np.uint8)))}, "mask"),
              ({"prompt": "x"}, {}, "image")]
     for fields, files, param in edits:
         body, kind = multipart({"model": "tiny", **fields}, files)
         status, _, answer = server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
         assert_openai_error(status, answer, 400, param)
+        if "mask" in files:  # a well-formed mask on a bundle without inpainting: how to build one
+            assert "build-engines --inpaint" in answer["error"]["message"], answer
     status, _, answer = server.request("POST", "/v1/images/edits", b"{}", {"Content-Type": "application/json"})
     assert_openai_error(status, answer, 400, None)
     status, _, answer = server.post_json({**GOOD, "seed": 1})  # still serving

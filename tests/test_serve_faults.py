@@ -26,6 +26,7 @@ import uvicorn  # noqa: E402
 from lcmtrt.runtime.rows import BatchKey, PreparedRows  # noqa: E402
 from lcmtrt.serve import api  # noqa: E402
 from lcmtrt.serve import app as app_module  # noqa: E402
+from lcmtrt.serve import edits as edits_module  # noqa: E402
 from lcmtrt.serve.app import ServeConfig, ServeState, create_app, load_models  # noqa: E402
 from lcmtrt.serve.batcher import Batcher, BatcherConfig  # noqa: E402
 
@@ -144,7 +145,7 @@ def test_health_answers_while_a_large_edit_is_decoded_and_fitted(tiny_sd15_bundl
     from test_serve import multipart
 
     decode, fit = Hold(api.decode_image), Hold(api.fit_image)
-    monkeypatch.setattr(app_module, "decode_image", decode)
+    monkeypatch.setattr(edits_module, "decode_image", decode)  # the image part; a mask is decoded in the same call
     monkeypatch.setattr(api, "fit_image", fit)
     with serving([("tiny", tiny_sd15_bundle)]) as served:
         body, kind = multipart({"model": "tiny", "prompt": "a large edit", "strength": "0.5"},

@@ -17,6 +17,7 @@ from lcmtrt import limits
 from lcmtrt.bundle import Bundle
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.images import fit_image
+from lcmtrt.runtime.inpaint import fit_mask
 from lcmtrt.runtime.settings import GenerationSettings
 
 MAX_PROMPT_CHARS = 32000  # OpenAI's gpt-image-1 limit; CLIP reads the first 77 tokens anyway
@@ -94,9 +95,10 @@ class GenerationRequest(BaseModel):
 
 
 class EditRequest(GenerationRequest):
-    """POST /v1/images/edits (multipart): image-to-image; the image arrives as a file part."""
+    """POST /v1/images/edits (multipart): image-to-image, or inpainting with a mask; the image and the mask arrive
+    as file parts."""
 
-    strength: float = Field(0.8, gt=0, le=1, **Finite)
+    strength: float | None = Field(None, gt=0, le=1, **Finite)  # None: 0.8, or 1.0 with a mask (as infer)
     img2img_mode: Literal["classic", "lcm"] = "classic"
 
 
@@ -119,14 +121,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
-    """RGB, EXIF orientation applied, as infer's load_image; sizes over MAX_INPUT_PIXELS refused before decoding."""
+def decode_image(data: bytes, param: str, alpha: bool = False) -> Image.Image:
+    """RGB, EXIF orientation applied, as infer's load_image; sizes over MAX_INPUT_PIXELS refused before decoding.
+    With `alpha`: RGBA, and an image without an alpha channel (OpenAI's masks need one) is refused."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_INPUT_PIXELS:
                 raise ApiError(400, f"{param} is {opened.width}x{opened.height}; send at most {MAX_INPUT_PIXELS} "
                                     "pixels", param=param, code="image_too_large")
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            if alpha and not opened.has_transparency_data:
+                raise ApiError(400, f"{param} has no alpha channel ({opened.mode}): send a PNG whose fully "
+                                    "transparent pixels (alpha 0) mark the area to repaint, as OpenAI's edits",
+                               param=param, code="invalid_image")
+            image = ImageOps.exif_transpose(opened).convert("RGBA" if alpha else "RGB")
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -172,11 +179,12 @@ class ModelCard:
                 "family": b.family, "size": self.size, "batch_sizes": list(b.batch_sizes), "backend": b.backend,
                 "precision": b.precision, "default_steps": b.default_steps,
                 "default_guidance_scale": b.default_guidance_scale, "guidance_mode": b.guidance_mode,
-                "conditioning": self.conditioning, "controlnets": b.control_nets, "img2img": "vae_encode" in b.engines}
+                "conditioning": self.conditioning, "controlnets": b.control_nets, "img2img": "vae_encode" in b.engines,
+                "inpaint": b.inpaint}
 
 
 def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, max_n: int,
-                      image: Image.Image | None = None) -> dict[str, Any]:
+                      image: Image.Image | None = None, mask: Image.Image | None = None) -> dict[str, Any]:
     """Keyword arguments of Pipeline.prepare for this request, checked against the model: what infer would pass."""
     b = card.bundle
     if request.response_format == "url":
@@ -200,7 +208,13 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
     settings: dict[str, Any] = dict(
         steps=steps, guidance_scale=request.guidance_scale, original_inference_steps=request.original_inference_steps,
         negative_prompts=[request.negative_prompt] if request.negative_prompt else None)
-    if image is not None:
+    if mask is not None:
+        settings.update(inpaint_settings(card, request, image, mask))
+    elif b.inpaint == "unet9":  # diffusers' text-to-image and image-to-image pipelines cannot run it either
+        raise ApiError(400, f"model {card.name} holds a 9-channel inpainting UNet, which only inpaints: send an image "
+                            "and a mask to /v1/images/edits", param="mask" if image is not None else None,
+                       code="unsupported_value")
+    elif image is not None:
         if "vae_encode" not in b.engines:
             raise ApiError(400, f"model {card.name} was built without image-to-image (img2img = true)",
                            param="image", code="unsupported_value")
@@ -208,6 +222,38 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
                         img2img_mode=request.img2img_mode)
     settings.update(_conditioning(card, request))
     return dict(prompts=[request.prompt] * request.n, seed=seed, settings=GenerationSettings(**settings))
+
+
+def openai_mask(data: bytes, image: Image.Image) -> Image.Image:
+    """OpenAI's mask (fully transparent pixels are edited) as lcmtrt's: RGB, white (repaint) where alpha is 0 and
+    black elsewhere, the image `infer --mask` reads for the same edit. Same size as the image, or a 400 naming both."""
+    rgba = decode_image(data, "mask", alpha=True)
+    if rgba.size != image.size:
+        raise ApiError(400, f"mask is {rgba.width}x{rgba.height} but image is {image.width}x{image.height}; send a "
+                            "mask of the image's size", param="mask", code="invalid_value")
+    repaint = np.asarray(rgba.getchannel("A")) == 0
+    if not repaint.any():
+        raise ApiError(400, "mask has no fully transparent pixel (alpha 0): nothing to repaint (the API edits where "
+                            "the mask is transparent; `infer --mask` repaints where it is white)", param="mask",
+                       code="invalid_value")
+    return Image.fromarray(np.where(repaint, np.uint8(255), np.uint8(0))).convert("RGB")
+
+
+def inpaint_settings(card: ModelCard, request: EditRequest, image: Image.Image, mask: Image.Image) -> dict[str, Any]:
+    """Image and mask fitted to the bundle's size as infer fits them (the mask like the image, then grayscale)."""
+    b = card.bundle
+    if b.inpaint is None:
+        raise ApiError(400, f"model {card.name} was built without inpainting; rebuild it with `lcmtrt build-engines "
+                            "--inpaint` (or from a 9-channel inpainting model) to send a mask", param="mask",
+                       code="unsupported_value")
+    if request.img2img_mode != "classic":
+        raise ApiError(400, "inpainting drops the first steps by strength as diffusers' inpaint pipelines do; "
+                            "img2img_mode 'lcm' does not apply to a mask", param="img2img_mode", code="invalid_value")
+    fitted = fit_mask(mask, b.width, b.height)
+    if not (fitted >= 128).any():  # diffusers binarises at 0.5: a sliver lost in resizing repaints nothing
+        raise ApiError(400, f"the mask's transparent area vanishes when fitted to the model's {card.size}: nothing "
+                            "to repaint; make it larger", param="mask", code="invalid_value")
+    return dict(images=[fit_image(image, b.width, b.height)], masks=[fitted], strength=request.strength)
 
 
 def _conditioning(card: ModelCard, request: GenerationRequest) -> dict[str, Any]:

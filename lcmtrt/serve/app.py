@@ -22,15 +22,13 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 
 from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped, WorkerDied
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import UserError
-from lcmtrt.serve.api import (ApiError, EditRequest, GenerationRequest, ModelCard, decode_image,
-                                      encode_images, prepare_arguments, validated)
+from lcmtrt.serve.api import ApiError, GenerationRequest, ModelCard, encode_images, prepare_arguments, validated
+from lcmtrt.serve.edits import read_edit, read_form
 from lcmtrt.serve.metrics import ServeMetrics
 from lcmtrt.serve.state import ServeConfig, ServeState
 
@@ -227,27 +225,10 @@ def _add_image_routes(app: FastAPI, state: ServeState) -> None:
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> JSONResponse:
-        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise ApiError(400, "send image edits as multipart/form-data with an `image` file part",
-                           code="invalid_content_type")
-        limit = int(state.config.max_body_mb * 2**20)
-        try:
-            form = await request.form(max_files=4, max_fields=64, max_part_size=limit)
-        except MultiPartException as e:
-            raise ApiError(400, f"malformed multipart body: {e.message}", code="invalid_multipart") from None
-        if "mask" in form:
-            raise ApiError(400, "mask is not supported (no inpainting yet); send image and prompt only",
-                           param="mask", code="unsupported_value")
-        uploads = [v for k in ("image", "image[]") for v in form.getlist(k)]
-        if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
-            raise ApiError(400, f"send exactly one image file part (got {len(uploads)})", param="image",
-                           code="missing_value" if not uploads else "invalid_value")
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        edit = validated(EditRequest, fields, strict=False)
-        state.heading_to(request.scope["state"], _card(state, edit.model).name)  # company for that model only
-        # decoding (up to 16.7 megapixels) and, in _generate, fitting it run in a worker thread: never on the loop
-        image = await run_in_threadpool(decode_image, await uploads[0].read(), "image")
-        return await _generate(state, request, edit, image)
+        fields, image, mask = await read_form(request, state.config.max_body_mb)
+        state.heading_to(request.scope["state"], _card(state, fields.model).name)  # company for that model only
+        edit = await read_edit(fields, image, mask)  # decoded in a worker thread, fitted there in _generate
+        return await _generate(state, request, edit.request, edit.image, edit.mask)
 
 
 def _card(state: ServeState, name: str | None) -> ModelCard:
@@ -284,7 +265,8 @@ def _queue_full(state: ServeState, name: str, n: int) -> ApiError:
                         "queue_full")
 
 
-async def _generate(state: ServeState, request: Request, body: GenerationRequest, image: Any) -> JSONResponse:
+async def _generate(state: ServeState, request: Request, body: GenerationRequest, image: Any,
+                    mask: Any = None) -> JSONResponse:
     card = _card(state, body.model)
     name, batcher, info = card.name, state.batchers[card.name], request.state.access
     info.update(model=name, n=body.n)
@@ -296,8 +278,8 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     if not batcher.ready.is_set():
         raise _unavailable(state, name, f"model {name} is still loading; retry shortly", "not_ready")
     seed = body.seed if body.seed is not None else random.randrange(2**31)
-    # decodes and fits control maps and fits edit images: image work, in a worker thread
-    arguments = await run_in_threadpool(prepare_arguments, card, body, seed, state.config.max_n, image)
+    # decodes and fits control maps and fits edit images and masks: image work, in a worker thread
+    arguments = await run_in_threadpool(prepare_arguments, card, body, seed, state.config.max_n, image, mask)
     if batcher.queued_images + body.n > batcher.config.max_queue:  # refuse before preparing anything
         raise _queue_full(state, name, body.n)
     state.in_flight += 1

@@ -1,12 +1,13 @@
 """Dynamic batching for one model: a worker thread owns the Pipeline and merges queued requests' rows.
 
-Requests with the same BatchKey (plan, img2img, CFG) share engine batches up to the largest batch the bundle was
-built for, counting images, so one request's `n` images may span several batches. A batch waits for company only
-while `company_coming()` says more requests to this model are on their way (received, not yet queued), and at most
-`max_wait_s` after its oldest request arrived: a lone request runs at once. The oldest request always goes first, so
-none starves. A batch runs as the pipeline cuts it into launches, and each request is answered as soon as the launch
-holding its last row is read, while the rest of the batch runs on. The queue is bounded in images: `submit` refuses
-at once beyond it, and nothing accepted is ever dropped unless cancelled.
+Requests with the same BatchKey (plan, img2img, CFG, inpainting: inpainting rows never join other rows) share engine
+batches up to the largest batch the bundle was built for, counting images, so one request's `n` images may span
+several batches. A batch waits for company only while `company_coming()` says more requests to this model are on
+their way (received, not yet queued), and at most `max_wait_s` after its oldest request arrived: a lone request runs
+at once. The oldest request always goes first, so none starves. A batch runs as the pipeline cuts it into launches,
+and each request is answered as soon as the launch holding its last row is read, while the rest of the batch runs
+on. The queue is bounded in images: `submit` refuses at once beyond it, and nothing accepted is ever dropped unless
+cancelled.
 """
 
 from __future__ import annotations
