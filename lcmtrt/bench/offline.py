@@ -14,6 +14,7 @@ import numpy as np
 
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.conditioning import condition_images
+from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
@@ -176,15 +177,11 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps
         raise UserError(f"--reference {reference_dir} is not the same model, LoRAs and size as {bundle_dir}")
     conditions = condition_images(ours.bundle)
     prompts = FIDELITY_PROMPTS[:max(1, batch)]
-    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
+    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images
     del ours
-    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images.astype(np.float64)
-    diff = np.abs(mine - theirs)
-    mse = float(np.mean(diff**2))
+    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images
     return {"reference": str(reference_dir), "reference_precision": reference_bundle.precision,
-            "images": len(prompts), "steps": steps,
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
-            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
+            "images": len(prompts), "steps": steps, **compare_images(mine, theirs)}
 
 
 def cpu_model() -> str:
@@ -200,7 +197,7 @@ def cpu_model() -> str:
                 break
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     have = [f for f in wanted if f in flags]
     lacks = "" if "avx512_bf16" in flags or "amx_bf16" in flags or not flags else ", no avx512_bf16/amx"
     return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"
