@@ -126,8 +126,8 @@ class SinusoidalEmbedding:
 class Bundle:
     root: Path
     family: str  # sd15 | sdxl
-    precision: str  # fp32 | fp16
-    backend: str  # onnxruntime | tensorrt
+    precision: str  # fp32 | fp16 | bf16 | int8 (bf16 and int8: OpenVINO)
+    backend: str  # onnxruntime | tensorrt | openvino
     guidance_mode: str  # embedding (LCM-distilled UNet) | cfg (denoise + denoise_cfg engines) | none (guidance <= 1)
     height: int
     width: int
@@ -218,7 +218,7 @@ def sample_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-CHOICES = {"family": ("sd15", "sdxl"), "precision": ("fp32", "fp16", "bf16"),
+CHOICES = {"family": ("sd15", "sdxl"), "precision": ("fp32", "fp16", "bf16", "int8"),
            "backend": ("onnxruntime", "tensorrt", "openvino"), "guidance_mode": ("embedding", "cfg", "none")}
 
 

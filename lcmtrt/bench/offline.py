@@ -14,6 +14,7 @@ import numpy as np
 
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.conditioning import condition_images
+from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
@@ -185,16 +186,6 @@ def fidelity_prompts(batch: int) -> list[str]:
     return FIDELITY_PROMPTS[:max(1, batch)]
 
 
-def compare_images(mine: np.ndarray, theirs: np.ndarray) -> dict[str, float | int]:
-    """PSNR (dB; inf when equal), largest difference and % of values within 1/255 of two uint8 image stacks."""
-    if mine.shape != theirs.shape:
-        raise ValueError(f"cannot compare images of shapes {mine.shape} and {theirs.shape}")
-    diff = np.abs(mine.astype(np.float64) - theirs.astype(np.float64))
-    mse = float(np.mean(diff**2))
-    return {"psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
-            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}
-
-
 def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps: int) -> dict[str, Any]:
     """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts and seed."""
     from lcmtrt.bundle import load_bundle
@@ -226,7 +217,7 @@ def cpu_model() -> str:
                 break
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     have = [f for f in wanted if f in flags]
     lacks = "" if "avx512_bf16" in flags or "amx_bf16" in flags or not flags else ", no avx512_bf16/amx"
     return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"

@@ -23,8 +23,10 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
                        help="auto: TensorRT on a GPU with it, ONNX Runtime CUDA on another GPU, else OpenVINO when "
                             "installed, else ONNX Runtime CPU")
-    build.add_argument("--precision", choices=("fp16", "fp32", "bf16"),
-                       help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX")
+    build.add_argument("--precision", choices=("fp16", "fp32", "bf16", "int8"),
+                       help="default: fp16 on a GPU, fp32 on a CPU; bf16: OpenVINO on CPUs with avx512_bf16 or AMX; "
+                            "int8: OpenVINO on CPUs, the UNet quantized with NNCF on a calibration set the build "
+                            "makes, text encoder and VAE weight-only int8")
     build.add_argument("--device", type=device_arg, default="auto",
                        help="the device the engines are built for, in infer's vocabulary (any case): auto (TensorRT's "
                             "GPU; ONNX Runtime's CUDA where usable, else cpu; OpenVINO's CPU), cpu, cuda or gpu, or "

@@ -24,7 +24,7 @@ from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def resolve_backend(backend: str) -> str:
@@ -60,12 +60,16 @@ def resolve_backend(backend: str) -> str:
 
 
 def resolve_precision(backend: str, precision: str | None, ort_device: str, ov_device: str) -> str:
-    """fp32 on CPUs (the parity path), fp16 on GPUs; bf16 only where OpenVINO runs it natively."""
+    """fp32 on CPUs (the parity path), fp16 on GPUs; bf16 only where OpenVINO runs it natively; int8 on OpenVINO's
+    CPU with NNCF."""
     if precision is None:
         gpu = backend == "tensorrt" or ort_device == "cuda" or (backend == "openvino" and ov_device.upper().startswith(("GPU", "NPU")))
         precision = "fp16" if gpu else "fp32"
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "openvino":
+        raise UserError(f"--precision int8 is OpenVINO's (quantized with NNCF): use --backend openvino; {backend} "
+                        f"takes {'fp16' if backend == 'tensorrt' else 'fp32 or fp16'}")
     if backend == "tensorrt" and precision != "fp16":
         raise UserError("TensorRT bundles are built in fp16; use --backend onnxruntime or openvino for fp32")
     if backend == "onnxruntime" and precision == "bf16":
@@ -125,44 +129,54 @@ def build_bundle(
                  for n, g in graphs.items()}
         specs, build_info = _build_engines(specs, staging, progress, target.backend, target.precision,
                                            target.ort_device, target.ov_device, workspace_gb, out.parent)
+        build_info.update(_export_info(graphs, checkpoint, target))
+        build_info["batch_invariance"] = _batch_invariance(build_info, target.backend, target.precision)
+        bundle = _quantized(Bundle(
+            root=out,
+            family=checkpoint.family,
+            precision=target.precision,
+            backend=target.backend,
+            guidance_mode=mode,
+            height=preset.height,
+            width=preset.width,
+            batch_sizes=tuple(preset.batch_sizes),
+            latent_channels=checkpoint.vae.config.latent_channels,  # a 9-channel UNet's latents have the VAE's
+            vae_scale_factor=checkpoint.vae_scale_factor,
+            vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
+            default_steps=preset.steps,
+            default_guidance_scale=preset.guidance_scale,
+            scheduler=scheduler,
+            text=TextConfig(*text, zero_empty_negative(checkpoint)),
+            engines=specs,
+            sources={"preset": preset.name, **source_info(checkpoint),
+                     **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
+            build=build_info,
+            files={},
+            embeddings=embeddings,
+            inpaint=inpaint_route(checkpoint, preset),
+        ), staging, progress)
         with progress.stage("write bundle.json"):
-            build_info.update(_export_info(graphs, checkpoint, target, progress))
-            build_info["batch_invariance"] = _batch_invariance(build_info, target.backend, target.precision)
-            bundle = Bundle(
-                root=out,
-                family=checkpoint.family,
-                precision=target.precision,
-                backend=target.backend,
-                guidance_mode=mode,
-                height=preset.height,
-                width=preset.width,
-                batch_sizes=tuple(preset.batch_sizes),
-                latent_channels=checkpoint.vae.config.latent_channels,  # a 9-channel UNet's latents have the VAE's
-                vae_scale_factor=checkpoint.vae_scale_factor,
-                vae_scaling_factor=float(checkpoint.vae.config.scaling_factor),
-                default_steps=preset.steps,
-                default_guidance_scale=preset.guidance_scale,
-                scheduler=scheduler,
-                text=TextConfig(*text, zero_empty_negative(checkpoint)),
-                engines=specs,
-                sources={"preset": preset.name, **source_info(checkpoint),
-                         **{k: v for k, v in checkpoint.extra.items() if v}, "loras": loras},
-                build=build_info,
-                files=digests(staging),
-                embeddings=embeddings,
-                inpaint=inpaint_route(checkpoint, preset),
-            )
+            bundle.build["duration_s"] = round(progress.elapsed, 1)
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
     return bundle
 
 
-def _export_info(graphs: dict[str, Any], checkpoint: Any, target: _Target, progress: Progress) -> dict[str, Any]:
+def _quantized(bundle: Bundle, staging: Path, progress: Progress) -> Bundle:
+    """int8: the staged fp32 IR quantized in place (openvino_quantize.py), its calibration and fidelity recorded in
+    build.int8; then every staged file's digest."""
+    if bundle.precision == "int8":
+        from lcmtrt.engines.openvino_quantize import quantize_bundle
+
+        bundle.build["int8"] = quantize_bundle(replace(bundle, root=staging), staging, progress)
+    return replace(bundle, files=digests(staging))
+
+
+def _export_info(graphs: dict[str, Any], checkpoint: Any, target: _Target) -> dict[str, Any]:
     """What bundle.json's build section records about the export."""
     return {
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "duration_s": round(progress.elapsed, 1),
         "export_max_abs_error": {n: g.max_abs_error for n, g in graphs.items()},
         "vae_precision": vae_precision(checkpoint, target.precision),
         "graph_precision": target.graph_precision,
@@ -245,6 +259,10 @@ def _export_graphs(checkpoint: Any, preset: Preset, scheduler: Any, mode: str, t
     (staging / "onnx").mkdir()
     modules = stage_modules(checkpoint, target.graph_precision, scheduler, preset, mode)
     progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
+    if target.precision == "int8":
+        from lcmtrt.engines.openvino_quantize import int8_stages
+
+        progress.total += int8_stages(modules)
     examples = example_inputs(checkpoint, preset, scheduler, modules)
     graphs = {}
     for name, (module, output_names) in modules.items():
@@ -299,7 +317,7 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
                 files = openvino_build.convert_graph(staging / spec.onnx, staging, name, spec.inputs, spec.batch_sizes,
                                                      precision)
                 artifacts[name] = str(files[0].relative_to(staging))
-                if precision != "fp32":
+                if precision not in ("fp32", "int8"):  # int8: measured once quantized (openvino_quantize.py)
                     runs_at[name] = openvino_build.compiled_precisions(files[0], device, precision)
                     log.info("      %s: convolutions and matrix products run at %s on %s", name,
                              ", ".join(f"{n} {p}" for p, n in sorted(runs_at[name].items())), device)
@@ -349,6 +367,10 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                     "lcmtrt fed them in fp32), so %s rounds their arguments and loses fidelity; re-export it "
                     "(build-engines --preset/--config) for the full %s image", source, precision, precision)
     progress = Progress(total=len(src.engines) + 2)
+    if precision == "int8":
+        from lcmtrt.engines.openvino_quantize import int8_stages
+
+        progress.total += int8_stages(src.engines)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_bundle(out) as staging:
@@ -366,17 +388,19 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                  for n, e in src.engines.items()}
         specs, build_info = _build_engines(specs, staging, progress, backend, precision, ort_device,
                                            device, workspace_gb, out.parent)
+        build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
+        if src.build.get("batch_invariant") is True:  # older bundles' name for the same rewrite
+            build_info["batch_invariant_graphs"] = True
+        build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "host": platform.node(),
+                           "vae_precision": precision if precision == "int8" or src.build.get("vae_precision") != "fp32"
+                           else "fp32",
+                           "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
+        build_info["batch_invariance"] = _batch_invariance(build_info, backend, precision)
+        bundle = _quantized(replace(src, root=out, backend=backend, precision=precision, engines=specs,
+                                    build=build_info, batch_sizes=batches), staging, progress)
         with progress.stage("write bundle.json"):
-            build_info.update({k: src.build[k] for k in EXPORT_INFO if k in src.build})
-            if src.build.get("batch_invariant") is True:  # older bundles' name for the same rewrite
-                build_info["batch_invariant_graphs"] = True
-            build_info.update({"built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "host": platform.node(), "duration_s": round(progress.elapsed, 1),
-                               "vae_precision": "fp32" if src.build.get("vae_precision") == "fp32" else precision,
-                               "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
-            build_info["batch_invariance"] = _batch_invariance(build_info, backend, precision)
-            bundle = replace(src, root=out, backend=backend, precision=precision, engines=specs, build=build_info,
-                             batch_sizes=batches, files=digests(staging))
+            bundle.build["duration_s"] = round(progress.elapsed, 1)
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     log.info("bundle ready: %s (%.1f s)", out, progress.elapsed)
     return bundle

@@ -6,12 +6,14 @@ guidance embeddings are computed on the host in fp32 and fed as inputs (runtime/
 were measured to change nothing once that is so (sd15-random at 256x256: 99.42% of pixels within 1/255 of fp32 with
 marks on the scalar path, norms and tail, 99.37% without), so there are none; the build records, from the compiled
 model, how many convolutions and matrix products really run at each precision. fp32 IR holds each GroupNorm as one
-GroupNormalization op (openvino_fusion.py), as optimum-intel's does.
+GroupNormalization op (openvino_fusion.py), as optimum-intel's does. int8 bundles start from the same fp32 IR and
+are quantized by NNCF once every graph is converted (openvino_quantize.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -32,6 +34,11 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def nncf_available() -> bool:
+    """Whether int8 bundles can be built: NNCF is found (not imported: it imports torch)."""
+    return importlib.util.find_spec("nncf") is not None
 
 
 def openvino_version() -> str:
@@ -55,7 +62,14 @@ def check_precision(precision: str, device: str) -> None:
     from lcmtrt.runtime.backends.openvino import INFERENCE_PRECISION
 
     if precision not in INFERENCE_PRECISION:
-        raise UserError(f"unknown precision {precision!r} for OpenVINO; choose fp32 or bf16")
+        raise UserError(f"unknown precision {precision!r} for OpenVINO; choose fp32, bf16 or int8")
+    if precision == "int8":
+        if not nncf_available():
+            raise UserError("--precision int8 quantizes with NNCF, which is not installed here: "
+                            "pip install 'lcmtrt[openvino]'")
+        if not device.upper().startswith("CPU"):
+            raise UserError(f"--precision int8 is built and checked for CPUs only; OpenVINO's {device} takes "
+                            "--precision fp16 (or build int8 with --device cpu)")
     if precision == "bf16" and not bf16_supported(device):
         raise UserError(f"--precision bf16 needs a CPU with bf16 (avx512_bf16 or AMX); OpenVINO's {device} here has "
                         f"none, so bf16 would silently run in fp32: use --precision fp32")
@@ -98,37 +112,60 @@ def convert_graph(onnx_path: Path, bundle_dir: Path, engine: str, inputs: tuple[
     written: list[Path] = []
     first_bin: tuple[Path, str] | None = None
     for batch in batch_sizes:
-        model.reshape({t.name: ov.PartialShape(list(t.concrete(batch))) for t in inputs})
-        if precision == "fp32":  # the bf16 fidelity was measured on the MVN chains; only fp32 gets the fused op so far
+        reshape(model, inputs, batch)
+        # bf16's fidelity was measured on the MVN chains; fp32 and int8 (calibrated on the fp32 IR) get the fused op
+        if precision in ("fp32", "int8"):
             fused = fuse_group_norms(model)  # on static shapes; a later batch size finds nothing left to fuse
             if fused:
                 log.info("      %s: %d GroupNorms as OpenVINO GroupNormalization ops", engine, fused)
         xml = bundle_dir / ir_name(engine, batch)
-        ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights; precision is chosen at compile time
-        weights = xml.with_suffix(".bin")
-        digest = _digest(weights)
-        if first_bin is not None and digest == first_bin[1]:
-            weights.unlink()
-            try:
-                os.link(first_bin[0], weights)
-            except OSError:  # a file system without hard links keeps a copy
-                (weights).write_bytes(first_bin[0].read_bytes())
-        elif first_bin is None:
-            first_bin = (weights, digest)
-        written += [xml, weights]
+        first_bin = save_ir(model, xml, first_bin)
+        written += [xml, xml.with_suffix(".bin")]
     return written
 
 
-def compiled_precisions(xml: Path, device: str, precision: str) -> dict[str, int]:
-    """Compile the saved IR at `precision` and count its convolutions and matrix products by the precision they run
-    at on the runtime graph (e.g. {"bf16": 84, "f32": 0}): where a bf16 hint silently runs fp32, this says so."""
+def reshape(model: "ov.Model", inputs: tuple[TensorSpec, ...], batch: int) -> None:
+    """Static shapes for `batch` rows (in place)."""
     import openvino as ov
 
-    from lcmtrt.runtime.backends.openvino import INFERENCE_PRECISION
+    model.reshape({t.name: ov.PartialShape(list(t.concrete(batch))) for t in inputs})
+
+
+def save_ir(model: "ov.Model", xml: Path, first_bin: tuple[Path, str] | None) -> tuple[Path, str]:
+    """Write `model` as xml + bin with its weights as they are (no fp16 compression: precision is chosen at compile
+    time); a bin identical to `first_bin` (path, digest) becomes a hard link to it. An IR already at `xml` is
+    unlinked first, never written through: its bin may be a hard link that another batch size's IR still reads."""
+    import openvino as ov
+
+    weights = xml.with_suffix(".bin")
+    xml.unlink(missing_ok=True)
+    weights.unlink(missing_ok=True)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    digest = _digest(weights)
+    if first_bin is None or digest != first_bin[1]:
+        return first_bin or (weights, digest)
+    weights.unlink()
+    try:
+        os.link(first_bin[0], weights)
+    except OSError:  # a file system without hard links keeps a copy
+        weights.write_bytes(first_bin[0].read_bytes())
+    return first_bin
+
+
+def compiled_precisions(xml: Path, device: str, precision: str) -> dict[str, int]:
+    """Compile the saved IR as a bundle of `precision` is compiled and count its convolutions and matrix products by
+    the precision they run at on the runtime graph (e.g. {"bf16": 84, "f32": 0}; int8's quantized ones as u8/i8):
+    where a bf16 hint silently runs fp32, or a quantized op is not run in int8, this says so."""
+    import openvino as ov
+
+    from lcmtrt.runtime.backends.openvino import compile_config
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), device,
-                                  {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]})
+    return runtime_precisions(core.compile_model(core.read_model(str(xml)), device, compile_config(precision)))
+
+
+def runtime_precisions(compiled: "ov.CompiledModel") -> dict[str, int]:
+    """A compiled model's convolutions and matrix products counted by the precision they run at."""
     counts: dict[str, int] = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

@@ -65,3 +65,14 @@ def canny_map(image: Image.Image, low: int = 100, high: int = 200) -> Image.Imag
         raise UserError("--canny needs OpenCV: pip install 'lcmtrt[control]' (opencv-python-headless)") from None
     edges = cv2.Canny(np.asarray(image), low, high)
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+def compare_images(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How close uint8 images are to reference images of the same prompts and seeds: PSNR (dB), the largest
+    difference in levels, and the share of pixel values within one level."""
+    if ours.shape != reference.shape:
+        raise ValueError(f"cannot compare images of shapes {ours.shape} and {reference.shape}")
+    diff = np.abs(ours.astype(np.float64) - reference.astype(np.float64))
+    mse = float(np.mean(diff**2))
+    return {"psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+            "max_diff": int(diff.max()), "within_1_pct": float(100 * np.mean(diff <= 1))}

@@ -22,7 +22,9 @@ from lcmtrt.runtime.backends.devices import openvino_device
 
 log = logging.getLogger(__name__)
 
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # bundle precision -> OpenVINO's hint
+# bundle precision -> OpenVINO's hint; int8 bundles set none: their quantized ops run in int8 and the rest at the
+# device's default precision (bf16 on CPUs with avx512_bf16 or AMX, f32 elsewhere), whatever the build host had
+INFERENCE_PRECISION: dict[str, str | None] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 REBUILD = "rebuild it with `lcmtrt build-engines --backend openvino`"
 
 
@@ -41,6 +43,12 @@ def check_device(core: ov.Core, device: str) -> str:
     """OpenVINO's name for `device` (the --device vocabulary of devices.py, any case; auto is CPU) on this host;
     refuses a device it does not have, naming those it has."""
     return openvino_device(device, "CPU", core.available_devices)
+
+
+def compile_config(precision: str) -> dict[str, str]:
+    """What every engine of a bundle of `precision` is compiled with (before the cache folder)."""
+    hint = INFERENCE_PRECISION[precision]
+    return {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": hint} if hint else {})}
 
 
 def check_compatible(build: dict[str, Any], root: Path) -> None:
@@ -69,18 +77,17 @@ class OvBinding:
 class OpenVinoBackend:
     name = "openvino"
 
-    def __init__(self, bundle: Bundle, device: str = "auto"):
+    def __init__(self, bundle: Bundle, device: str = "auto", cache: bool = True):
+        """`cache`: compiled models go through OpenVINO's model cache (off for a build's own passes over IR that it
+        is about to rewrite, so the cache never keeps their blobs)."""
         check_compatible(bundle.build, bundle.root)
         self.bundle = bundle
         self.core = ov.Core()
         self.ov_device = openvino_device(device, bundle.build.get("ov_device", "CPU"), self.core.available_devices)
-        cache = cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        self.config = {
-            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[bundle.precision],
-            "PERFORMANCE_HINT": "LATENCY",
-            "CACHE_DIR": str(cache),
-        }
+        self.config = compile_config(bundle.precision)
+        if cache:
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            self.config["CACHE_DIR"] = str(cache_dir())
         self.compiled: dict[tuple[str, int], ov.CompiledModel] = {}
         self.device = f"{self.ov_device} (openvino {bundle.precision})"
         for spec in bundle.engines.values():  # a damaged bundle fails at load, not at the first request
