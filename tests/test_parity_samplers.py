@@ -67,10 +67,11 @@ def ours_settings(name: str, steps: int, eta: float | None) -> dict:
 @pytest.mark.parametrize("name,eta", SAMPLERS)
 def test_text_to_image_matches_diffusers(models, name: str, eta: float | None, steps: int) -> None:
     _, ours, text, _ = models
+    size = {"height": ours.bundle.height, "width": ours.bundle.width}
     for guidance in (1.0, 2.0):  # 1: no CFG; 2: classifier-free guidance
         result = ours.generate([PROMPT], seed=0, guidance_scale=guidance, **ours_settings(name, steps, eta))
-        assert_images_match(result.images, to_uint8(reference(text, name, steps, guidance, eta)))
-        latents = reference(text, name, steps, guidance, eta, output_type="latent")
+        assert_images_match(result.images, to_uint8(reference(text, name, steps, guidance, eta, **size)))
+        latents = reference(text, name, steps, guidance, eta, output_type="latent", **size)
         assert_latents_close(result.latents, latents.numpy())
 
 
@@ -112,5 +113,5 @@ def test_refusals(models) -> None:
     with pytest.raises(UserError, match="choose one of"):
         ours.generate([PROMPT], seed=0, scheduler="dpm")
     with pytest.raises(UserError, match="img2img-mode lcm"):
-        ours.generate([PROMPT], seed=0, scheduler="tcd", images=[np.zeros((*ours.bundle.latent_shape[1:], 3))],
-                      img2img_mode="lcm")
+        blank = np.zeros((ours.bundle.height, ours.bundle.width, 3), np.uint8)
+        ours.generate([PROMPT], seed=0, scheduler="tcd", images=[blank], img2img_mode="lcm")
