@@ -125,3 +125,16 @@ def test_graph_step_is_the_numpy_step(prediction_type: str) -> None:
             graph = general_step(prediction_type, torch.from_numpy(row.copy()), *map(torch.from_numpy, (x, e, n)))
             for a, b in zip(graph, apply_step(row, prediction_type, x, e, n)):
                 assert np.array_equal(a.numpy(), b)
+
+
+def test_api_fields() -> None:
+    """scheduler, eta and timesteps arrive through extra_body; a wrong one is a 400 naming the field."""
+    from lcmtrt.serve.api import ApiError, GenerationRequest, validated
+
+    request = validated(GenerationRequest, {"prompt": "a cat", "scheduler": "tcd", "eta": 0.3,
+                                            "timesteps": [999, 499]}, strict=False)
+    assert (request.scheduler, request.eta, request.timesteps) == ("tcd", 0.3, [999, 499])
+    for bad, param in [({"scheduler": "dpm"}, "scheduler"), ({"eta": 2.0}, "eta"), ({"timesteps": []}, "timesteps")]:
+        with pytest.raises(ApiError) as caught:
+            validated(GenerationRequest, {"prompt": "a cat", **bad}, strict=False)
+        assert caught.value.status == 400 and caught.value.param == param
