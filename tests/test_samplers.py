@@ -138,3 +138,10 @@ def test_api_fields() -> None:
         with pytest.raises(ApiError) as caught:
             validated(GenerationRequest, {"prompt": "a cat", **bad}, strict=False)
         assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_bench_plot_names_the_sampler() -> None:
+    from lcmtrt.bench.plots import _title
+
+    assert "euler-trailing" in _title({"model": "m", "sampler": "euler-trailing"})
+    assert "None" not in _title({"model": "m"}).split("\n")[0].split(" m ")[1]  # older reports: no sampler named
