@@ -143,5 +143,6 @@ def test_api_fields() -> None:
 def test_bench_plot_names_the_sampler() -> None:
     from lcmtrt.bench.plots import _title
 
-    assert "euler-trailing" in _title({"model": "m", "sampler": "euler-trailing"})
-    assert "None" not in _title({"model": "m"}).split("\n")[0].split(" m ")[1]  # older reports: no sampler named
+    assert _title({"model": "m", "size": "64x64", "sampler": "euler-trailing"}).startswith(
+        "lcmtrt bench: m 64x64, euler-trailing, ")
+    assert _title({"model": "m", "size": "64x64"}).startswith("lcmtrt bench: m 64x64, None")  # older: no sampler
