@@ -10,8 +10,14 @@ from typing import Any
 
 from lcmtrt.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: `inpaint` bundles, whose denoise engines take a mask; every other bundle is still written as 1
+SCHEMA_VERSION = 3  # 2: `inpaint` bundles, whose denoise engines take a mask; 3: the general coefficient row
 OLDEST_SCHEMA = 1  # schema 1 bundles run unchanged: they are schema 2 bundles without inpainting
+# The per-step coefficient row the denoise and encode graphs take (runtime/scheduler.py fills it). Bundles built
+# before samplers take LCM_COLUMNS (LCM only); newer ones COEFF_COLUMNS, whose first 8 are LCM_COLUMNS.
+LCM_COLUMNS = ("timestep", "c_skip", "c_out", "sqrt_alpha", "sqrt_beta", "sqrt_alpha_prev", "sqrt_beta_prev",
+               "reserved")
+COEFF_COLUMNS = LCM_COLUMNS + ("input_divisor", "denoised_eps", "next_eps", "next_x", "sigma", "dt", "decode_next")
+SAMPLERS = ("lcm", "tcd", "euler-trailing", "ddim-trailing")  # the diffusers schedulers a general bundle runs
 INPAINT_ROUTES = ("unet9", "blend")  # a 9-channel inpainting UNet, or any 4-channel UNet blending after each step
 # the denoise inputs each route adds, and the engine that encodes the image and the masked image
 INPAINT_INPUTS = {"unet9": ("mask", "masked_image_latents"), "blend": ("mask", "image_latents", "init_noise")}
@@ -94,6 +100,19 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SamplerDefaults:
+    """The sampler a bundle runs when a request names none (its preset's); bundles built before run LCM."""
+
+    scheduler: str = "lcm"
+    eta: float | None = None  # None: the pipelines' default, 0
+    timesteps: tuple[int, ...] | None = None  # a preset's custom schedule (DMD2's), used when no --steps is given
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler, **({"eta": self.eta} if self.eta is not None else {}),
+                **({"timesteps": list(self.timesteps)} if self.timesteps else {})}
+
+
+@dataclass(frozen=True)
 class TextConfig:
     """How prompts become token ids: one entry per tokenizer (SDXL has two)."""
 
@@ -149,6 +168,13 @@ class Bundle:
     # inpainting: "unet9" (9-channel UNet: only inpainting rows), "blend" (4-channel UNet, mask blended after each
     # step), None (no inpainting; bundles built before have none)
     inpaint: str | None = None
+    coeff_columns: tuple[str, ...] = LCM_COLUMNS  # the coefficient row its graphs take (bundles built before: LCM's)
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+
+    @property
+    def general(self) -> bool:
+        """Built with the general coefficient row: runs every sampler, not only LCM."""
+        return self.coeff_columns == COEFF_COLUMNS
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -164,7 +190,8 @@ class Bundle:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema_version": SCHEMA_VERSION if self.inpaint else OLDEST_SCHEMA,  # older lcmtrt refuses inpainting
+            # older lcmtrt refuses what it cannot run: the general row (3), inpainting (2)
+            "schema_version": 3 if self.general else 2 if self.inpaint else OLDEST_SCHEMA,
             "family": self.family,
             "precision": self.precision,
             "backend": self.backend,
@@ -175,7 +202,8 @@ class Bundle:
             "latent_channels": self.latent_channels,
             "vae_scale_factor": self.vae_scale_factor,
             "vae_scaling_factor": self.vae_scaling_factor,
-            "defaults": {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale},
+            "defaults": {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale,
+                         **(self.sampler.to_json() if self.general else {})},
             "scheduler": vars(self.scheduler),
             "text": {
                 "tokenizers": list(self.text.tokenizers),
@@ -189,6 +217,7 @@ class Bundle:
             "files": self.files,
             **({"embeddings": {k: e.to_json() for k, e in self.embeddings.items()}} if self.embeddings else {}),
             **({"inpaint": self.inpaint} if self.inpaint else {}),
+            **({"coeff_columns": list(self.coeff_columns)} if self.general else {}),
         }
 
 
@@ -270,11 +299,36 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         files=files,
         embeddings={k: SinusoidalEmbedding.from_json(e) for k, e in _mapping(d, "embeddings").items()},
         inpaint=d.get("inpaint"),
+        coeff_columns=tuple(d.get("coeff_columns", LCM_COLUMNS)),
+        sampler=_sampler_defaults(d["defaults"]),
     )
+    _check_coefficients(bundle)
     _check_embeddings(bundle)
     _check_inpaint(bundle)
     _check_controls(bundle)
     return bundle
+
+
+def _sampler_defaults(defaults: dict[str, Any]) -> SamplerDefaults:
+    scheduler = defaults.get("scheduler", "lcm")
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"defaults.scheduler is {scheduler!r}, not one of {', '.join(SAMPLERS)}")
+    eta, timesteps = defaults.get("eta"), defaults.get("timesteps")
+    return SamplerDefaults(scheduler, None if eta is None else float(eta),
+                           None if not timesteps else tuple(int(t) for t in timesteps))
+
+
+def _check_coefficients(bundle: Bundle) -> None:
+    """The coefficient row is LCM's (bundles built before) or the general one, and every graph taking it agrees."""
+    if bundle.coeff_columns not in (LCM_COLUMNS, COEFF_COLUMNS):
+        raise ValueError(f"coeff_columns {list(bundle.coeff_columns)} is neither LCM's nor the general row")
+    if not bundle.general and bundle.sampler != SamplerDefaults():
+        raise ValueError("a bundle with LCM's coefficient row names another default sampler")
+    for engine in bundle.engines.values():
+        spec = next((t for t in engine.inputs if t.name == "coeffs"), None)
+        if spec is not None and tuple(spec.shape) != (len(bundle.coeff_columns),):
+            raise ValueError(f"{engine.name}.coeffs is {list(spec.shape)}, not the {len(bundle.coeff_columns)} "
+                             "coefficient columns bundle.json records")
 
 
 def _check_inpaint(bundle: Bundle) -> None:

@@ -40,6 +40,8 @@ LIMITS = {
     "adapter_factor": Range(0.0, 1.0),
     "steps": Range(1, 1000, integer=True),  # the scheduler then holds it to original_inference_steps
     "original_inference_steps": Range(1, 1000, integer=True),
+    "eta": Range(0.0, 1.0),  # TCD's gamma and DDIM's eta
+    "timestep": Range(0, 999, integer=True),  # one of --timesteps (the scheduler holds it below num_train_timesteps)
     "num_images": Range(1, 1_000_000, integer=True),
     "seed": Range(0, 2**63 - 1, integer=True),  # torch.manual_seed's range
     "height": Range(8, 8192, integer=True),

@@ -14,6 +14,7 @@ from lcmtrt.bundle import SchedulerConfig
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.scheduler import (
     COEFF_COLUMNS,
+    LCM_TAIL,
     StepPlan,
     alphas_cumprod,
     apply_step,
@@ -65,7 +66,7 @@ def expected_coeffs(
         a_t = sch.alphas_cumprod[t]
         a_prev = sch.alphas_cumprod[prev] if prev >= 0 else sch.final_alpha_cumprod
         tail = [1.0, 0.0] if last else [sqrt(a_prev), sqrt(1 - a_prev)]
-        rows.append([float(t), c_skip, c_out, sqrt(a_t), sqrt(1 - a_t), *tail, 0.0])
+        rows.append([float(t), c_skip, c_out, sqrt(a_t), sqrt(1 - a_t), *tail, 0.0, *LCM_TAIL])  # LCM's general row
     return np.array([[float(v) for v in row] for row in rows], dtype=np.float32)
 
 
@@ -182,7 +183,7 @@ def rounding_bound(plan: StepPlan, prediction_type: str, x: np.ndarray, eps: lis
     per_step = (SCALED_COEFFS * COEFF_ULPS + OPS_PER_STEP) * 2.0**-23
     magnitude = np.abs(x.astype(np.float64))
     for row, e, n in zip(plan.coeffs, eps, noises):
-        _, c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev, _ = np.abs(row.astype(np.float64))
+        _, c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev, _ = np.abs(row[:8].astype(np.float64))
         e, n = np.abs(e.astype(np.float64)), np.abs(n.astype(np.float64))
         x0 = {"epsilon": (magnitude + sqrt_beta * e) / sqrt_alpha, "sample": e,
               "v_prediction": sqrt_alpha * magnitude + sqrt_beta * e}[prediction_type]

@@ -230,6 +230,7 @@ def _environment(bundle: Any, device: str) -> dict[str, Any]:
 
     env = {"backend": bundle.backend, "precision": bundle.precision, "device": device,
            "model": bundle.sources.get("model"), "size": f"{bundle.width}x{bundle.height}",
+           "sampler": bundle.sampler.scheduler,  # the bundle's default: what every timed generation runs
            "lcmtrt": lcmtrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
            "python": platform.python_version(), "cpu": cpu_model()}
     if bundle.backend == "tensorrt":

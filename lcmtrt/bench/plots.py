@@ -56,8 +56,9 @@ def bench_size(report: dict[str, Any]) -> tuple[int, int]:
 
 
 def _title(env: dict[str, Any]) -> str:
-    return (f"lcmtrt bench: {env.get('model')} {env.get('size')}, {env.get('backend')} {env.get('precision')} on "
-            f"{env.get('device')}\n{env.get('cpu', '')}")
+    sampler = f", {env['sampler']}" if env.get("sampler") else ""  # reports from before samplers name none
+    return (f"lcmtrt bench: {env.get('model')} {env.get('size')}{sampler}, {env.get('backend')} "
+            f"{env.get('precision')} on {env.get('device')}\n{env.get('cpu', '')}")
 
 
 def _bar_labels(ax: Any, bars: Any, fmt: str) -> None:

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lcmtrt.cli.args import add_device_flag, bounded, bounded_floats, pair_arg, probe_writable, seeds_arg
+from lcmtrt.bundle import SAMPLERS
+from lcmtrt.cli.args import (add_device_flag, bounded, bounded_floats, bounded_list, pair_arg, probe_writable,
+                             seeds_arg)
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.settings import GenerationSettings
 
@@ -29,6 +31,12 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--steps", type=bounded("steps"))
     infer.add_argument("--guidance-scale", type=bounded("guidance_scale"))
     infer.add_argument("--original-inference-steps", type=bounded("original_inference_steps"))
+    infer.add_argument("--scheduler", choices=SAMPLERS,
+                       help="the sampler (default: the preset's): lcm, tcd (TCDScheduler), euler-trailing and "
+                            "ddim-trailing (Euler/DDIM with timestep_spacing='trailing'); no rebuild")
+    infer.add_argument("--eta", type=bounded("eta"), help="tcd's gamma / ddim's eta, as the pipelines' eta (default 0)")
+    infer.add_argument("--timesteps", type=bounded_list("timestep"),
+                       help="custom timesteps, comma-separated (lcm, tcd, euler-trailing: e.g. DMD2's 999,749,499,249)")
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
     infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
@@ -181,8 +189,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         masks_shown = [np.repeat(mask[..., None], 3, axis=2) for mask in mask_maps]  # as fitted, before binarising
         _save(grid_image(inputs + masks_shown + shown + grid), paths(0))
         print(paths(0))
-    log.info("%d image(s) %dx%d, seed %s, timesteps %s, noise from %s; load %.2f s, generate %.2f s",
-             len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds, result.timesteps,
+    log.info("%d image(s) %dx%d, seed %s, %s timesteps %s, noise from %s; load %.2f s, generate %.2f s",
+             len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds,
+             args.scheduler or pipeline.bundle.sampler.scheduler, result.timesteps,
              result.noise, loaded - start, done - loaded)
     return 0
 
@@ -231,4 +240,7 @@ def _settings(args: argparse.Namespace, family: str, inputs: list, control_maps:
         adapter_scale=args.adapter_scale,
         adapter_factor=args.adapter_factor,
         masks=masks or None,
+        scheduler=args.scheduler,
+        eta=args.eta,
+        timesteps=args.timesteps,
     )

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lcmtrt.bundle import MANIFEST, Bundle, EngineSpec, TextConfig
+from lcmtrt.bundle import COEFF_COLUMNS, MANIFEST, Bundle, EngineSpec, SamplerDefaults, TextConfig
 from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, example_inputs, guidance_mode, inpaint_route,
                                        scheduler_config, source_info, stage_modules, vae_precision,
                                        zero_empty_negative)
@@ -154,6 +154,8 @@ def build_bundle(
             files={},
             embeddings=embeddings,
             inpaint=inpaint_route(checkpoint, preset),
+            coeff_columns=COEFF_COLUMNS,  # the general step: every sampler, chosen per request
+            sampler=SamplerDefaults(preset.scheduler, preset.eta, preset.timesteps),
         ), staging, progress)
         with progress.stage("write bundle.json"):
             bundle.build["duration_s"] = round(progress.elapsed, 1)

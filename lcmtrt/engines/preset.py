@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmtrt.export.lora import LoraSpec
+from lcmtrt.bundle import SAMPLERS
 from lcmtrt.errors import UserError
 
 
@@ -31,6 +32,9 @@ class Preset:
     controlnet: str | tuple[str, ...] | None = None
     adapter: str | None = None  # a T2I-Adapter: its own engine, run once per request
     loras: tuple[LoraSpec, ...] = ()  # fused at export, in order, like diffusers' set_adapters + fuse_lora
+    scheduler: str = "lcm"  # the sampler requests run unless they name one (bundle.SAMPLERS)
+    eta: float | None = None  # its default eta (tcd, ddim-trailing); None: the pipelines' 0
+    timesteps: tuple[int, ...] | None = None  # a custom default schedule (DMD2's), used when no --steps is given
     description: str = ""
 
     def validate(self, multiple: int = 8) -> Preset:
@@ -41,6 +45,11 @@ class Preset:
             raise UserError(f"batch sizes {list(self.batch_sizes)} must be distinct positive integers")
         if self.steps < 1:
             raise UserError(f"steps {self.steps} must be at least 1")
+        if self.scheduler not in SAMPLERS:
+            raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.timesteps is not None and len(self.timesteps) != self.steps:
+            raise UserError(f"timesteps {list(self.timesteps)} are {len(self.timesteps)}, steps {self.steps}: "
+                            "make steps the number of timesteps")
         if isinstance(self.controlnet, tuple) and (not self.controlnet or not all(
                 isinstance(c, str) and c for c in self.controlnet)):
             raise UserError(f"controlnet {list(self.controlnet)} must name one or more ControlNets")
@@ -73,8 +82,9 @@ def _from_toml(name: str, text: str, origin: str) -> Preset:
     for required in ("model", "height", "width"):
         if required not in data:
             raise UserError(f"{origin}: missing required setting {required!r}")
-    if "batch_sizes" in data:
-        data["batch_sizes"] = tuple(data["batch_sizes"])
+    for listed in ("batch_sizes", "timesteps"):
+        if listed in data:
+            data[listed] = tuple(data[listed])
     if isinstance(data.get("controlnet"), list):  # a MultiControlNet: the ControlNets in build order
         data["controlnet"] = tuple(data["controlnet"])
     if "loras" in data:

@@ -129,11 +129,37 @@ class DualTextStage(nn.Module):
         return embeds.float(), second.text_embeds.float()
 
 
-class DenoiseStage(nn.Module):
-    """One whole LCM step: UNet, guidance, x0, boundary condition, next-step noise.
+def general_step(prediction_type: str, coeffs: torch.Tensor, latents: torch.Tensor, model_output: torch.Tensor,
+                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of any sampler from its coefficient row (bundle.COEFF_COLUMNS), in the float32 op order of
+    diffusers' schedulers, so that each one's row reproduces it bit for bit (runtime/scheduler.py apply_step is
+    the numpy twin): x0 and eps from the prediction type; denoised = (c_out x0 + c_skip x) + denoised_eps eps (LCM's
+    boundary condition, TCD's x_s, DDIM's and Euler's x0); next = ((next_denoised denoised + next_eps eps) +
+    next_noise noise) + (next_x x + ((x - denoised) / sigma) dt) (LCM, TCD and DDIM use the first part, Euler the
+    second; the unused part is an exact zero); the output decoded is next where decode_next is set (DDIM's and
+    Euler's pipelines decode the last next sample), else denoised."""
+    c_skip, c_out, sqrt_alpha, sqrt_beta, next_denoised, next_noise = (coeffs[i] for i in range(1, 7))
+    denoised_eps, next_eps, next_x, sigma, dt, decode_next = (coeffs[i] for i in range(9, 15))
+    if prediction_type == "epsilon":
+        x0, eps = (latents - sqrt_beta * model_output) / sqrt_alpha, model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (latents - sqrt_alpha * x0) / sqrt_beta
+    else:
+        x0 = sqrt_alpha * latents - sqrt_beta * model_output
+        eps = sqrt_alpha * model_output + sqrt_beta * latents
+    denoised = (c_out * x0 + c_skip * latents) + denoised_eps * eps
+    euler = next_x * latents + ((latents - denoised) / sigma) * dt
+    next_latents = ((next_denoised * denoised + next_eps * eps) + next_noise * noise) + euler
+    return next_latents, torch.where(decode_next > 0, next_latents, denoised)
 
-    `coeffs` is one row of the runtime's step plan: timestep, c_skip, c_out, sqrt(a_t), sqrt(1-a_t),
-    sqrt(a_prev), sqrt(1-a_prev) (1 and 0 on the last step, so the output is exactly `denoised` there).
+
+class DenoiseStage(nn.Module):
+    """One whole sampler step: UNet, guidance, x0, the sampler's update (LCM boundary condition, TCD, Euler, DDIM), noise.
+
+    `coeffs` is one row of the runtime's step plan (bundle.COEFF_COLUMNS, see general_step): for LCM timestep,
+    c_skip, c_out, sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev) (1 and 0 on the last step, so the output is
+    exactly `denoised` there), then the columns that make it TCD's, Euler's or DDIM's step.
     `time_embedding` is that step's sinusoidal timestep embedding [dim], computed on the host in fp32 (it replaces
     the UNet's and the ControlNet's time_proj). Guidance is one of three `modes`: "embedding" (LCM-distilled
     UNet: `guidance_embedding`, diffusers' w_embedding computed on the host in fp32 per row, feeds its
@@ -190,9 +216,9 @@ class DenoiseStage(nn.Module):
         x = dict(zip(self.input_names, tensors))
         latents, coeffs = x["latents"], x["coeffs"]
         timestep = coeffs[0:1]
-        c_skip, c_out, sqrt_alpha, sqrt_beta, sqrt_alpha_prev, sqrt_beta_prev = (coeffs[i] for i in range(1, 7))
         embeds, pooled = x["prompt_embeds"], x.get("text_embeds")
-        cond, sample = None, latents
+        # the model sees latents / input_divisor (Euler's scale_model_input; 1 for the others: exact)
+        cond, sample = None, latents / coeffs[8]
         self.given_time.value = x["time_embedding"][None, :]
         if self.mode == "embedding":
             cond = x["guidance_embedding"].to(self.dtype)
@@ -202,7 +228,7 @@ class DenoiseStage(nn.Module):
             embeds = torch.cat([embeds[:rows] * keep, embeds[rows:]])
             if pooled is not None:
                 pooled = torch.cat([pooled[:rows] * keep[:, :, 0], pooled[rows:]])
-            sample = torch.cat([latents, latents])
+            sample = torch.cat([sample, sample])
         added = None
         if pooled is not None:
             added = {"text_embeds": pooled.to(self.dtype), "time_ids": x["time_ids"].to(self.dtype)}
@@ -224,14 +250,8 @@ class DenoiseStage(nn.Module):
         if self.mode == "cfg":
             uncond, text = model_output.chunk(2)
             model_output = uncond + x["guidance_scale"][:, None, None, None] * (text - uncond)
-        if self.prediction_type == "epsilon":
-            x0 = (latents - sqrt_beta * model_output) / sqrt_alpha
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:
-            x0 = sqrt_alpha * latents - sqrt_beta * model_output
-        denoised = c_out * x0 + c_skip * latents
-        next_latents = sqrt_alpha_prev * denoised + sqrt_beta_prev * x["noise"]
+        next_latents, denoised = general_step(self.prediction_type, coeffs, latents, model_output, x["noise"])
+        sqrt_alpha_prev, sqrt_beta_prev = coeffs[5], coeffs[6]
         if self.inpaint == "blend":
             mask = x["mask"]
             proper = sqrt_alpha_prev * x["image_latents"] + sqrt_beta_prev * x["init_noise"]  # add_noise(t_next)

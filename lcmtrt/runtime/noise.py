@@ -2,7 +2,9 @@
 
 A generation draws some leading tensors, named as the engine inputs they fill (text-to-image: "latents", the initial
 latents; image-to-image: "sample_noise", the VAE's sample noise, unless the VAE is deterministic, then "noise", the
-add_noise noise), then one draw per step except the last. With torch importable, one seed reproduces diffusers'
+add_noise noise), then one draw per step that draws noise (the step plan's noise_draws): every step but the last for
+LCM (and TCD with eta > 0), every step for DDIM with eta > 0, none for Euler (s_churn 0) or eta 0. With torch
+importable, one seed reproduces diffusers'
 `generator=torch.manual_seed(seed)` exactly (one generator for the whole batch) and a list of seeds reproduces
 diffusers' list of generators (one per row). Without torch, numpy's PCG64 is used: deterministic per seed, but not
 diffusers' numbers.
@@ -99,19 +101,22 @@ class _Source:
 
 
 def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leading: tuple[int, ...], steps: int,
-         use_torch: bool, names: Sequence[str] = (), lead_seed: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+         use_torch: bool, names: Sequence[str] = (), lead_seed: int | None = None,
+         draws: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """`leading[k]` rows for each leading draw (leading_rows: 1 for a shared image's VAE sample, 0 for a skipped
-    draw, whose rows are zeros), broadcast to `rows`, then step noise [steps, rows, *latent_shape] whose last step
-    is all zeros. With a list of seeds, a one-row draw named in FIRST_GENERATOR_ONLY is the first generator's: the
+    draw, whose rows are zeros), broadcast to `rows`, then step noise [steps, rows, *latent_shape] drawn for the
+    first `draws` steps (default: all but the last), zeros after. With a list of seeds, a one-row draw named in
+    FIRST_GENERATOR_ONLY is the first generator's: the
     run's first seed, `lead_seed` when these rows are a later piece of the run."""
     firsts = [np.zeros((rows, *latent_shape), np.float32) for _ in leading]
     noise = np.zeros((steps, rows, *latent_shape), np.float32)
+    draws = steps - 1 if draws is None else draws
     if isinstance(seeds, int):
         source = _Source(seeds, use_torch)
         for first, count in zip(firsts, leading):
             if count:
                 first[:] = source.randn((count, *latent_shape))  # broadcasts a single shared row
-        for step in range(steps - 1):
+        for step in range(draws):
             noise[step] = source.randn((rows, *latent_shape))
         return firsts, noise
     if len(seeds) != rows:
@@ -128,7 +133,7 @@ def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leadi
                 first[row] = shared.get(k, 0.0)
             else:
                 first[row] = source.randn((1, *latent_shape))[0]
-        for step in range(steps - 1):
+        for step in range(draws):
             noise[step, row] = source.randn((1, *latent_shape))[0]
     return firsts, noise
 
@@ -172,10 +177,10 @@ class NoiseStream:
         return isinstance(self.seeds, list) or not self.use_torch or int(np.prod(latent_shape)) % 16 == 0
 
     def take(self, count: int, latent_shape: tuple[int, ...], names: Sequence[str],
-             steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+             steps: int, draws: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The next `count` rows of draw(seeds, rows, latent_shape, leading_rows(names, rows, shared_image), steps):
         every piece names the same leading draws, whatever its own row count."""
-        names = tuple(names)
+        names, draws = tuple(names), steps - 1 if draws is None else draws
         if self.cursor + count > self.rows:
             raise ValueError(f"{self.cursor + count} rows taken from a stream of {self.rows}")
         if self._names is not None and names != self._names:
@@ -185,9 +190,9 @@ class NoiseStream:
             leading = leading_rows(names, self.rows, self.shared_image, self.shared_mask, self.skipped)
             leading = tuple(min(c, count) for c in leading)  # a piece's share: its rows, one shared row, or none
             return draw(self.seeds[start:start + count], count, latent_shape, leading, steps, self.use_torch,
-                        names, None if start == 0 else self.seeds[0])
+                        names, None if start == 0 else self.seeds[0], draws)
         if self._names is None:
-            self._position(latent_shape, names, steps)
+            self._position(latent_shape, names, draws)
         firsts = []
         for phase, shared in zip(self._phases, self._shared[:len(names)]):
             if shared is not None:
@@ -195,15 +200,15 @@ class NoiseStream:
             else:
                 firsts.append(phase.randn((count, *latent_shape)))
         noise = np.zeros((steps, count, *latent_shape), np.float32)
-        for step in range(steps - 1):
+        for step in range(draws):
             noise[step] = self._phases[len(names) + step].randn((count, *latent_shape))
         return firsts, noise
 
-    def _position(self, latent_shape: tuple[int, ...], names: tuple[str, ...], steps: int) -> None:
+    def _position(self, latent_shape: tuple[int, ...], names: tuple[str, ...], draws: int) -> None:
         source = _Source(self.seeds, self.use_torch)
         self._names = names
         totals = leading_rows(names, self.rows, self.shared_image, self.shared_mask, self.skipped)
-        for total in totals + (self.rows,) * (steps - 1):
+        for total in totals + (self.rows,) * draws:
             self._phases.append(source.copy())
             if total == 0:  # a draw diffusers skips: zeros
                 self._shared.append(np.zeros(latent_shape, np.float32))

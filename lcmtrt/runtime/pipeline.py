@@ -18,11 +18,12 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
+from lcmtrt.runtime.conditioning import adapter_inputs, control_inputs, per_row as _per_row
 from lcmtrt.runtime.cover import cheapest_cover, linear_costs
 from lcmtrt.runtime.embeddings import guidance_embedding
 from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
 from lcmtrt.runtime.rows import BatchKey, PreparedRows
-from lcmtrt.runtime.scheduler import StepPlan, img2img_plan, step_plan
+from lcmtrt.runtime.scheduler import StepPlan, choose_sampler
 from lcmtrt.runtime.settings import GenerationSettings
 from lcmtrt.runtime.tokenizer import load_tokenizers
 
@@ -127,6 +128,8 @@ class Pipeline:
         cfg = self._uses_cfg(scales, bool(s.negative_prompts and any(s.negative_prompts)))
         plan, leading = self._plan(s)
         firsts, step_noise = self._draw(seed, rows, leading, self._sharing(s), plan)
+        if leading == ("latents",) and plan.init_sigma != 1.0:  # diffusers: latents * init_noise_sigma (Euler's)
+            firsts[0] = firsts[0] * np.float32(plan.init_sigma)
         sources = None if s.images is None else _per_row(s.images, rows, "input images")
         inputs, doubled = self._text_and_guidance_inputs(prompts, s.negative_prompts, given, cfg)
         factors = self._conditioning_inputs(inputs, doubled, s, rows, plan, cfg)
@@ -137,27 +140,26 @@ class Pipeline:
                             factors)
 
     def _plan(self, s: GenerationSettings) -> tuple[StepPlan, tuple[str, ...]]:
-        """The step plan, and the names of its leading draws in diffusers' order: the initial latents, or the
-        encoder's noises."""
-        steps = self.bundle.default_steps if s.steps is None else s.steps
+        """The step plan of the request's sampler, and the names of its leading draws in diffusers' order: the
+        initial latents, or the encoder's noises."""
+        sampler = choose_sampler(self.bundle, s.scheduler, s.steps, s.timesteps, s.eta, s.original_inference_steps,
+                                 s.masks is not None)
         if s.masks is not None:
-            return self._inpaint_plan(s, steps), self.inpaint_draws
+            self._check_inpaint(s)
+            return sampler.img2img(self.bundle.scheduler, s.resolved_strength, "classic"), self.inpaint_draws
         if self.bundle.inpaint == "unet9":
             raise UserError(f"bundle {self.bundle.root} holds a 9-channel inpainting UNet, which only inpaints: give "
                             "an image and a mask (--image, --mask)")
         if s.images is None:
-            plan = step_plan(self.bundle.scheduler, steps, original_inference_steps=s.original_inference_steps)
-            return plan, ("latents",)
+            return sampler.plan(self.bundle.scheduler), ("latents",)
         if "vae_encode" not in self.bundle.engines:
             raise UserError(f"bundle {self.bundle.root} has no vae_encode engine; rebuild it with img2img = true")
         shape = (self.bundle.height, self.bundle.width, 3)
         if any(np.shape(image) != shape for image in s.images):
             raise ValueError(f"input images must be uint8 arrays of shape {shape}")
-        plan = img2img_plan(self.bundle.scheduler, steps, s.resolved_strength, s.img2img_mode,
-                            s.original_inference_steps)
-        return plan, tuple(self.encode_noises)
+        return sampler.img2img(self.bundle.scheduler, s.resolved_strength, s.img2img_mode), tuple(self.encode_noises)
 
-    def _inpaint_plan(self, s: GenerationSettings, steps: int) -> StepPlan:
+    def _check_inpaint(self, s: GenerationSettings) -> None:
         """diffusers' inpaint pipelines drop the first steps by strength as classic image-to-image does."""
         if self.bundle.inpaint is None:
             raise UserError(f"bundle {self.bundle.root} was built without inpainting; rebuild it with "
@@ -170,7 +172,6 @@ class Pipeline:
         shape = (self.bundle.height, self.bundle.width, 3)
         if any(np.shape(image) != shape for image in s.images):
             raise UserError(f"input images must be uint8 arrays of shape {shape}")
-        return img2img_plan(self.bundle.scheduler, steps, s.resolved_strength, "classic", s.original_inference_steps)
 
     def _sharing(self, s: GenerationSettings) -> tuple[bool, bool, frozenset[str]]:
         """Which leading draws one shared image (and mask) make once, and which diffusers skips (noise.py)."""
@@ -199,12 +200,13 @@ class Pipeline:
         """Every random draw of the request, in diffusers' order: the leading draws (by name), then each step's
         noise. Which leading draws one shared input image makes once is decided by name (noise.leading_rows)."""
         if isinstance(seed, noise_source.NoiseStream):  # a piece of a longer run: its rows of the run's draws
-            return seed.take(rows, self.bundle.latent_shape, leading, plan.steps)
+            return seed.take(rows, self.bundle.latent_shape, leading, plan.steps, plan.noise_draws)
         seeds = _seeds(seed)
         if isinstance(seeds, list) and len(seeds) != rows:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
         counts = noise_source.leading_rows(leading, rows, *sharing)
-        return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch, leading)
+        return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch, leading,
+                                 draws=plan.noise_draws)
 
     def _text_and_guidance_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -238,13 +240,13 @@ class Pipeline:
         factors."""
         denoise_inputs = self.bundle.engines["denoise_cfg" if cfg else "denoise"].input_names
         factors: dict[str, np.ndarray] = {}
-        controls = self._control_inputs(s.control_images, rows, plan, s.control_scale, s.control_start,
+        controls = control_inputs(self.bundle, s.control_images, rows, plan, s.control_scale, s.control_start,
                                         s.control_end)
         if controls is not None:
             inputs.update(controls[0])
             # [rows, steps], or [rows, steps, N] for N ControlNets
             factors["control_scale"] = np.tile(controls[1], (rows,) + (1,) * controls[1].ndim)
-        adapted = self._adapter_inputs(s.adapter_images, rows, plan, s.adapter_scale, s.adapter_factor)
+        adapted = adapter_inputs(self.bundle, s.adapter_images, rows, plan, s.adapter_scale, s.adapter_factor)
         if adapted is not None:
             inputs["adapter_image"] = adapted[0]
             inputs["adapter_scale"] = np.full(rows, s.adapter_scale, np.float32)
@@ -387,43 +389,6 @@ class Pipeline:
         if self._unusable is not None:
             raise UserError(self._unusable)
 
-    def _control_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan,
-                        scale: float | Sequence[float], start: float | Sequence[float],
-                        end: float | Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-        """The control image inputs for every row and each step's ControlNet scale ([steps], or [steps, N] for N
-        ControlNets), or None without a ControlNet."""
-        nets = self.bundle.control_nets
-        if not _conditioned(nets > 0, images, self.bundle.root, "ControlNet", "--controlnet"):
-            return None
-        scales, starts, ends = (_per_net(value, nets, what) for value, what in
-                                ((scale, "control scales"), (start, "control starts"), (end, "control ends")))
-        for first, last in zip(starts, ends):
-            if not 0.0 <= first < last <= 1.0:
-                raise UserError(f"--control-start {first} and --control-end {last} must satisfy "
-                                "0 <= start < end <= 1")
-        steps = plan.steps
-        # diffusers' controlnet_keep, per ControlNet: a step is controlled unless it lies outside [start, end]
-        keep = [[scale * (1.0 - float(i / steps < first or (i + 1) / steps > last))
-                 for scale, first, last in zip(scales, starts, ends)] for i in range(steps)]
-        if nets == 1:
-            return {"control_image": _per_row(images, rows, "control images")}, np.asarray(keep, np.float32)[:, 0]
-        if len(images) != nets:
-            raise UserError(f"this bundle has {nets} ControlNets: give {nets} control images (one per ControlNet, in "
-                            f"build order, shared by all images), not {len(images)}")
-        maps = {f"control_image_{k}": np.stack([image] * rows) for k, image in enumerate(images)}
-        return maps, np.asarray(keep, np.float32)
-
-    def _adapter_inputs(self, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan, scale: float,
-                        factor: float) -> tuple[np.ndarray, list[float]] | None:
-        """The adapter images for every row and each step's keep factor, or None without a T2I-Adapter."""
-        if not _conditioned("adapter" in self.bundle.engines, images, self.bundle.root, "T2I-Adapter", "--adapter"):
-            return None
-        if not 0.0 <= factor <= 1.0:
-            raise UserError(f"--adapter-factor {factor} must be in [0, 1]")
-        kept = int(plan.steps * factor)  # diffusers: the adapter conditions steps i < int(N * factor)
-        keep = [1.0 if i < kept else 0.0 for i in range(plan.steps)]
-        return _per_row(images, rows, "adapter images"), keep
-
     def _uses_cfg(self, scales: np.ndarray, negative_given: bool) -> bool:
         """Classifier-free guidance runs iff the UNet has no guidance embedding and guidance > 1, as in diffusers."""
         mode = self.bundle.guidance_mode
@@ -454,33 +419,6 @@ def _seeds(seed: int | Sequence[int] | None) -> int | list[int]:
     if seed is None:
         return random.randrange(2**31)
     return int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-
-
-def _per_row(images: Sequence[np.ndarray], rows: int, what: str) -> np.ndarray:
-    """One image for all rows, or one per row, as a [rows, ...] array."""
-    if len(images) not in (1, rows):
-        raise UserError(f"{len(images)} {what} for {rows} prompts; give one or one per prompt")
-    return np.stack([images[0]] * rows if len(images) == 1 else list(images))
-
-
-def _per_net(value: float | Sequence[float], nets: int, what: str) -> list[float]:
-    """A ControlNet setting once for all ControlNets or once per ControlNet, as one float per ControlNet."""
-    values = [float(value)] if isinstance(value, (int, float, np.floating, np.integer)) else [float(v) for v in value]
-    if len(values) not in (1, nets):
-        raise UserError(f"{len(values)} {what} for {nets} ControlNet{'s' if nets > 1 else ''}; give one"
-                        f"{' or one per ControlNet' if nets > 1 else ''}")
-    return values * nets if len(values) == 1 else values
-
-
-def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, what: str, flag: str) -> bool:
-    """Whether a conditioning the bundle may have (ControlNet, T2I-Adapter) is used; images must match the build."""
-    if not built:
-        if images is not None:
-            raise UserError(f"bundle {root} was built without {what}; build one with {flag}")
-        return False
-    if images is None:
-        raise UserError(f"this bundle has a {what}: give its control image (--control-image)")
-    return True
 
 
 def _pad_rows(array: np.ndarray, batch: int) -> np.ndarray:

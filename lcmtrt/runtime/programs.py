@@ -20,7 +20,7 @@ import numpy as np
 from lcmtrt.bundle import Bundle
 from lcmtrt.runtime.backends import Backend, Binding, Buffer
 from lcmtrt.runtime.embeddings import time_embedding
-from lcmtrt.runtime.scheduler import COEFF_COLUMNS, StepPlan
+from lcmtrt.runtime.scheduler import StepPlan
 
 PER_STEP_FACTORS = ("control_scale", "adapter_keep")  # denoise inputs ([batch], [batch, N]) bound per step
 DEFAULT_MAX_PROGRAMS = 16
@@ -129,9 +129,10 @@ class Programs:
 
     def _step_coeffs(self, plan: StepPlan) -> list[Buffer]:
         if plan not in self.coeffs:
-            self.coeffs[plan] = [self.backend.alloc((len(COEFF_COLUMNS),), np.float32) for _ in plan.timesteps]
+            width = len(self.bundle.coeff_columns)  # bundles built before take LCM's first 8 columns
+            self.coeffs[plan] = [self.backend.alloc((width,), np.float32) for _ in plan.timesteps]
             for buffer, row in zip(self.coeffs[plan], plan.coeffs):
-                buffer.write(row)
+                buffer.write(np.ascontiguousarray(row[:width]))
         return self.coeffs[plan]
 
     def _time_embeddings(self, plan: StepPlan) -> list[Buffer]:

@@ -20,7 +20,9 @@ class GenerationSettings:
     diffusers' control_guidance_start/end; a bundle of N >= 2 ControlNets (MultiControlNet) takes one map per
     ControlNet in build order, shared by all rows, and each of scale, start and end once for all or once per
     ControlNet (diffusers' lists). T2I-Adapter bundles take `adapter_images` (uint8 [H, W, C] with the
-    adapter's channels), adapter_conditioning_scale and _factor. None means the bundle's default."""
+    adapter's channels), adapter_conditioning_scale and _factor. `scheduler` picks the sampler (bundle.SAMPLERS)
+    with its `eta` (tcd, ddim-trailing) and optional custom `timesteps` (diffusers' set_timesteps(timesteps=...)).
+    None means the bundle's default."""
 
     steps: int | None = None
     guidance_scale: float | Sequence[float] | None = None
@@ -40,6 +42,9 @@ class GenerationSettings:
     adapter_scale: float = 1.0
     adapter_factor: float = 1.0
     masks: Sequence[np.ndarray] | None = None
+    scheduler: str | None = None
+    eta: float | None = None
+    timesteps: tuple[int, ...] | None = None
 
     @property
     def resolved_strength(self) -> float:

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from lcmtrt import limits
-from lcmtrt.bundle import Bundle
+from lcmtrt.bundle import SAMPLERS, Bundle
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.images import fit_image
 from lcmtrt.runtime.inpaint import fit_mask
@@ -85,6 +85,10 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100, **Finite)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     original_inference_steps: int | None = Field(None, ge=1, le=1000)
+    # the sampler, per request on the same model (bundle.SAMPLERS; default: the model's preset's)
+    scheduler: Literal["lcm", "tcd", "euler-trailing", "ddim-trailing"] | None = None
+    eta: float | None = Field(None, ge=0, le=1, **Finite)
+    timesteps: list[int] | None = Field(None, min_length=1, max_length=1000)
     # base64; a MultiControlNet model takes one map per ControlNet in build order, and each number once or per net
     control_image: per_net("control_image") = None
     control_scale: per_net("control_scale") = 1.0
@@ -177,7 +181,8 @@ class ModelCard:
         b = self.bundle
         return {"id": self.name, "object": "model", "created": int(b.root.stat().st_mtime), "owned_by": "lcmtrt",
                 "family": b.family, "size": self.size, "batch_sizes": list(b.batch_sizes), "backend": b.backend,
-                "precision": b.precision, "default_steps": b.default_steps,
+                "precision": b.precision, "default_steps": b.default_steps, "scheduler": b.sampler.scheduler,
+                "schedulers": list(SAMPLERS) if b.general else ["lcm"],
                 "default_guidance_scale": b.default_guidance_scale, "guidance_mode": b.guidance_mode,
                 "conditioning": self.conditioning, "controlnets": b.control_nets, "img2img": "vae_encode" in b.engines,
                 "inpaint": b.inpaint}
@@ -196,10 +201,12 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
     if request.size not in (None, "auto", card.size):
         raise ApiError(400, f"size {request.size!r} is not built for model {card.name}; it has {card.size}",
                        param="size", code="unsupported_value")
-    steps = request.num_inference_steps or b.default_steps
+    steps = request.num_inference_steps  # None: the model's default (its steps, or its preset's timesteps)
     original = request.original_inference_steps or b.scheduler.original_inference_steps
-    if steps > original:
-        raise ApiError(400, f"num_inference_steps {steps} is more than original_inference_steps {original}; use at "
+    lcm = (request.scheduler or b.sampler.scheduler) == "lcm" and request.timesteps is None
+    if lcm and (steps or b.default_steps) > original:
+        raise ApiError(400, f"num_inference_steps {steps or b.default_steps} is more than original_inference_steps "
+                            f"{original}; use at "
                             f"most {original}", param="num_inference_steps", code="invalid_value")
     start, end = request.control_start, request.control_end
     if isinstance(start, float) and isinstance(end, float) and not start < end:  # lists: per ControlNet, below
@@ -207,7 +214,9 @@ def prepare_arguments(card: ModelCard, request: GenerationRequest, seed: int, ma
                        code="invalid_value")
     settings: dict[str, Any] = dict(
         steps=steps, guidance_scale=request.guidance_scale, original_inference_steps=request.original_inference_steps,
-        negative_prompts=[request.negative_prompt] if request.negative_prompt else None)
+        negative_prompts=[request.negative_prompt] if request.negative_prompt else None,
+        scheduler=request.scheduler, eta=request.eta,
+        timesteps=None if request.timesteps is None else tuple(request.timesteps))
     if mask is not None:
         settings.update(inpaint_settings(card, request, image, mask))
     elif b.inpaint == "unet9":  # diffusers' text-to-image and image-to-image pipelines cannot run it either
