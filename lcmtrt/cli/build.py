@@ -18,7 +18,11 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--config", help="a preset TOML file")
     source.add_argument("--from", dest="source_bundle", type=Path, metavar="BUNDLE",
                         help="reuse this bundle's ONNX graphs: engines for another --backend / --precision, no export")
-    build.add_argument("--model", help="hub id or local diffusers folder replacing the preset's model")
+    build.add_argument("--model", help="hub id, local diffusers folder, or one .safetensors file in the original "
+                                       "Stable Diffusion layout (SD1.5- or SDXL-class), replacing the preset's model")
+    build.add_argument("--model-config", metavar="DIR_OR_ID",
+                       help="a single-file --model's architecture: a diffusers folder or hub id whose configs match "
+                            "(needed offline; online diffusers guesses it from the file's keys)")
     build.add_argument("--out", type=Path, help="bundle folder (default: artifacts/<preset>)")
     build.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
                        help="auto: TensorRT on a GPU with it, ONNX Runtime CUDA on another GPU, else OpenVINO when "
@@ -63,9 +67,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from lcmtrt.engines.preset import load_preset
 
     if args.source_bundle is not None:
-        given = [f for f in ("model", "height", "width", "controlnet", "adapter") if getattr(args, f)]
+        given = [f for f in ("model", "model_config", "height", "width", "controlnet", "adapter") if getattr(args, f)]
         if given or args.lora or args.cfg or args.refittable or args.inpaint:
-            raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable/inpaint'])[0]} "
+            raise UserError(f"--from reuses a bundle's ONNX graphs as they are; --{(given or ['lora/cfg/refittable/inpaint'])[0].replace('_', '-')} "
                             "needs a new export (--preset or --config)")
         out = args.out or Path("artifacts") / f"{args.source_bundle.name}-{args.backend}-{args.precision or 'default'}"
         convert_bundle(args.source_bundle, out, backend=args.backend, precision=args.precision,
@@ -77,7 +81,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     preset = load_preset(args.preset, args.config)
     if args.model:  # a whole checkpoint of the user's: its own UNet and VAE, not the preset's replacements
-        preset = replace(preset, model=args.model, unet=None, vae=None)
+        preset = replace(preset, model=args.model, unet=None, vae=None, model_config=args.model_config)
+    elif args.model_config:  # the architecture of the preset's own single file
+        preset = replace(preset, model_config=args.model_config)
     from lcmtrt.export.lora import LoraSpec
 
     preset = preset.with_overrides(height=args.height, width=args.width, batch_sizes=args.batch,

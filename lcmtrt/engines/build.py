@@ -82,6 +82,12 @@ def resolve_precision(backend: str, precision: str | None, ort_device: str, ov_d
     return precision
 
 
+def checkpoint_sources(preset: Preset) -> dict[str, Any]:
+    """load_checkpoint's arguments from a preset: the model (folder, hub id or single file) and what replaces parts."""
+    return {"model": preset.model, "revision": preset.revision, "unet": preset.unet, "vae": preset.vae,
+            "controlnet": preset.controlnets or None, "adapter": preset.adapter, "model_config": preset.model_config}
+
+
 def build_bundle(
     preset: Preset,
     out: Path,
@@ -107,8 +113,7 @@ def build_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_bundle(out) as staging:
         with progress.stage(f"load model {preset.model}"):
-            checkpoint = load_checkpoint(preset.model, preset.revision, unet=preset.unet, vae=preset.vae,
-                                         controlnet=preset.controlnets or None, adapter=preset.adapter)
+            checkpoint = load_checkpoint(**checkpoint_sources(preset))
         loras = []
         if preset.loras:
             from lcmtrt.export.lora import fuse_loras

@@ -236,8 +236,13 @@ def source_info(checkpoint: Any) -> dict[str, Any]:
         for p in sorted((folder / sub).glob("*"))
         if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")
     }
+    for role in ("model", "unet"):  # single .safetensors files: their own hash beside the config folder's files
+        source = checkpoint.source if role == "model" else checkpoint.extra.get("unet")
+        if source and Path(source).suffix.lower() == ".safetensors" and Path(source).expanduser().is_file():
+            files[f"{role}:{Path(source).name}"] = file_digest(Path(source).expanduser())["sha256"]
     return {
         "model": checkpoint.source,
+        **({"model_config": checkpoint.extra["model_config"]} if checkpoint.extra.get("model_config") else {}),
         "revision": checkpoint.revision or (folder.name if folder.parent.name == "snapshots" else None),
         "files": files,
     }

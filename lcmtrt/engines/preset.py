@@ -16,14 +16,16 @@ from lcmtrt.errors import UserError
 @dataclass(frozen=True)
 class Preset:
     name: str
-    model: str  # hub id, local diffusers folder, or a tiny model name
+    model: str  # hub id, local diffusers folder, a tiny model name, or one .safetensors file (original SD layout)
     height: int
     width: int
     batch_sizes: tuple[int, ...] = (1,)
     steps: int = 4
     guidance_scale: float = 8.0
     revision: str | None = None
-    unet: str | None = None  # replaces the model's UNet (e.g. an LCM-distilled UNet on its base pipeline)
+    unet: str | None = None  # replaces the model's UNet (e.g. an LCM-distilled UNet on its base pipeline); a folder,
+    # hub id, or a UNet .safetensors file (local or OWNER/REPO/FILE), its architecture the model's unet/ config
+    model_config: str | None = None  # a single-file model's architecture: a diffusers folder or hub id
     vae: str | None = None  # replaces the model's VAE: "taesd"/"taesdxl" (TAESD), a hub id or a folder
     img2img: bool = True  # also build the vae_encode engine
     inpaint: bool = False  # also build inpainting (a 9-channel UNet is an inpainting bundle by itself)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcmtrt.export.single_file import is_single_file, load_pipeline_file, load_unet_file
 from lcmtrt.export.tiny import TINY_LORAS, TINY_MODELS, tiny_checkpoint
 from lcmtrt.errors import UserError
 
@@ -57,9 +58,11 @@ def quiet_libraries() -> None:
 
 
 def resolve_model(model: str) -> str:
-    """A tiny model name becomes its offline folder; hub ids and local folders pass through."""
+    """A tiny model name becomes its offline folder; hub ids, local folders and single files pass through."""
     if model in TINY_MODELS or model in TINY_LORAS:
         return str(tiny_checkpoint(model, cache_dir() / "tiny"))
+    if is_single_file(model):  # checked (safetensors, present) where it is loaded
+        return model
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise UserError(f"model folder {model} does not exist")
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
@@ -74,10 +77,13 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_unet(source: str, revision: str | None) -> Any:
-    """A UNet from a pipeline repo's unet/ folder, or from a bare UNet repo (like latent-consistency/lcm-sdxl)."""
+def load_unet(source: str, revision: str | None, config: str | None = None) -> Any:
+    """A UNet from a pipeline repo's unet/ folder, from a bare UNet repo (like latent-consistency/lcm-sdxl), or from
+    one .safetensors file whose architecture is `config`'s unet/ config."""
     from diffusers import UNet2DConditionModel
 
+    if is_single_file(source):  # a UNet-only file: its architecture from the base model's unet/ config
+        return load_unet_file(source, resolve_model(config) if config else None)
     path = resolve_model(source)
     kwargs = {"revision": revision, **SAFE} if revision else dict(SAFE)
     try:
@@ -103,21 +109,26 @@ def load_vae(source: str) -> Any:
 
 def load_checkpoint(model: str, revision: str | None = None, unet: str | None = None,
                     vae: str | None = None, controlnet: str | tuple[str, ...] | None = None,
-                    adapter: str | None = None) -> Checkpoint:
-    """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout; `unet`
-    and `vae` replace the pipeline's own (hub id, folder, tiny name, or "taesd"/"taesdxl" for the VAE). Several
-    `controlnet`s are a MultiControlNet: a ModuleList in the order given."""
+                    adapter: str | None = None, model_config: str | None = None) -> Checkpoint:
+    """Load UNet, VAE, text encoder, tokenizer and LCM scheduler config from a diffusers pipeline layout, or from a
+    single .safetensors file in the original layout whose architecture `model_config` (folder or hub id) gives;
+    `unet` and `vae` replace the pipeline's own (hub id, folder, tiny name, a UNet .safetensors file, or
+    "taesd"/"taesdxl" for the VAE). Several `controlnet`s are a MultiControlNet: a ModuleList in the order given."""
     from diffusers import AutoencoderKL, LCMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_libraries()
-    path = resolve_model(model)
+    path, parts = resolve_model(model), {}
+    if is_single_file(model):  # the file's weights; configs, tokenizers and scheduler from the config folder
+        path, parts = load_pipeline_file(model, resolve_model(model_config) if model_config else None, family_of)
     kwargs = {"revision": revision} if revision else {}
     weights = {**kwargs, **SAFE}  # tokenizers and scheduler configs have no weights
     try:
-        unet_model = load_unet(unet, None) if unet else load_unet(path, revision)
-        vae_model = load_vae(vae) if vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+        unet_model = load_unet(unet, None, path) if unet else parts.get("unet") or load_unet(path, revision)
+        vae_model = load_vae(vae) if vae else parts.get("vae") or AutoencoderKL.from_pretrained(
+            path, subfolder="vae", **weights)
+        text_encoder = parts.get("text_encoder") or CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
+                                                                                  **weights)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kwargs)
         # LCMScheduler.from_config semantics: a base model's other scheduler config keeps only the shared settings
         scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
@@ -125,8 +136,8 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         second = {}
         if family == "sdxl":
             second = {
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                              **weights).eval(),
+                "text_encoder_2": (parts.get("text_encoder_2") or CLIPTextModelWithProjection.from_pretrained(
+                    path, subfolder="text_encoder_2", **weights)).eval(),
                 "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kwargs),
             }
         if controlnet:
@@ -151,7 +162,8 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
         tokenizer=tokenizer,
         scheduler_config=dict(scheduler.config),
         **second,
-        extra={"unet": unet, "vae": VAE_ALIASES.get(vae, vae) if vae else None, **_controlnet_sources(controlnet),
+        extra={"unet": unet, "model_config": model_config, "vae": VAE_ALIASES.get(vae, vae) if vae else None,
+               **_controlnet_sources(controlnet),
                "adapter": adapter},
     )
 
