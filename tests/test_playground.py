@@ -343,3 +343,32 @@ def api_edit(server: Server, model: str, source: Path, rgba: np.ndarray) -> np.n
     status, _, answer = server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
     assert status == 200, answer
     return decoded(answer["data"][0])
+
+
+def test_chosen_sampler_gives_the_apis_image(browser, page_server: Server) -> None:
+    """Sampler, eta and timesteps from the form go through the API: the shown pixels equal the API's for the same
+    request, and differ from the default sampler's."""
+    from selenium.webdriver.support.ui import Select
+
+    open_with_key(browser, page_server)
+    card = page_server.request("GET", "/v1/models")[2]["data"][0]
+    options = [o.get_attribute("value") for o in Select(browser.find_element("id", "scheduler")).options]
+    assert options == card["schedulers"] and "tcd" in options
+    assert Select(browser.find_element("id", "scheduler")).first_selected_option.get_attribute("value") == \
+        card["scheduler"]
+    set_field(browser, "prompt", "a sailing boat")
+    set_field(browser, "seed", "21")
+    Select(browser.find_element("id", "scheduler")).select_by_value("tcd")
+    set_field(browser, "eta", "0.3")
+    set_field(browser, "timesteps", "999,499")
+    before = len(browser.find_elements("css selector", "#results li"))
+    browser.find_element("id", "generate").click()
+    wait(browser, lambda d: len(d.find_elements("css selector", "#results li")) == before + 1, "no image appeared")
+    assert "tcd eta 0.3" in browser.find_element("css selector", "#results li").text
+    request = {"model": "tiny", "prompt": "a sailing boat", "seed": 21, "scheduler": "tcd", "eta": 0.3,
+               "timesteps": [999, 499], "guidance_scale": card["default_guidance_scale"]}
+    status, _, body = page_server.post_json(request)
+    assert status == 200, body
+    np.testing.assert_array_equal(result_pixels(browser), decoded(body["data"][0]))
+    status, _, plain = page_server.post_json({k: v for k, v in request.items() if k not in ("scheduler", "eta")})
+    assert status == 200 and not np.array_equal(decoded(plain["data"][0]), decoded(body["data"][0]))
