@@ -87,6 +87,43 @@ def test_bench_refuses_unbuilt_batch(tiny_sd15_bundle: Path, capsys) -> None:
     assert len(err) == 1 and "not built" in err[0]
 
 
+def test_bench_times_the_chosen_sampler(tiny_sd15_bundle: Path, tmp_path: Path, capsys,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--scheduler, --eta and --timesteps: every timed request and every stage timing runs that sampler's plan, and
+    the report and its first line name it."""
+    from lcmtrt.runtime import pipeline as pipeline_module
+
+    chosen = []
+    choose = pipeline_module.choose_sampler
+    monkeypatch.setattr(pipeline_module, "choose_sampler",
+                        lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1])
+    report_path = tmp_path / "bench.json"
+    sampler = ["--scheduler", "tcd", "--eta", "0.3", "--timesteps", "999,499"]
+    assert main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--batch", "1", *sampler, "--iterations", "2",
+                 "--warmup", "0", "--json", str(report_path)]) == 0
+    assert "| tcd eta 0.3, timesteps 999,499 |" in capsys.readouterr().out.splitlines()[0]
+    report = json.loads(report_path.read_text())
+    environment = report["lcmtrt"]["environment"]
+    assert (environment["sampler"], environment["eta"], environment["timesteps"]) == ("tcd", 0.3, [999, 499])
+    assert set(report["lcmtrt"]["results"]) == {"batch1-steps2"}  # the step count is the timesteps'
+    assert len(chosen) >= 1 + 2 + 2  # the first image, the timed requests, the stage timings
+    assert {(c.name, c.steps, c.eta, c.timesteps) for c in chosen} == {("tcd", 2, 0.3, (999, 499))}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scheduler", "tcd", "--compare", "diffusers"], "--compare diffusers runs LCMScheduler only"),
+    (["--scheduler", "euler-trailing", "--eta", "0.3"], "--eta applies to"),
+    (["--steps", "1,2", "--timesteps", "999,499"], "disagree"),
+    (["--scheduler", "ddim-trailing", "--timesteps", "999,499"], "takes no custom timesteps"),
+    (["--timesteps", "999,499", "--compare", "optimum-intel"], "takes no custom timesteps"),
+])
+def test_bench_refuses_samplers_as_infer_does(tiny_sd15_bundle: Path, capsys, flags: list[str],
+                                              message: str) -> None:
+    assert main(["-q", "bench", "--engines", str(tiny_sd15_bundle), "--iterations", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
 def test_bench_controlnet_bundle(lcmtrt_cache: Path, tmp_path: Path, capsys) -> None:
     """A ControlNet bundle is timed with a synthetic condition map; the diffusers comparison says it cannot."""
     from lcmtrt.engines.build import build_bundle

@@ -12,10 +12,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lcmtrt.bench.plots import sampler_text
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.conditioning import condition_images
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
+from lcmtrt.runtime.scheduler import SamplerChoice
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at dusk, detailed, 8k"
 FIDELITY_PROMPTS = [PROMPT, "a bowl of fruit on a wooden table, still life", "portrait of a cat, oil painting",
@@ -28,6 +30,17 @@ class BenchSettings:
     steps: tuple[int, ...]
     iterations: int = 5
     warmup: int = 1
+    samplers: tuple[SamplerChoice, ...] = ()  # the sampler timed at each of `steps` (none: the bundle's default)
+
+    def sampler(self, steps: int) -> SamplerChoice | None:
+        return next((s for s in self.samplers if s.steps == steps), None)
+
+    def generation(self, steps: int) -> dict[str, Any]:
+        """The generation settings of one timed request at `steps`: its sampler, eta and timesteps."""
+        chosen = self.sampler(steps)
+        if chosen is None:
+            return {"steps": steps}
+        return {"steps": steps, "scheduler": chosen.name, "eta": chosen.eta, "timesteps": chosen.timesteps}
 
 
 def _stats(seconds: list[float]) -> dict[str, float]:
@@ -64,17 +77,20 @@ class LcmtrtContender:
 
     def generate(self, batch: int, steps: int) -> float:
         """Runs one request; returns the seconds spent waiting for engines (the rest is host overhead)."""
-        return self.pipeline.generate([PROMPT] * batch, seed=0, steps=steps, **self.conditions).engine_seconds
+        return self.pipeline.generate([PROMPT] * batch, seed=0, **self.settings.generation(steps),
+                                      **self.conditions).engine_seconds
 
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
-        return self.pipeline.stage_times(batch, steps)
+        generation = self.settings.generation(steps)
+        return self.pipeline.stage_times(batch, generation.pop("steps"), **generation)
 
     def summary(self, results: dict[str, Any], settings: BenchSettings | None = None) -> dict[str, Any]:
         settings = settings or self.settings
         warm_ms = results[f"batch{settings.batches[0]}-steps{settings.steps[0]}"]["end_to_end"]["p50_ms"]
         memory_in_use = getattr(self.pipeline.backend, "memory_in_use", None)
         return {
-            "environment": _environment(self.pipeline.bundle, self.pipeline.backend.device),
+            "environment": _environment(self.pipeline.bundle, self.pipeline.backend.device,
+                                        settings.sampler(settings.steps[0])),
             "cold_start": {"load_s": self.load_s, "first_image_s": self.first_image_s,
                            "ratio_to_load_plus_warm": self.first_image_s / (self.load_s + warm_ms / 1000)},
             "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -186,8 +202,9 @@ def fidelity_prompts(batch: int) -> list[str]:
     return FIDELITY_PROMPTS[:max(1, batch)]
 
 
-def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps: int) -> dict[str, Any]:
-    """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts and seed."""
+def fidelity(bundle_dir: str, reference_dir: str, device: str, settings: BenchSettings) -> dict[str, Any]:
+    """How close a reduced-precision bundle's images are to an fp32 bundle's for the same prompts, seed and sampler,
+    at the first batch size and step count."""
     from lcmtrt.bundle import load_bundle
 
     reference_bundle = load_bundle(reference_dir)
@@ -195,13 +212,13 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps
     same = lambda b: (b.family, b.height, b.width, b.sources.get("model"), b.sources.get("loras"))
     if same(reference_bundle) != same(ours.bundle):
         raise UserError(f"--reference {reference_dir} is not the same model, LoRAs and size as {bundle_dir}")
-    conditions = condition_images(ours.bundle)
-    prompts = fidelity_prompts(batch)
-    mine = ours.generate(prompts, seed=0, steps=steps, **conditions).images
+    conditions = {**condition_images(ours.bundle), **settings.generation(settings.steps[0])}
+    prompts = fidelity_prompts(settings.batches[0])
+    mine = ours.generate(prompts, seed=0, **conditions).images
     del ours
-    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, steps=steps, **conditions).images
+    theirs = Pipeline.load(reference_dir).generate(prompts, seed=0, **conditions).images
     return {"reference": str(reference_dir), "reference_precision": reference_bundle.precision,
-            "images": len(prompts), "steps": steps, **compare_images(mine, theirs)}
+            "images": len(prompts), "steps": settings.steps[0], **compare_images(mine, theirs)}
 
 
 def cpu_model() -> str:
@@ -223,16 +240,20 @@ def cpu_model() -> str:
     return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"
 
 
-def _environment(bundle: Any, device: str) -> dict[str, Any]:
+def _environment(bundle: Any, device: str, sampler: SamplerChoice | None = None) -> dict[str, Any]:
     import onnxruntime
 
     import lcmtrt
 
     env = {"backend": bundle.backend, "precision": bundle.precision, "device": device,
            "model": bundle.sources.get("model"), "size": f"{bundle.width}x{bundle.height}",
-           "sampler": bundle.sampler.scheduler,  # the bundle's default: what every timed generation runs
+           "sampler": sampler.name if sampler else bundle.sampler.scheduler,  # what every timed generation runs
            "lcmtrt": lcmtrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
            "python": platform.python_version(), "cpu": cpu_model()}
+    if sampler and sampler.eta:
+        env["eta"] = sampler.eta
+    if sampler and sampler.timesteps:
+        env["timesteps"] = list(sampler.timesteps)
     if bundle.backend == "tensorrt":
         import tensorrt
 
@@ -246,13 +267,14 @@ class DiffusersContender:
 
     name = "diffusers"
 
-    def __init__(self, bundle_dir: str):
+    def __init__(self, bundle_dir: str, settings: BenchSettings | None = None):
         import torch
 
         from lcmtrt.export.reference import reference_pipeline
         from lcmtrt.bundle import load_bundle
 
         self.bundle = bundle = load_bundle(bundle_dir, verify_hashes=False)
+        self.settings = settings or BenchSettings((1,), (bundle.default_steps,))
         gpu = bundle.backend == "tensorrt" or bundle.build.get("ort_device") == "cuda"
         self.device = "cuda" if gpu else "cpu"
         self.dtype = torch.float16 if gpu and bundle.precision == "fp16" else torch.float32
@@ -285,10 +307,17 @@ class DiffusersContender:
 
         self.current.clear()
         with torch.inference_mode():
-            self.pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=self.bundle.default_guidance_scale,
+            self.pipe([PROMPT] * batch, **self._schedule(steps), guidance_scale=self.bundle.default_guidance_scale,
                       height=self.bundle.height, width=self.bundle.width, generator=torch.manual_seed(0),
                       output_type="np")
         self.sync()
+
+    def _schedule(self, steps: int) -> dict[str, Any]:
+        """LCMScheduler's schedule as the bench times it on lcmtrt: custom timesteps, or `steps` of its own."""
+        chosen = self.settings.sampler(steps)
+        if chosen is not None and chosen.timesteps:
+            return {"timesteps": list(chosen.timesteps)}
+        return {"num_inference_steps": steps}
 
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         self.generate(batch, steps)
@@ -320,8 +349,8 @@ def speedups(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, dict[
 def format_report(report: dict[str, Any]) -> str:
     ours = report["lcmtrt"]
     env = ours["environment"]
-    lines = [f"lcmtrt bench: {env['model']} {env['size']} | {env['backend']} {env['precision']} on {env['device']} "
-             f"| {env['cpu']}",
+    lines = [f"lcmtrt bench: {env['model']} {env['size']} | {sampler_text(env)} | {env['backend']} {env['precision']} "
+             f"on {env['device']} | {env['cpu']}",
              f"cold start: load {ours['cold_start']['load_s']:.2f} s, first image {ours['cold_start']['first_image_s']:.2f} s "
              f"({ours['cold_start']['ratio_to_load_plus_warm']:.2f}x load + warm generation); "
              f"peak host memory {ours['peak_host_memory_mb']:.0f} MB"

@@ -55,8 +55,18 @@ def bench_size(report: dict[str, Any]) -> tuple[int, int]:
     return round(PANEL_IN[0] * columns * DPI), round((PANEL_IN[1] * rows + 0.5) * DPI)
 
 
+def sampler_text(env: dict[str, Any]) -> str:
+    """The timed sampler as a report names it, e.g. "tcd eta 0.3, timesteps 999,499" (older reports name none: LCM)."""
+    text = str(env.get("sampler", "lcm"))
+    if env.get("eta"):
+        text += f" eta {env['eta']:g}"
+    if env.get("timesteps"):
+        text += ", timesteps " + ",".join(str(t) for t in env["timesteps"])
+    return text
+
+
 def _title(env: dict[str, Any]) -> str:
-    sampler = f", {env['sampler']}" if env.get("sampler") else ""  # reports from before samplers name none
+    sampler = f", {sampler_text(env)}" if env.get("sampler") else ""  # reports from before samplers name none
     return (f"lcmtrt bench: {env.get('model')} {env.get('size')}{sampler}, {env.get('backend')} "
             f"{env.get('precision')} on {env.get('device')}\n{env.get('cpu', '')}")
 

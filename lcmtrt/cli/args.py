@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lcmtrt import limits
+from lcmtrt.bundle import SAMPLERS
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.backends.devices import DEVICE_HELP, parse_device
 
@@ -26,6 +27,19 @@ def device_arg(text: str) -> str:
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     """The one --device flag of infer, bench and serve."""
     parser.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The --scheduler, --eta and --timesteps of infer and bench (checked together by runtime.scheduler's
+    choose_sampler, as a request's)."""
+    parser.add_argument("--scheduler", choices=SAMPLERS,
+                        help="the sampler (default: the preset's): lcm, tcd (TCDScheduler), euler-trailing and "
+                             "ddim-trailing (Euler/DDIM with timestep_spacing='trailing'); no rebuild")
+    parser.add_argument("--eta", type=bounded("eta"),
+                        help="tcd's gamma / ddim's eta, as the pipelines' eta (default 0)")
+    parser.add_argument("--timesteps", type=bounded_list("timestep"),
+                        help="custom timesteps, comma-separated (lcm, tcd, euler-trailing: e.g. DMD2's "
+                             "999,749,499,249)")
 
 
 def bounded(name: str) -> Callable[[str], float]:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lcmtrt.cli.args import add_device_flag, bounded, bounded_list, check_report_paths, write_reports
+from lcmtrt.cli.args import (add_device_flag, add_sampler_flags, bounded, bounded_list, check_report_paths,
+                             write_reports)
 from lcmtrt.errors import UserError
+
+if TYPE_CHECKING:
+    from lcmtrt.bundle import Bundle
+    from lcmtrt.runtime.scheduler import SamplerChoice
 
 log = logging.getLogger("lcmtrt")
 OPENVINO_PEERS = ("optimum-intel", "openvino-genai")  # the peers of scripts/optimum-intel-env.sh's venv
@@ -18,7 +23,9 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="measure latency, throughput and memory (optionally vs diffusers)")
     bench.add_argument("--engines", type=Path, required=True, help="bundle folder from build-engines")
     bench.add_argument("--batch", type=bounded_list("batch"), help="batch sizes to measure (default: all built)")
-    bench.add_argument("--steps", type=bounded_list("steps"), help="step counts to measure, e.g. 1,2,4 (default: preset's)")
+    bench.add_argument("--steps", type=bounded_list("steps"),
+                       help="step counts to measure, e.g. 1,2,4 (default: preset's, or as many as --timesteps)")
+    add_sampler_flags(bench)
     bench.add_argument("--iterations", type=bounded("iterations"), default=5)
     bench.add_argument("--warmup", type=bounded("warmup"), default=1)
     bench.add_argument("--json", type=Path, help="also write the report as JSON")
@@ -49,6 +56,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_report_paths(args)
     bundle = load_bundle(args.engines)
     peers = list(dict.fromkeys(args.compare or []))
+    samplers = _samplers(args, bundle)
+    _check_peers_run(peers, samplers[0])
     if peers and condition_images(bundle):
         raise UserError(f"--compare {peers[0]} does not cover ControlNet or T2I-Adapter bundles yet; "
                         "bench them without --compare")
@@ -61,10 +70,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peer_checkpoint(bundle, peer)
     if args.reference is not None:
         load_bundle(args.reference)  # a bad reference fails before minutes of timing
-    settings = BenchSettings(args.batch or bundle.batch_sizes, args.steps or (bundle.default_steps,),
-                             args.iterations, args.warmup)
-    log.info("benchmarking %s: batches %s, steps %s, %d iterations%s", args.engines, list(settings.batches),
-             list(settings.steps), settings.iterations, f", alternated with {', '.join(peers)}" if peers else "")
+    settings = BenchSettings(args.batch or bundle.batch_sizes, tuple(s.steps for s in samplers), args.iterations,
+                             args.warmup, samplers)
+    log.info("benchmarking %s: %s, batches %s, steps %s, %d iterations%s", args.engines, samplers[0].name,
+             list(settings.batches), list(settings.steps), settings.iterations,
+             f", alternated with {', '.join(peers)}" if peers else "")
     contenders = _load_contenders(args, bundle, peers, settings)
     ours = contenders[0]
     peer_fidelity = {}
@@ -86,8 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(contenders) > 1:
         report["speedup"] = {c.name: speedups(report["lcmtrt"], report[c.name]) for c in contenders[1:]}
     if args.reference is not None:
-        report["lcmtrt"]["fidelity"] = fidelity(str(args.engines), str(args.reference), args.device,
-                                                settings.batches[0], settings.steps[0])
+        report["lcmtrt"]["fidelity"] = fidelity(str(args.engines), str(args.reference), args.device, settings)
     elif bundle.precision != "fp32":
         report["lcmtrt"]["fidelity"] = None
         log.warning("warning: a %s bundle: give --reference FP32_BUNDLE to report how close its images are",
@@ -95,6 +104,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     write_reports(args, report, _plot_bench)
     return 0
+
+
+def _samplers(args: argparse.Namespace, bundle: Bundle) -> tuple[SamplerChoice, ...]:
+    """The sampler timed at each step count, resolved and refused as infer's (the bundle's by default, with its
+    preset's eta and timesteps); --timesteps alone gives the step count."""
+    from lcmtrt.runtime.scheduler import choose_sampler
+
+    samplers = tuple(choose_sampler(bundle, args.scheduler, steps, args.timesteps, args.eta, None, False)
+                     for steps in args.steps or (None,))
+    for sampler in samplers:
+        sampler.plan(bundle.scheduler)  # the plan's own refusals (DDIM takes no custom timesteps) before any loading
+    return samplers
+
+
+def _check_peers_run(peers: list[str], sampler: SamplerChoice) -> None:
+    """The peers run diffusers' LCM pipelines (LCMScheduler): a bench of another sampler would time them on a
+    different schedule."""
+    if not peers:
+        return
+    if sampler.name != "lcm":
+        raise UserError(f"--compare {peers[0]} runs LCMScheduler only; bench --scheduler {sampler.name} without "
+                        "--compare")
+    custom = [p for p in peers if p in OPENVINO_PEERS] if sampler.timesteps else []
+    if custom:
+        raise UserError(f"--compare {custom[0]} takes no custom timesteps; bench --timesteps without it")
 
 
 def _load_contenders(args: argparse.Namespace, bundle: Any, peers: list[str], settings: Any) -> list[Any]:
@@ -112,7 +146,7 @@ def _load_contenders(args: argparse.Namespace, bundle: Any, peers: list[str], se
         for peer in peers:
             if peer == "diffusers":
                 log.info("loading the diffusers reference ...")
-                contenders.append(DiffusersContender(str(args.engines)))
+                contenders.append(DiffusersContender(str(args.engines), settings))
             else:
                 log.info("loading the %s peer (%s precision) ...", peer, args.peer_precision)
                 contenders.append(OpenVinoPeerContender(peer, bundle, settings, args.peer_precision))

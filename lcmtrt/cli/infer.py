@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lcmtrt.bundle import SAMPLERS
-from lcmtrt.cli.args import (add_device_flag, bounded, bounded_floats, bounded_list, pair_arg, probe_writable,
+from lcmtrt.cli.args import (add_device_flag, add_sampler_flags, bounded, bounded_floats, pair_arg, probe_writable,
                              seeds_arg)
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.settings import GenerationSettings
@@ -31,12 +30,7 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--steps", type=bounded("steps"))
     infer.add_argument("--guidance-scale", type=bounded("guidance_scale"))
     infer.add_argument("--original-inference-steps", type=bounded("original_inference_steps"))
-    infer.add_argument("--scheduler", choices=SAMPLERS,
-                       help="the sampler (default: the preset's): lcm, tcd (TCDScheduler), euler-trailing and "
-                            "ddim-trailing (Euler/DDIM with timestep_spacing='trailing'); no rebuild")
-    infer.add_argument("--eta", type=bounded("eta"), help="tcd's gamma / ddim's eta, as the pipelines' eta (default 0)")
-    infer.add_argument("--timesteps", type=bounded_list("timestep"),
-                       help="custom timesteps, comma-separated (lcm, tcd, euler-trailing: e.g. DMD2's 999,749,499,249)")
+    add_sampler_flags(infer)
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
     infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")

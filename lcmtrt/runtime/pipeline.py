@@ -402,10 +402,11 @@ class Pipeline:
             log.warning("warning: negative prompts are ignored: %s (diffusers ignores them too)", why)
         return cfg
 
-    def stage_times(self, batch: int, steps: int) -> dict[str, float]:
-        """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
+    def stage_times(self, batch: int, steps: int, **sampler: Any) -> dict[str, float]:
+        """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size;
+        `sampler`: the request's scheduler, eta and timesteps, as generate() takes them."""
         self._require_usable()
-        plan, _ = self._plan(GenerationSettings(steps=steps))  # the plan a request of `steps` runs
+        plan, _ = self._plan(GenerationSettings(steps=steps, **sampler))  # the plan a request of `steps` runs
         program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
