@@ -75,8 +75,8 @@ def test_old_bundle_runs_lcm_as_today(bundles: tuple[Pipeline, Pipeline]) -> Non
     if "vae_encode" in today.bundle.engines:  # image to image: the encoder takes the coefficient row too
         source = np.random.default_rng(0).integers(0, 256, (today.bundle.height, today.bundle.width, 3), np.uint8)
         for mode in ("classic", "lcm"):
-            expected = today.generate(["a lighthouse"], seed=5, steps=4, images=[source], strength=0.6, img2img_mode=mode)
-            got = old.generate(["a lighthouse"], seed=5, steps=4, images=[source], strength=0.6, img2img_mode=mode)
+            request = {"seed": 5, "steps": 4, "images": [source], "strength": 0.6, "img2img_mode": mode}
+            expected, got = today.generate(["a lighthouse"], **request), old.generate(["a lighthouse"], **request)
             np.testing.assert_array_equal(got.images, expected.images)
 
 
