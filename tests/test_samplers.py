@@ -4,6 +4,8 @@ pipelines decode; and the denoise graph's step (export/graphs.py general_step) a
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -28,8 +30,33 @@ def diffusers_scheduler(name: str, config: SchedulerConfig):
                          **common)
 
 
+@contextlib.contextmanager
+def correctly_rounded_sqrt():
+    """diffusers' scheduler math with np.sqrt in place of torch's CPU sqrt, which is not correctly rounded on every
+    CPU (torch 2.13: exact on an Intel AVX-512 host, 1 ulp off for ~20% of float32 inputs on an AMD EPYC Zen 3);
+    the plan's rows use the correctly rounded one (runtime/scheduler.py). What torch's own sqrt changes is bounded in
+    test_scheduler.py, and the pipeline parity tests run diffusers as it is."""
+    sqrt, power = torch.Tensor.sqrt, torch.Tensor.__pow__
+
+    def ieee_sqrt(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(np.sqrt(tensor.numpy())))
+
+    torch.Tensor.sqrt = ieee_sqrt
+    torch.Tensor.__pow__ = lambda tensor, exponent: ieee_sqrt(tensor) if exponent == 0.5 else power(tensor, exponent)
+    try:
+        yield
+    finally:
+        torch.Tensor.sqrt, torch.Tensor.__pow__ = sqrt, power
+
+
 def run_both(name: str, config: SchedulerConfig, steps: int, eta: float, timesteps: tuple[int, ...] | None = None):
-    """diffusers' loop and the plan's, on the same inputs and noise; returns (ours, theirs) decoded latents."""
+    """diffusers' loop (with a correctly rounded sqrt) and the plan's, on the same inputs and noise; returns (ours,
+    theirs) decoded latents."""
+    with correctly_rounded_sqrt():
+        return _run_both(name, config, steps, eta, timesteps)
+
+
+def _run_both(name: str, config: SchedulerConfig, steps: int, eta: float, timesteps: tuple[int, ...] | None):
     sch = diffusers_scheduler(name, config)
     sch.set_timesteps(timesteps=list(timesteps)) if timesteps else sch.set_timesteps(steps)
     plan = sampler_plan(config, name, steps, timesteps, eta)
@@ -59,13 +86,9 @@ CASES = [("tcd", eta) for eta in (0.0, 0.3, 1.0)] + [("ddim-trailing", eta) for 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 @pytest.mark.parametrize("name,eta", CASES)
 def test_loop_matches_diffusers(name: str, eta: float, steps: int, set_alpha_to_one: bool) -> None:
-    """Bit for bit, but for DDIM's sqrt(1 - a_prev - std^2) where torch's CPU sqrt is 1 ulp off (8 steps, eta
-    0.3, t=499): there within float32 rounding of the magnitudes."""
+    """Bit for bit, every sampler, step count and eta."""
     ours, theirs = run_both(name, SchedulerConfig(set_alpha_to_one=set_alpha_to_one), steps, eta)
-    if (name, eta, steps) == ("ddim-trailing", 0.3, 8):
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
-    else:
-        assert np.array_equal(ours, theirs)
+    assert np.array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])

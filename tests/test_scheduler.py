@@ -48,7 +48,7 @@ def torch_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt; torch's CPU sqrt (MKL VML) is 1 ulp off for ~1% of inputs."""
+    """Correctly rounded float32 sqrt; torch's CPU sqrt is 1 ulp off for some inputs (which, depends on the CPU)."""
     return torch.tensor(np.sqrt(x.numpy()))
 
 

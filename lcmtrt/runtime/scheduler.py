@@ -3,8 +3,9 @@
 Everything here follows diffusers' `LCMScheduler` (and, in sampler_plan's rows, `TCDScheduler`,
 `EulerDiscreteScheduler` and `DDIMScheduler` with trailing spacing) op for op in float32, so that the `denoise`
 graph, fed one coefficient row per step, walks the latents diffusers would. The one deliberate difference: square roots are
-correctly rounded (np.sqrt), while torch's CPU sqrt (MKL VML) is up to 1 ulp off for ~1% of inputs, so the
-sqrt-derived columns can differ from diffusers-on-CPU by 1-2 ulp; everything else is bit-exact.
+correctly rounded (np.sqrt), while torch's CPU float32 sqrt is not on every CPU (torch 2.13: ~1% of inputs 1 ulp off
+on an Intel AVX-512 host, ~20% on an AMD EPYC Zen 3), so the sqrt-derived columns can differ from diffusers-on-CPU by
+1-2 ulp; everything else is bit-exact.
 """
 
 from __future__ import annotations
