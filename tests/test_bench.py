@@ -99,3 +99,25 @@ def test_bench_controlnet_bundle(lcmtrt_cache: Path, tmp_path: Path, capsys) -> 
     assert "batch1-steps4" in capsys.readouterr().out
     assert main(["-q", "bench", "--engines", str(out), "--iterations", "1", "--compare", "diffusers"]) == 2
     assert "does not cover ControlNet" in capsys.readouterr().err
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / f"cpuinfo-{len(flags)}"
+    path.write_text(f"processor\t: 0\nmodel name\t: Fake CPU 9000\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n")
+    return path
+
+
+def test_cpu_model_names_the_int8_and_bf16_extensions(tmp_path: Path) -> None:
+    from lcmtrt.bench.offline import cpu_model
+    from lcmtrt.runtime.backends.cpu import int8_warning, cpu_info
+
+    zen3 = _cpuinfo(tmp_path, "avx2 fma")
+    xeon = _cpuinfo(tmp_path, "avx2 avx512f avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_int8 amx_tile")
+    client = _cpuinfo(tmp_path, "avx2 avx_vnni")
+    assert cpu_model(zen3).startswith("Fake CPU 9000 (") and cpu_model(zen3).endswith(
+        "; avx2, no avx512_bf16/amx, no vnni/amx_int8)")
+    assert "avx512_vnni, avx_vnni, avx512_bf16, amx_bf16, amx_int8)" in cpu_model(xeon)
+    assert cpu_model(client).endswith("; avx2, avx_vnni, no avx512_bf16/amx)")
+    assert "VNNI" in int8_warning(cpu_info(zen3)[1])
+    assert int8_warning(cpu_info(xeon)[1]) is None and int8_warning(cpu_info(client)[1]) is None
+    assert int8_warning(cpu_info(tmp_path / "absent")[1]) is None  # flags unknown: nothing claimed

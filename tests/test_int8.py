@@ -187,3 +187,24 @@ def test_int8_builds_cfg_and_inpainting_bundles(build_tiny, tmp_path: Path, pres
     images = pipeline.generate(["a cat"], seed=0, settings=settings).images
     assert images.shape == (1, bundle.height, bundle.width, 3)
 
+
+def test_int8_warns_on_a_cpu_without_int8_dot_products(int8_bundle: Path, tmp_path: Path, capsys, monkeypatch,
+                                                       caplog) -> None:
+    """An AVX2-only CPU (this project's Zen 3) has no VNNI or AMX int8: build-engines and infer say in one line
+    that int8 may not be faster there."""
+    from lcmtrt.runtime.backends import cpu
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: AVX2 only\nflags\t\t: fpu sse2 avx2 fma\n")
+    monkeypatch.setattr(cpu, "CPUINFO", fake)
+    with caplog.at_level("WARNING", logger="lcmtrt"):
+        openvino_build.check_precision("int8", "CPU")
+    assert [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()] == [cpu.int8_warning({"avx2"})]
+    assert main(["infer", "--engines", str(int8_bundle), "--prompt", "a cat", "--steps", "1", "--output",
+                 str(tmp_path / "cat.png")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "VNNI" in line]
+    assert len(warnings) == 1 and "may not be faster" in warnings[0]
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n")
+    assert main(["infer", "--engines", str(int8_bundle), "--prompt", "a cat", "--steps", "1", "--output",
+                 str(tmp_path / "cat2.png")]) == 0
+    assert "VNNI" not in capsys.readouterr().err

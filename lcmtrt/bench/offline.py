@@ -8,11 +8,13 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.backends.cpu import BF16_FLAGS, INT8_FLAGS, REPORTED_FLAGS, cpu_info
 from lcmtrt.runtime.conditioning import condition_images
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
@@ -204,23 +206,16 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, batch: int, steps
             "images": len(prompts), "steps": steps, **compare_images(mine, theirs)}
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its bf16/int8 extensions, e.g. "AMD EPYC (2 cores; avx2, no avx512_bf16)"."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    have = [f for f in wanted if f in flags]
-    lacks = "" if "avx512_bf16" in flags or "amx_bf16" in flags or not flags else ", no avx512_bf16/amx"
-    return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"
+def cpu_model(cpuinfo: Path | None = None) -> str:
+    """The CPU's model name and its bf16/int8 extensions, e.g. "AMD EPYC (2 cores; avx2, no avx512_bf16/amx, no
+    vnni/amx_int8)"."""
+    name, flags = cpu_info(cpuinfo)
+    have = [f for f in REPORTED_FLAGS if f in flags]
+    lacks = "" if not flags else "".join(
+        [", no avx512_bf16/amx" if not any(f in flags for f in BF16_FLAGS) else "",
+         ", no vnni/amx_int8" if not any(f in flags for f in INT8_FLAGS) else ""])
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores; " \
+           f"{', '.join(have) or 'flags unknown'}{lacks})"
 
 
 def _environment(bundle: Any, device: str) -> dict[str, Any]:
