@@ -85,6 +85,14 @@ class LcmtrtContender:
         }
 
 
+PER_WORKER = ("batch", "threads", "shapes")  # a peer worker's own, one worker per batch size
+
+
+def default_openvino_precision(cpuinfo: Path | None = None) -> str:
+    """What OpenVINO's CPU plugin runs at without a precision hint: bf16 where the CPU has it, f32 elsewhere."""
+    return "bf16" if any(flag in cpu_info(cpuinfo)[1] for flag in BF16_FLAGS) else "fp32"
+
+
 class OpenVinoPeerContender:
     """A CPU peer (optimum-intel's OVLatentConsistencyModelPipeline or openvino-genai's Text2ImagePipeline) on the
     bundle's checkpoint, one worker per batch size (its shapes are static), in the peer venv
@@ -127,8 +135,14 @@ class OpenVinoPeerContender:
                 **compare_images(mine, theirs)}
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        """What the peer's workers share, and per batch size what each worker ran with (openvino-genai falls back
+        to dynamic shapes at batch > 1)."""
         first = next(iter(self.peers.values()))
-        return {"environment": first.environment(),
+        environment = {k: v for k, v in first.environment().items() if k not in PER_WORKER}
+        environment["default_precision"] = default_openvino_precision()
+        environment["per_batch"] = {str(batch): {k: peer.environment()[k] for k in PER_WORKER}
+                                    for batch, peer in self.peers.items()}
+        return {"environment": environment,
                 "cold_start": {"first_image_s": first.load_s, "export_s": first.export_s, "import_s": first.import_s},
                 "results": results}
 
@@ -333,7 +347,9 @@ def format_report(report: dict[str, Any]) -> str:
                          f"PSNR {f['psnr_db']:.1f} dB, max difference {f['max_diff']}/255, "
                          f"{f['within_1_pct']:.2f}% of pixels within 1/255")
     lines.append("")
-    header = f"{'setting':16s} {'who':22s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
+    labels = {peer: _ratio_label(peer, report[peer]["environment"]) for peer in report.get("speedup", {})}
+    width = max([22, *map(len, labels.values()), *map(len, others)])
+    header = f"{'setting':16s} {'who':{width}s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
              f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s} {'gap %':>6s}"
     lines.append(header)
     for key, mine in ours["results"].items():
@@ -344,12 +360,21 @@ def format_report(report: dict[str, Any]) -> str:
                            f"{stages['vae_decode']['median_ms']:9.1f}") if stages else f"{'':8s} {'':9s} {'':9s}"
             overhead = f"{r['overhead_ms_per_image']:10.3f}" if "overhead_ms_per_image" in r else f"{'':10s}"
             gap = f"{r['stage_gap']['gap_pct']:6.1f}" if "stage_gap" in r else ""
-            lines.append(f"{key:16s} {who:22s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
+            lines.append(f"{key:16s} {who:{width}s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
                          f"{r['end_to_end']['p99_ms']:9.1f} {r['images_per_s']:8.2f} {stage_cells} {overhead} {gap}")
         for peer, table in report.get("speedup", {}).items():
             sp = table[key]
             stage_cells = " ".join(f"{sp[k]:{w}.2f}x" for k, w in (("text", 7), ("denoise_step", 8), ("vae_decode", 8))
                                    if k in sp)
-            lines.append(f"{key:16s} {'vs ' + peer:22s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
+            lines.append(f"{key:16s} {labels[peer]:{width}s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
                          f"{sp['images_per_s']:7.2f}x {stage_cells}")
     return "\n".join(lines)
+
+
+def _ratio_label(name: str, environment: dict[str, Any]) -> str:
+    """A ratio line's name: the contender and the precision it ran at, e.g. "vs optimum-intel (bf16 default)" (an
+    OpenVINO peer at OpenVINO's default), "vs diffusers (float32)"; "vs lcmtrt openvino fp32" names it already."""
+    precision = environment.get("precision") or environment.get("dtype", "?")
+    if precision == "default":
+        precision = f"{environment.get('default_precision', '?')} default"
+    return f"vs {name}" if name.endswith(precision) else f"vs {name} ({precision})"
