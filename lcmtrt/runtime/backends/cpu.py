@@ -9,8 +9,8 @@ from typing import AbstractSet
 log = logging.getLogger("lcmtrt")
 
 CPUINFO = Path("/proc/cpuinfo")
-# int8 dot-product instructions: without one of them oneDNN's int8 kernels emulate the products with AVX2 and gain
-# little or nothing over fp32
+# int8 dot-product instructions: without one of them oneDNN's int8 kernels build each dot product from several AVX2
+# instructions and gain little or nothing over fp32
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -39,8 +39,8 @@ def int8_warning(flags: AbstractSet[str]) -> str | None:
     are unknown."""
     if not flags or any(flag in flags for flag in INT8_FLAGS):
         return None
-    return ("warning: this CPU has no VNNI or AMX int8 (avx512_vnni, avx_vnni, amx_int8): int8 runs emulated and "
-            "may not be faster than fp32 here")
+    return ("warning: this CPU has no VNNI or AMX int8 (avx512_vnni, avx_vnni, amx_int8): each int8 dot product "
+            "takes several AVX2 instructions, so int8 may not be faster than fp32 here")
 
 
 def warn_if_int8_slow(path: Path | None = None) -> None:
