@@ -200,11 +200,11 @@ def test_int8_warns_on_a_cpu_without_int8_dot_products(int8_bundle: Path, tmp_pa
     with caplog.at_level("WARNING", logger="lcmtrt"):
         openvino_build.check_precision("int8", "CPU")
     assert [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()] == [cpu.int8_warning({"avx2"})]
-    assert main(["infer", "--engines", str(int8_bundle), "--prompt", "a cat", "--steps", "1", "--output",
+    assert main(["-q", "infer", "--engines", str(int8_bundle), "a cat", "--steps", "1", "--output",
                  str(tmp_path / "cat.png")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "VNNI" in line]
     assert len(warnings) == 1 and "may not be faster" in warnings[0]
     fake.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n")
-    assert main(["infer", "--engines", str(int8_bundle), "--prompt", "a cat", "--steps", "1", "--output",
+    assert main(["-q", "infer", "--engines", str(int8_bundle), "a cat", "--steps", "1", "--output",
                  str(tmp_path / "cat2.png")]) == 0
     assert "VNNI" not in capsys.readouterr().err
