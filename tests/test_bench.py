@@ -136,3 +136,62 @@ def test_bench_controlnet_bundle(lcmtrt_cache: Path, tmp_path: Path, capsys) -> 
     assert "batch1-steps4" in capsys.readouterr().out
     assert main(["-q", "bench", "--engines", str(out), "--iterations", "1", "--compare", "diffusers"]) == 2
     assert "does not cover ControlNet" in capsys.readouterr().err
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / f"cpuinfo-{len(flags)}"
+    path.write_text(f"processor\t: 0\nmodel name\t: Fake CPU 9000\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n")
+    return path
+
+
+def test_cpu_model_names_the_int8_and_bf16_extensions(tmp_path: Path) -> None:
+    from lcmtrt.bench.offline import cpu_model, default_openvino_precision
+    from lcmtrt.runtime.backends.cpu import int8_warning, cpu_info
+
+    zen3 = _cpuinfo(tmp_path, "avx2 fma")
+    xeon = _cpuinfo(tmp_path, "avx2 avx512f avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_int8 amx_tile")
+    client = _cpuinfo(tmp_path, "avx2 avx_vnni")
+    assert cpu_model(zen3).startswith("Fake CPU 9000 (") and cpu_model(zen3).endswith(
+        "; avx2, no avx512_bf16/amx, no vnni/amx_int8)")
+    assert "avx512_vnni, avx_vnni, avx512_bf16, amx_bf16, amx_int8)" in cpu_model(xeon)
+    assert cpu_model(client).endswith("; avx2, avx_vnni, no avx512_bf16/amx)")
+    assert "VNNI" in int8_warning(cpu_info(zen3)[1])
+    assert int8_warning(cpu_info(xeon)[1]) is None and int8_warning(cpu_info(client)[1]) is None
+    assert int8_warning(cpu_info(tmp_path / "absent")[1]) is None  # flags unknown: nothing claimed
+    assert default_openvino_precision(zen3) == "fp32" and default_openvino_precision(xeon) == "bf16"
+
+
+class _FakePeer:
+    def __init__(self, batch: int, shapes: str):
+        self.batch, self.shapes, self.load_s, self.export_s, self.import_s = batch, shapes, 1.0, 0.0, 0.5
+
+    def environment(self) -> dict:
+        return {"peer": "openvino-genai Text2ImagePipeline", "precision": "default", "batch": self.batch,
+                "threads": 2, "shapes": self.shapes, "openvino": "2026.4"}
+
+
+def test_peer_environment_per_batch_size_and_ratio_names_its_precision(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker per batch size: genai's batch-2 worker runs dynamic shapes, and the report says so for that batch
+    only; the ratio line names the precision the peer ran at."""
+    from lcmtrt.bench import offline
+    from lcmtrt.runtime.backends import cpu
+
+    monkeypatch.setattr(cpu, "CPUINFO", _cpuinfo(tmp_path, "avx2 avx512_bf16 amx_bf16 amx_int8"))
+    peer = offline.OpenVinoPeerContender.__new__(offline.OpenVinoPeerContender)
+    peer.name, peer.peers = "openvino-genai", {1: _FakePeer(1, "static"), 2: _FakePeer(2, "dynamic (genai)")}
+    timing = {"end_to_end": {"p50_ms": 100.0, "p90_ms": 110.0, "p99_ms": 120.0}, "images_per_s": 10.0}
+    results = {"batch1-steps4": timing, "batch2-steps4": {**timing, "images_per_s": 20.0}}
+    summary = json.loads(json.dumps(peer.summary(results)))
+    environment = summary["environment"]
+    assert environment["per_batch"] == {"1": {"batch": 1, "threads": 2, "shapes": "static"},
+                                        "2": {"batch": 2, "threads": 2, "shapes": "dynamic (genai)"}}
+    assert "shapes" not in environment and environment["default_precision"] == "bf16"
+    ours = {"environment": {"model": "m", "size": "64x64", "backend": "openvino", "precision": "bf16",
+                            "device": "CPU", "cpu": "Fake"},
+            "cold_start": {"load_s": 1.0, "first_image_s": 2.0, "ratio_to_load_plus_warm": 1.5},
+            "peak_host_memory_mb": 1.0, "device_memory_in_use_mb": None, "results": results}
+    report = {"lcmtrt": ours, "openvino-genai": summary}
+    report["speedup"] = {"openvino-genai": offline.speedups(ours, summary)}
+    ratio_lines = [line for line in offline.format_report(report).splitlines() if " vs " in line]
+    assert len(ratio_lines) == 2 and all("vs openvino-genai (bf16 default)" in line for line in ratio_lines)

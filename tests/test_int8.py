@@ -5,6 +5,7 @@ bundle.json records, deterministic calibration, bench's fidelity report, and the
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -17,6 +18,7 @@ from conftest import on_backend
 from lcmtrt.cli.main import main
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
+from lcmtrt.runtime.settings import GenerationSettings
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -100,6 +102,11 @@ def test_bundle_json_records_precision_calibration_and_fidelity(int8_bundle: Pat
     int8 = manifest["build"]["int8"]
     assert int8["calibration"]["samples"] == {"denoise": openvino_quantize.Int8Settings().samples}
     assert int8["calibration"]["steps"] == manifest["defaults"]["steps"] and int8["calibration"]["seeds"]
+    # the seeds alone do not fix the calibration: torch and numpy draw other noise from them
+    assert int8["calibration"]["noise"].startswith(("torch.Generator().manual_seed(seed), torch ",
+                                                    "numpy.random.Generator(PCG64(seed)), numpy "))
+    # every engine's compiled precisions, vae_encode too (text-to-image never runs it)
+    assert set(manifest["build"]["heavy_op_precisions"]) == set(manifest["engines"]) >= {"vae_encode"}
     assert int8["denoise"]["fake_quantize_ops"] > 0
     assert set(int8["weight_only"]["engines"]) == {"text", "vae_decode", "vae_encode"}
     fidelity = int8["fidelity"]
@@ -157,3 +164,55 @@ def test_int8_refused_without_nncf(tiny_sd15_bundle: Path, tmp_path: Path, capsy
                  "int8", "--out", str(tmp_path / "x")])
     assert code == 2 and "pip install 'lcmtrt[openvino]'" in last_error_line(capsys)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-lcm-lora-sd15", "tiny-sd15-inpaint"])
+def test_int8_builds_cfg_and_inpainting_bundles(build_tiny, tmp_path: Path, preset: str) -> None:
+    """LCM-LoRA (default guidance 1, so CFG needs a guidance of its own) and a 9-channel inpainting UNet (only
+    inpaints): every denoise engine calibrated at a guidance that runs it and quantized, every engine's precisions
+    recorded, and the bundle runs; nothing else is left beside it."""
+    out = tmp_path / "int8"
+    bundle = build.convert_bundle(build_tiny(preset), out, backend="openvino", precision="int8")
+    int8 = bundle.build["int8"]
+    denoisers = {name for name in bundle.engines if name.startswith("denoise")}
+    assert denoisers == {"denoise", "denoise_cfg"}
+    assert int8["calibration"]["samples"] == {name: openvino_quantize.Int8Settings().samples for name in denoisers}
+    guidances = int8["calibration"]["guidance_scales"]
+    assert guidances["denoise"] <= 1.0 < guidances["denoise_cfg"], guidances
+    assert all(int8[name]["fake_quantize_ops"] > 0 for name in denoisers)
+    assert set(bundle.build["heavy_op_precisions"]) == set(bundle.engines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+    pipeline = Pipeline.load(out)
+    # guidance 2 runs denoise_cfg; a 9-channel bundle repaints a blank image under a full mask
+    settings = pipeline.runnable(GenerationSettings(steps=2, guidance_scale=2.0))
+    images = pipeline.generate(["a cat"], seed=0, settings=settings).images
+    assert images.shape == (1, bundle.height, bundle.width, 3)
+
+
+def test_int8_warns_on_a_cpu_without_int8_dot_products(int8_bundle: Path, tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    """An AVX2-only CPU (this project's Zen 3) has no VNNI or AMX int8: build-engines and infer say in one line
+    that int8 may not be faster there."""
+    from lcmtrt.runtime.backends import cpu
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: AVX2 only\nflags\t\t: fpu sse2 avx2 fma\n")
+    monkeypatch.setattr(cpu, "CPUINFO", fake)
+    logger, records = logging.getLogger("lcmtrt"), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the CLI stops "lcmtrt" propagating to pytest's caplog once main() has run
+    logger.addHandler(handler)
+    try:
+        openvino_build.check_precision("int8", "CPU")  # what build-engines --precision int8 checks first
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if "VNNI" in r.getMessage()] == [cpu.int8_warning({"avx2"})]
+    capsys.readouterr()  # a handler an earlier main() left on "lcmtrt" may have reported it too
+    assert main(["-q", "infer", "--engines", str(int8_bundle), "a cat", "--steps", "1", "--output",
+                 str(tmp_path / "cat.png")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "VNNI" in line]
+    assert len(warnings) == 1 and "may not be faster" in warnings[0]
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n")
+    assert main(["-q", "infer", "--engines", str(int8_bundle), "a cat", "--steps", "1", "--output",
+                 str(tmp_path / "cat2.png")]) == 0
+    assert "VNNI" not in capsys.readouterr().err

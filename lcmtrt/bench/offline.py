@@ -8,12 +8,14 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from lcmtrt.bench.plots import sampler_text
 from lcmtrt.errors import UserError
+from lcmtrt.runtime.backends.cpu import BF16_FLAGS, INT8_FLAGS, REPORTED_FLAGS, cpu_info
 from lcmtrt.runtime.conditioning import condition_images
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
@@ -99,6 +101,14 @@ class LcmtrtContender:
         }
 
 
+PER_WORKER = ("batch", "threads", "shapes")  # a peer worker's own, one worker per batch size
+
+
+def default_openvino_precision(cpuinfo: Path | None = None) -> str:
+    """What OpenVINO's CPU plugin runs at without a precision hint: bf16 where the CPU has it, f32 elsewhere."""
+    return "bf16" if any(flag in cpu_info(cpuinfo)[1] for flag in BF16_FLAGS) else "fp32"
+
+
 class OpenVinoPeerContender:
     """A CPU peer (optimum-intel's OVLatentConsistencyModelPipeline or openvino-genai's Text2ImagePipeline) on the
     bundle's checkpoint, one worker per batch size (its shapes are static), in the peer venv
@@ -141,8 +151,14 @@ class OpenVinoPeerContender:
                 **compare_images(mine, theirs)}
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        """What the peer's workers share, and per batch size what each worker ran with (openvino-genai falls back
+        to dynamic shapes at batch > 1)."""
         first = next(iter(self.peers.values()))
-        return {"environment": first.environment(),
+        environment = {k: v for k, v in first.environment().items() if k not in PER_WORKER}
+        environment["default_precision"] = default_openvino_precision()
+        environment["per_batch"] = {str(batch): {k: peer.environment()[k] for k in PER_WORKER}
+                                    for batch, peer in self.peers.items()}
+        return {"environment": environment,
                 "cold_start": {"first_image_s": first.load_s, "export_s": first.export_s, "import_s": first.import_s},
                 "results": results}
 
@@ -221,23 +237,16 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, settings: BenchSe
             "images": len(prompts), "steps": settings.steps[0], **compare_images(mine, theirs)}
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its bf16/int8 extensions, e.g. "AMD EPYC (2 cores; avx2, no avx512_bf16)"."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    have = [f for f in wanted if f in flags]
-    lacks = "" if "avx512_bf16" in flags or "amx_bf16" in flags or not flags else ", no avx512_bf16/amx"
-    return f"{name} ({os.cpu_count()} cores; {', '.join(have) or 'flags unknown'}{lacks})"
+def cpu_model(cpuinfo: Path | None = None) -> str:
+    """The CPU's model name and its bf16/int8 extensions, e.g. "AMD EPYC (2 cores; avx2, no avx512_bf16/amx, no
+    vnni/amx_int8)"."""
+    name, flags = cpu_info(cpuinfo)
+    have = [f for f in REPORTED_FLAGS if f in flags]
+    lacks = "" if not flags else "".join(
+        [", no avx512_bf16/amx" if not any(f in flags for f in BF16_FLAGS) else "",
+         ", no vnni/amx_int8" if not any(f in flags for f in INT8_FLAGS) else ""])
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores; " \
+           f"{', '.join(have) or 'flags unknown'}{lacks})"
 
 
 def _environment(bundle: Any, device: str, sampler: SamplerChoice | None = None) -> dict[str, Any]:
@@ -367,7 +376,9 @@ def format_report(report: dict[str, Any]) -> str:
                          f"PSNR {f['psnr_db']:.1f} dB, max difference {f['max_diff']}/255, "
                          f"{f['within_1_pct']:.2f}% of pixels within 1/255")
     lines.append("")
-    header = f"{'setting':16s} {'who':22s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
+    labels = {peer: _ratio_label(peer, report[peer]["environment"]) for peer in report.get("speedup", {})}
+    width = max([22, *map(len, labels.values()), *map(len, others)])
+    header = f"{'setting':16s} {'who':{width}s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>8s} " \
              f"{'text ms':>8s} {'step ms':>9s} {'vae ms':>9s} {'ovh ms/img':>10s} {'gap %':>6s}"
     lines.append(header)
     for key, mine in ours["results"].items():
@@ -378,12 +389,21 @@ def format_report(report: dict[str, Any]) -> str:
                            f"{stages['vae_decode']['median_ms']:9.1f}") if stages else f"{'':8s} {'':9s} {'':9s}"
             overhead = f"{r['overhead_ms_per_image']:10.3f}" if "overhead_ms_per_image" in r else f"{'':10s}"
             gap = f"{r['stage_gap']['gap_pct']:6.1f}" if "stage_gap" in r else ""
-            lines.append(f"{key:16s} {who:22s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
+            lines.append(f"{key:16s} {who:{width}s} {r['end_to_end']['p50_ms']:9.1f} {r['end_to_end']['p90_ms']:9.1f} "
                          f"{r['end_to_end']['p99_ms']:9.1f} {r['images_per_s']:8.2f} {stage_cells} {overhead} {gap}")
         for peer, table in report.get("speedup", {}).items():
             sp = table[key]
             stage_cells = " ".join(f"{sp[k]:{w}.2f}x" for k, w in (("text", 7), ("denoise_step", 8), ("vae_decode", 8))
                                    if k in sp)
-            lines.append(f"{key:16s} {'vs ' + peer:22s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
+            lines.append(f"{key:16s} {labels[peer]:{width}s} {sp['end_to_end_p50']:8.2f}x {'':9s} {'':9s} "
                          f"{sp['images_per_s']:7.2f}x {stage_cells}")
     return "\n".join(lines)
+
+
+def _ratio_label(name: str, environment: dict[str, Any]) -> str:
+    """A ratio line's name: the contender and the precision it ran at, e.g. "vs optimum-intel (bf16 default)" (an
+    OpenVINO peer at OpenVINO's default), "vs diffusers (float32)"; "vs lcmtrt openvino fp32" names it already."""
+    precision = environment.get("precision") or environment.get("dtype", "?")
+    if precision == "default":
+        precision = f"{environment.get('default_precision', '?')} default"
+    return f"vs {name}" if name.endswith(precision) else f"vs {name} ({precision})"

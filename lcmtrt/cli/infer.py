@@ -153,6 +153,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise UserError("--save-control needs --control-image")
     start = time.perf_counter()
     pipeline = Pipeline.load(args.engines, args.device)
+    if pipeline.bundle.precision == "int8":  # int8 bundles are OpenVINO's, built for CPUs only
+        from lcmtrt.runtime.backends.cpu import warn_if_int8_slow
+
+        warn_if_int8_slow()
     if args.lora:
         from lcmtrt.export.lora import LoraSpec
         from lcmtrt.export.refit import apply_loras

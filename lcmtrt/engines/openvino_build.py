@@ -70,6 +70,9 @@ def check_precision(precision: str, device: str) -> None:
         if not device.upper().startswith("CPU"):
             raise UserError(f"--precision int8 is built and checked for CPUs only; OpenVINO's {device} takes "
                             "--precision fp16 (or build int8 with --device cpu)")
+        from lcmtrt.runtime.backends.cpu import warn_if_int8_slow
+
+        warn_if_int8_slow()
     if precision == "bf16" and not bf16_supported(device):
         raise UserError(f"--precision bf16 needs a CPU with bf16 (avx512_bf16 or AMX); OpenVINO's {device} here has "
                         f"none, so bf16 would silently run in fp32: use --precision fp32")

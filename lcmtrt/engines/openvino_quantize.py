@@ -2,16 +2,22 @@
 
 - `denoise` (and `denoise_cfg`): weights and activations in int8 (`nncf.quantize`) on a calibration set the build
   makes itself, with nothing downloaded: the fp32 IR's pipeline runs CALIBRATION_PROMPTS at the bundle's default
-  steps and guidance, each generation from its own fixed seed, and every denoise call's inputs are recorded. The
-  settings are NNCF's recipe for LCM UNets (its LCM notebook, the 1.32x anchor): model type TRANSFORMER (SmoothQuant
-  on the matrix products, attention kept as OpenVINO fuses it), bias correction off.
-- `text`, `vae_decode`, `vae_encode`: weight-only int8 (`nncf.compress_weights`, INT8_ASYM, per output channel), as
-  optimum-intel's hybrid mode does: they run once per image, and int8 activations in the VAE cost the most pixels.
+  steps, each denoise engine at a guidance that runs it (calibration_guidances), each generation from its own fixed
+  seed, and every denoise call's inputs are recorded. The settings are NNCF's recipe for LCM UNets (its LCM
+  notebook, the 1.32x anchor): model type TRANSFORMER (SmoothQuant on the matrix products, attention kept as
+  OpenVINO fuses it), bias correction off.
+- `text`, `vae_decode`, `vae_encode`, `inpaint_encode`: weight-only int8 (`nncf.compress_weights`, INT8_ASYM, per
+  output channel), as optimum-intel's hybrid mode does: they run once per image, and static int8 activations in the
+  VAE cost the most pixels. No activation is quantized in their IR, but OpenVINO's CPU plugin runs matrix products
+  with int8 weights through dynamic quantization (u8 activations per group at run time): the text encoder's (fc1
+  among them) and the VAE's attention projections do run int8 arithmetic; convolutions run in floating point.
 - What is not quantized runs at the device's default inference precision (bf16 on CPUs with avx512_bf16 or AMX,
   f32 elsewhere; runtime/backends/openvino.py sets no hint for int8).
 
 The int8 images are then compared with the fp32 IR's on FIDELITY_PROMPTS, and bundle.json records the calibration
-and that fidelity under build.int8. nncf (and the torch it imports) is imported here only: never by the runtime.
+(prompts, seeds, guidances and the noise source: the same seeds draw other noise with numpy than with torch) and that
+fidelity under build.int8. Two builds on the same machine with the same OpenVINO, NNCF and noise source give the same
+weights. nncf (and the torch it imports) is imported here only: never by the runtime.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from lcmtrt.bundle import Bundle, EngineSpec
-from lcmtrt.engines.openvino_build import ir_name, reshape, runtime_precisions, save_ir
+from lcmtrt.engines.openvino_build import (compiled_precisions, ir_name, reshape, runtime_precisions,
+                                          save_ir)
 from lcmtrt.engines.staging import Progress
 from lcmtrt.runtime.conditioning import condition_images
 from lcmtrt.runtime.images import compare_images
+from lcmtrt.runtime.settings import GenerationSettings
 
 log = logging.getLogger("lcmtrt.engines.build")  # progress lines under the build's name, as users see them
 
@@ -62,12 +70,15 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
     "an abstract painting with bold geometric shapes",
 )
 FIDELITY_PROMPTS: tuple[str, ...] = ("a photo of a cat", "a cinematic photo of a lighthouse on a cliff at dusk")
-WEIGHT_ONLY = ("text", "vae_decode", "vae_encode")  # weight-only int8; the adapter (T2I) stays as it is
+WEIGHT_ONLY = ("text", "vae_decode", "vae_encode", "inpaint_encode")  # weight-only int8; the adapter (T2I) stays
+# the guidance denoise_cfg is calibrated at when the bundle's default (LCM-LoRA: 1.0) runs no classifier-free guidance
+CFG_CALIBRATION_GUIDANCE = 4.0
 
 
 @dataclass(frozen=True)
 class Int8Settings:
-    """How an int8 bundle is calibrated and checked (all fixed: two builds of one model give the same bundle)."""
+    """How an int8 bundle is calibrated and checked (all fixed: two builds of one model on one machine, with the same
+    OpenVINO, NNCF and noise source, give the same weights)."""
 
     samples: int = 32  # denoise calls in the calibration set (NNCF's subset_size): samples / steps generations
     first_seed: int = 0  # calibration generation g draws its noise from seed first_seed + g
@@ -151,34 +162,64 @@ def _pipeline(view: Bundle, precision: str, calibration_limit: int | None = None
     return Pipeline(bundle, backend)
 
 
+def calibration_guidances(view: Bundle) -> dict[str, float]:
+    """The guidance scale each denoise engine is calibrated at: one that runs it (the pipeline takes denoise_cfg iff
+    guidance > 1 on a bundle without a guidance embedding), the bundle's default where that one does."""
+    default = view.default_guidance_scale
+    if view.guidance_mode == "embedding":
+        return {"denoise": default}
+    guidances = {"denoise": default if default <= 1.0 else 1.0}
+    if "denoise_cfg" in view.engines:
+        guidances["denoise_cfg"] = default if default > 1.0 else CFG_CALIBRATION_GUIDANCE
+    return guidances
+
+
+def _noise_source(pipeline: Any) -> str:
+    """How the calibration's noise was drawn: the seeds alone do not fix it (torch and numpy draw differently)."""
+    if pipeline.noise == "torch":
+        import torch
+
+        return f"torch.Generator().manual_seed(seed), torch {torch.__version__}"
+    return f"numpy.random.Generator(PCG64(seed)), numpy {np.__version__}"
+
+
 def capture_calibration(view: Bundle, settings: Int8Settings) -> tuple[dict[str, list[dict[str, np.ndarray]]],
                                                                        np.ndarray, dict[str, Any]]:
     """Run the fp32 IR over CALIBRATION_PROMPTS and record each denoise call's inputs (at most settings.samples per
-    denoise engine; CFG bundles also run guidance 1, which takes the plain denoise engine); then the fp32 images
-    of the fidelity prompts. Returns (samples per engine, those images, what the calibration was)."""
+    denoise engine, each run at a guidance that takes it: calibration_guidances); then the fp32 images of the
+    fidelity prompts. A 9-channel inpainting bundle repaints a blank image under a full mask (Pipeline.runnable).
+    Returns (samples per engine, those images, what the calibration was)."""
     pipeline = _pipeline(view, "fp32", settings.samples)
     recorder: _CalibrationBackend = pipeline.backend
     conditions = condition_images(view)
     steps = view.default_steps
     generations = -(-settings.samples // steps)
-    guidances = [view.default_guidance_scale] + ([1.0] if view.guidance_mode == "cfg" else [])
+    guidances = calibration_guidances(view)
     recorder.decode = False
     seeds = []
-    for guidance in guidances:
+    for guidance in dict.fromkeys(guidances.values()):  # one pass per distinct guidance
         for g in range(generations):
             seeds.append(settings.first_seed + g)
-            pipeline.generate([CALIBRATION_PROMPTS[g % len(CALIBRATION_PROMPTS)]], seed=seeds[-1], steps=steps,
-                              guidance_scale=guidance, **conditions)
+            run = pipeline.runnable(GenerationSettings(steps=steps, guidance_scale=guidance, **conditions))
+            pipeline.generate([CALIBRATION_PROMPTS[g % len(CALIBRATION_PROMPTS)]], seed=seeds[-1], settings=run)
     recorder.decode = True
     prompts = list(settings.fidelity_prompts)
-    reference = pipeline.generate(prompts, seed=settings.fidelity_seed, steps=steps, **conditions).images
+    reference = pipeline.generate(prompts, seed=settings.fidelity_seed, settings=fidelity_settings(pipeline)).images
     missing = [name for name, kept in recorder.samples.items() if not kept]
     if missing:
-        raise RuntimeError(f"the calibration ran no {missing[0]} step")  # every guidance mode runs each one
+        raise RuntimeError(f"the calibration ran no {missing[0]} step")  # calibration_guidances runs each one
     info = {"samples": {name: len(kept) for name, kept in recorder.samples.items()}, "generations": len(seeds),
             "prompts": min(generations, len(CALIBRATION_PROMPTS)), "seeds": sorted(set(seeds)), "steps": steps,
-            "guidance_scales": guidances}
+            "guidance_scales": guidances, "noise": _noise_source(pipeline)}
+    if view.inpaint == "unet9":
+        info["inpainting"] = "a black image under a mask repainting everything"
     return recorder.samples, reference, info
+
+
+def fidelity_settings(pipeline: Any) -> GenerationSettings:
+    """The fidelity images' settings: the bundle's defaults (a 9-channel inpainting bundle: a full repaint)."""
+    view = pipeline.bundle
+    return pipeline.runnable(GenerationSettings(steps=view.default_steps, **condition_images(view)))
 
 
 def _unit_head_projections(model: Any) -> list[str]:
@@ -244,6 +285,17 @@ def _int8_weight(op: Any) -> bool:
                                                       for t in c.output(0).get_target_inputs()) for c in consumers)
 
 
+def heavy_op_precisions(view: Bundle, staging: Path, compiled: dict[tuple[str, int], Any]) -> dict[str, dict[str, int]]:
+    """Every engine's convolutions and matrix products by the precision they run at: from the models the fidelity
+    run compiled, and the engines it never ran (vae_encode, denoise_cfg at guidance 1, ...) compiled here."""
+    runs_at = {name: runtime_precisions(model) for (name, _), model in compiled.items()}
+    device = view.build.get("ov_device", "CPU")
+    for name, spec in view.engines.items():
+        if name not in runs_at:
+            runs_at[name] = compiled_precisions(staging / ir_name(name, spec.batch_sizes[0]), device, "int8")
+    return {name: runs_at[name] for name in view.engines}
+
+
 @contextlib.contextmanager
 def _timed(progress: Progress, what: str, record: dict[str, Any]) -> Iterator[None]:
     """A progress stage whose seconds are also written into `record` (bundle.json keeps what each step cost)."""
@@ -274,12 +326,10 @@ def quantize_bundle(view: Bundle, staging: Path, progress: Progress,
     with _timed(progress, "compare int8 with the fp32 IR", info["fidelity"]):
         pipeline = _pipeline(view, "int8")
         prompts = list(settings.fidelity_prompts)
-        ours = pipeline.generate(prompts, seed=settings.fidelity_seed, steps=view.default_steps,
-                                 **condition_images(view)).images
+        ours = pipeline.generate(prompts, seed=settings.fidelity_seed, settings=fidelity_settings(pipeline)).images
         info["fidelity"].update({"reference": "fp32 IR", "prompts": prompts, "seed": settings.fidelity_seed,
                                  "steps": view.default_steps, **compare_images(ours, reference)})
-        view.build["heavy_op_precisions"] = {key[0]: runtime_precisions(compiled)
-                                             for key, compiled in pipeline.backend.compiled.items()}
+        view.build["heavy_op_precisions"] = heavy_op_precisions(view, staging, pipeline.backend.compiled)
         f = info["fidelity"]
         log.info("      int8 against fp32 (%d prompts, seed %d, %d steps): PSNR %.1f dB, max difference %d/255, "
                  "%.2f%% of pixels within 1/255", len(prompts), settings.fidelity_seed, view.default_steps,

@@ -321,7 +321,7 @@ class Pipeline:
     def measure_batch_costs(self, settings: GenerationSettings | None = None, repeats: int = 3) -> dict[int, float]:
         """Time one whole run at each built batch size (the default plan, or `settings`'), the fastest of `repeats`
         after a first run that binds and captures; the result becomes `batch_costs`, which cuts later runs."""
-        costs, settings = {}, self._runnable(settings)
+        costs, settings = {}, self.runnable(settings)
         for size in self.bundle.batch_sizes:
             rows = self.prepare(["warm up"] * size, 0, settings)
             self.run(rows)  # binds, allocates and captures: not timed
@@ -349,12 +349,12 @@ class Pipeline:
             self.measure_batch_costs(replace(s, images=None))
         else:
             for size in self.bundle.batch_sizes:
-                self.run(self.prepare(["warm up"] * size, 0, self._runnable(replace(s, images=None))))
+                self.run(self.prepare(["warm up"] * size, 0, self.runnable(replace(s, images=None))))
             self.batch_costs = {int(size): float(seconds) for size, seconds in costs.items()}
         return {"programs": self.resident_programs(), "batch_ms_source": "given" if given else "measured",
                 "batch_ms": {str(size): round(seconds * 1000, 3) for size, seconds in self.batch_costs.items()}}
 
-    def _runnable(self, settings: GenerationSettings | None) -> GenerationSettings | None:
+    def runnable(self, settings: GenerationSettings | None) -> GenerationSettings | None:
         """A 9-channel inpainting bundle runs inpainting only: warm-up and timing give it a blank image and a mask
         repainting everything; any other bundle's settings pass as they are."""
         if self.bundle.inpaint != "unet9" or (settings is not None and settings.masks is not None):

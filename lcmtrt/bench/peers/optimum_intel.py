@@ -6,7 +6,10 @@ torch, optimum or openvino_genai:
 
 optimum-intel pins older diffusers, transformers and huggingface-hub than lcmtrt's exporter, so both live in one venv
 of their own (scripts/optimum-intel-env.sh); the worker (optimum_intel_worker.py) runs with that venv's Python and
-answers JSON lines. All times are measured inside the worker, so the pipe adds nothing to them.
+answers JSON lines. bench times a peer's request in lcmtrt's process, as it times lcmtrt's own: around the whole
+round trip to the worker, so each figure also holds the pipe's two JSON lines (a request, a reply; not measured
+apart); the worker measures only the cold start (load_s, export_s, import_s) and run_once's seconds,
+which bench does not use.
 """
 
 from __future__ import annotations
