@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -59,12 +60,29 @@ def test_denoise_ir_is_quantized_and_runs_in_int8(int8_bundle: Path, ov_bundle: 
         assert quantized["Convolution"] >= 20 and quantized["MatMul"] >= 20, quantized
         assert not any(op.get_type_name() == "FakeQuantize" for op in _ops(ov_bundle, "denoise", batch))
     runs_at = json.loads((int8_bundle / "bundle.json").read_text())["build"]["heavy_op_precisions"]["denoise"]
-    int8_ops = sum(runs_at.get(kind, 0) for kind in QUANTIZED_KINDS)
-    # measured: 60 of 84; the 24 left are the attention projections of the tiny model's width-1 heads, which
-    # OpenVINO cannot compile quantized (openvino_quantize._unit_head_projections)
-    assert int8_ops >= 0.7 * sum(runs_at.values()), runs_at
+    assert sum(runs_at.get(kind, 0) for kind in QUANTIZED_KINDS) >= 50, runs_at  # measured: 60 (AMX), 68 (AVX2)
+    assert not_int8_beyond_unit_heads(int8_bundle / "ov/denoise.b1.xml") == []
     bins = {(int8_bundle / f"ov/denoise.b{b}.bin").stat().st_ino for b in (1, 2)}
     assert len(bins) == 1, "one set of quantized weights for every batch size"
+
+
+def not_int8_beyond_unit_heads(xml: Path) -> list[str]:
+    """The compiled model's convolutions and matrix products that run in floating point, other than those of the
+    tiny model's width-1 attention heads: their q/k/v projections (which NNCF leaves unquantized or OpenVINO runs
+    unquantized: openvino_quantize._unit_head_projections) and the products of scores with their width-1 values.
+    How many of those are counted depends on the CPU (AVX-512 fuses attention into one node, AVX2 does not), so the
+    claim is by name, not by share: every convolution and every other matrix product runs in int8."""
+    core = ov.Core()
+    stray = []
+    for op in core.compile_model(core.read_model(str(xml)), "CPU").get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if (info["layerType"].astype(str) not in openvino_build.HEAVY_LAYERS
+                or info["runtimePrecision"].astype(str) in QUANTIZED_KINDS):
+            continue
+        name = info["originalLayersNames"].astype(str).split(",")[0]
+        if not re.search(r"/attn[12]/(to_[qkv]/)?MatMul(_1)?$", name):
+            stray.append(name)
+    return stray
 
 
 @pytest.mark.parametrize("engine", ["text", "vae_decode", "vae_encode"])
