@@ -99,22 +99,36 @@ def test_batch_of_two(models, batch: str) -> None:
         assert_images_match(result, expected)
 
 
+# (images, masks, seeds) for three rows cut into pieces: one image and mask, one generator; then per-row generators
+# with one image and mask per row, one shared image with a mask per row, and one shared image and mask
+PIECE_LAYOUTS = {"shared-seed": (1, 1, 0), "per-row": (3, 3, [1, 2, 3]), "shared-image": (1, 3, [1, 2, 3]),
+                 "shared": (1, 1, [1, 2, 3])}
+
+
+@pytest.mark.parametrize("layout", list(PIECE_LAYOUTS))
 @pytest.mark.parametrize("batch_sizes", [(1, 2), (1,)])
-def test_num_images_in_pieces(models, batch_sizes: tuple[int, ...]) -> None:
-    """Three images from one image and one mask, in pieces: the shared VAE samples drawn once, as diffusers."""
+def test_num_images_in_pieces(models, batch_sizes: tuple[int, ...], layout: str) -> None:
+    """Three images in pieces (a one-row piece among them): the shared VAE samples drawn once and, with a generator
+    per row, by the first generator only; every other draw by the row's own generator, as diffusers."""
     name, pipeline, pipe = models
     guidance, negative = GUIDANCE[name]
+    count_images, count_masks, seeds = PIECE_LAYOUTS[layout]
     pipeline = Pipeline(replace(pipeline.bundle, batch_sizes=batch_sizes), pipeline.backend)
-    image, mask = photo("astronaut", pipeline), grey_mask(pipeline, (0.5, 0.5))
-    settings = dict(steps=4, images=[image], masks=[mask], strength=0.8, guidance_scale=guidance,
+    images = [photo(source, pipeline) for source in ("astronaut", "coffee", "chelsea")][:count_images]
+    masks = [grey_mask(pipeline, centre) for centre in ((0.5, 0.5), (0.7, 0.3), (0.3, 0.6))][:count_masks]
+    settings = dict(steps=4, images=images, masks=masks, strength=0.8, guidance_scale=guidance,
                     negative_prompts=[negative] if negative else None)
-    pieces = list(pipeline.generate_pieces(PROMPTS[:1] * 3, seed=0, **settings))
+    pieces = list(pipeline.generate_pieces(PROMPTS[:1] * 3, seed=seeds, **settings))
     assert [len(p.images) for p in pieces] == ([2, 1] if 2 in batch_sizes else [1, 1, 1])
-    images = np.concatenate([p.images for p in pieces])
-    expected = reference(pipe, PROMPTS[:1], [image], [mask], torch.manual_seed(0), 0.8, guidance, negative,
-                         num_images=3)
-    assert_images_match(images, expected)
-    np.testing.assert_array_equal(images, pipeline.generate(PROMPTS[:1] * 3, seed=0, **settings).images)
+    result = np.concatenate([p.images for p in pieces])
+    if isinstance(seeds, int):
+        expected = reference(pipe, PROMPTS[:1], images, masks, torch.manual_seed(seeds), 0.8, guidance, negative,
+                             num_images=3)
+    else:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        expected = reference(pipe, PROMPTS[:1] * 3, images, masks, generators, 0.8, guidance, negative)
+    assert_images_match(result, expected)
+    np.testing.assert_array_equal(result, pipeline.generate(PROMPTS[:1] * 3, seed=seeds, **settings).images)
 
 
 def test_masks_refused_in_one_line(models) -> None:

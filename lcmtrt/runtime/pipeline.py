@@ -206,7 +206,8 @@ class Pipeline:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
         counts = noise_source.leading_rows(leading, rows, *sharing)
         return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch, leading,
-                                 draws=plan.noise_draws)
+                                 draws=plan.noise_draws, first_only=noise_source.first_generator_only(leading,
+                                                                                                     *sharing[:2]))
 
     def _text_and_guidance_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
