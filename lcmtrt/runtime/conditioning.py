@@ -26,6 +26,25 @@ def condition_images(bundle: Any) -> dict[str, list[np.ndarray]]:
     return {"adapter_images" if "adapter" in engines else "control_images": [edges] * max(1, bundle.control_nets)}
 
 
+def inpaint_images(bundle: Any) -> dict[str, list[np.ndarray]]:
+    """A 9-channel inpainting bundle only inpaints: warm-up and benchmarks give it a blank image and a mask
+    repainting everything. A blend bundle (a 4-channel UNet) also runs text-to-image, and is timed doing that."""
+    if bundle.inpaint != "unet9":
+        return {}
+    size = (bundle.height, bundle.width)
+    return {"images": [np.zeros((*size, 3), np.uint8)], "masks": [np.full(size, 255, np.uint8)]}
+
+
+def bench_inputs(bundle: Any) -> dict[str, list[np.ndarray]]:
+    """Everything a timed request on `bundle` needs beside the prompt: condition maps, inpainting's image and mask."""
+    return {**condition_images(bundle), **inpaint_images(bundle)}
+
+
+def workload(bundle: Any) -> str:
+    """What bench times on `bundle`, for its report."""
+    return "inpainting (blank image, full mask)" if inpaint_images(bundle) else "text-to-image"
+
+
 def control_inputs(bundle: Bundle, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan,
                    scale: float | Sequence[float], start: float | Sequence[float],
                    end: float | Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:

@@ -18,7 +18,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
-from lcmtrt.runtime.conditioning import adapter_inputs, control_inputs, per_row as _per_row
+from lcmtrt.runtime.conditioning import adapter_inputs, control_inputs, inpaint_images, per_row as _per_row
 from lcmtrt.runtime.cover import cheapest_cover, linear_costs
 from lcmtrt.runtime.embeddings import guidance_embedding
 from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
@@ -357,12 +357,11 @@ class Pipeline:
 
     def _runnable(self, settings: GenerationSettings | None) -> GenerationSettings | None:
         """A 9-channel inpainting bundle runs inpainting only: warm-up and timing give it a blank image and a mask
-        repainting everything; any other bundle's settings pass as they are."""
-        if self.bundle.inpaint != "unet9" or (settings is not None and settings.masks is not None):
+        repainting everything (conditioning.inpaint_images); any other bundle's settings pass as they are."""
+        inputs = inpaint_images(self.bundle)
+        if not inputs or (settings is not None and settings.masks is not None):
             return settings
-        size = (self.bundle.height, self.bundle.width)
-        return replace(settings or GenerationSettings(), images=[np.zeros((*size, 3), np.uint8)],
-                       masks=[np.full(size, 255, np.uint8)])
+        return replace(settings or GenerationSettings(), **inputs)
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
@@ -406,8 +405,10 @@ class Pipeline:
     def stage_times(self, batch: int, steps: int) -> dict[str, float]:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size."""
         self._require_usable()
-        plan, _ = self._plan(GenerationSettings(steps=steps))  # the plan a request of `steps` runs
-        program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
+        s = self._runnable(GenerationSettings(steps=steps))  # a 9-channel inpainting bundle's requests inpaint
+        plan, _ = self._plan(s)  # the plan a request of `steps` runs
+        program = self._store.get(batch, plan, False, False, s.masks is not None)
+        buffers = self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})
