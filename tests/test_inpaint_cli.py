@@ -94,8 +94,9 @@ def test_mask_mistakes_are_one_line(blend_bundle, unet9_bundle, tiny_sd15_bundle
     out = ["--output", str(tmp_path / "x.png")]
     base = ["infer", "--engines", str(blend_bundle), "a cat", "--image", str(files["photo"]), *out]
     assert_user_error(capsys, [*base, "--mask", str(files["black"])], "all black", "nothing to repaint")
-    assert_user_error(capsys, [*base, "--mask", str(files["text"])], "cannot read image")
-    assert_user_error(capsys, [*base, "--mask", str(tmp_path / "missing.png")], "does not exist")
+    assert_user_error(capsys, [*base, "--mask", str(files["text"])], f"cannot read mask {files['text']}")
+    assert_user_error(capsys, [*base, "--mask", str(tmp_path / "missing.png")],
+                      f"mask {tmp_path / 'missing.png'} does not exist")  # the mask, never "input image"
     assert_user_error(capsys, [*base, "--num-images", "3", "--mask", str(files["mask"]), "--mask",
                                str(files["mask"])], "2 --mask inputs for 3 images")
     assert_user_error(capsys, ["infer", "--engines", str(blend_bundle), "a cat", "--mask", str(files["mask"]), *out],

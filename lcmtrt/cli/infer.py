@@ -163,8 +163,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.mask and len(args.mask) not in (1, len(prompts)):
         raise UserError(f"{len(args.mask)} --mask inputs for {len(prompts)} images; give one or one per image")
     sources = [load_image(path) for path in args.image or []]
-    masks = [load_image(path) for path in args.mask or []]  # unreadable masks are refused before the bundle loads
-    controls = [load_image(path) for path in args.control_image or []]
+    masks = [load_image(path, "mask") for path in args.mask or []]  # unreadable masks refused before the bundle loads
+    controls = [load_image(path, "control image") for path in args.control_image or []]
     if args.canny:
         controls = [canny_map(image, *args.canny) for image in controls]
     if args.save_control is not None:
