@@ -1,6 +1,7 @@
 """Inpainting on tiny checkpoints vs diffusers' StableDiffusion(XL)InpaintPipeline with LCMScheduler, run here with
 the same seeds: the 9-channel inpainting UNet with LCM-LoRA and classifier-free guidance (the LCM guide's route) and
-a 4-channel LCM UNet blending the source outside the mask after each step, for SD1.5 and SDXL; strength 1 (start
+a 4-channel LCM UNet blending the source outside the mask after each step, for SD1.5 and SDXL, and blending under
+classifier-free guidance (a 4-channel base UNet with LCM-LoRA, SD1.5); strength 1 (start
 from noise) and below (drop steps, start from the noised image); one mask for all images and one per image; one
 generator and one per image; `--num-images N` in pieces of the built batch sizes."""
 
@@ -20,10 +21,10 @@ from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPTS = ["an astronaut in a garden, watercolor", "a cup of coffee, oil painting"]
 NEGATIVE = "blurry, low quality"
-# (guidance, negative prompt) per preset: CFG with a negative prompt for the 9-channel LCM-LoRA routes (the guide's
-# guidance 4; SDXL LCM-LoRA's recommended 2), the embedding for the LCM-distilled blend routes
+# (guidance, negative prompt) per preset: CFG with a negative prompt for the LCM-LoRA routes, 9-channel and blending
+# (the guide's guidance 4; SDXL LCM-LoRA's recommended 2), the embedding for the LCM-distilled blend routes
 GUIDANCE = {"tiny-sd15-inpaint": (4.0, NEGATIVE), "tiny-sdxl-inpaint": (2.0, NEGATIVE),
-            "tiny-sd15-blend": (8.0, None), "tiny-sdxl-blend": (8.0, None)}
+            "tiny-sd15-blend": (8.0, None), "tiny-sdxl-blend": (8.0, None), "tiny-sd15-lora-blend": (4.0, NEGATIVE)}
 
 
 @pytest.fixture(scope="module", params=list(GUIDANCE))
