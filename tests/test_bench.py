@@ -52,6 +52,7 @@ def test_bench_cli_reports_and_compares(tiny_sd15_bundle: Path, tmp_path: Path, 
     assert ours["images_per_s"] > 0 and ours["end_to_end"]["p50_ms"] <= ours["end_to_end"]["p99_ms"]
     assert set(ours["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
     assert report["lcmtrt"]["environment"]["backend"] == "onnxruntime"
+    assert report["lcmtrt"]["environment"]["workload"] == "text-to-image"
     if plot:  # the stages of both systems and images/s, drawn from the same report
         from lcmtrt.bench.plots import bench_size
 
@@ -195,3 +196,18 @@ def test_peer_environment_per_batch_size_and_ratio_names_its_precision(tmp_path:
     report["speedup"] = {"openvino-genai": offline.speedups(ours, summary)}
     ratio_lines = [line for line in offline.format_report(report).splitlines() if " vs " in line]
     assert len(ratio_lines) == 2 and all("vs openvino-genai (bf16 default)" in line for line in ratio_lines)
+
+
+def test_bench_inpainting_bundle(build_tiny, tmp_path: Path, capsys) -> None:
+    """A 9-channel inpainting bundle only inpaints: it is timed inpainting a synthetic image under a full mask, and
+    the report says so."""
+    report_path = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--engines", str(build_tiny("tiny-sd15-inpaint")), "--batch", "1", "--iterations",
+                 "1", "--warmup", "0", "--json", str(report_path)]) == 0
+    assert "inpainting" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())["lcmtrt"]
+    assert report["environment"]["workload"].startswith("inpainting")
+    assert set(report["results"]["batch1-steps4"]["stages"]) == {"text", "denoise_step", "denoise_total", "vae_decode"}
+    assert main(["-q", "bench", "--engines", str(build_tiny("tiny-sd15-inpaint")), "--iterations", "1",
+                 "--compare", "diffusers"]) == 2
+    assert "does not cover inpainting" in capsys.readouterr().err

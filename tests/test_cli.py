@@ -181,11 +181,11 @@ def test_bad_input_images(tiny_sd15_bundle: Path, tmp_path: Path, capsys) -> Non
     args = ["infer", "--engines", str(tiny_sd15_bundle), "x", "--output", str(tmp_path / "o.png"), "--image"]
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    assert_user_error(capsys, [*args, str(empty)], "cannot read image")
+    assert_user_error(capsys, [*args, str(empty)], "cannot read input image")
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
-    assert_user_error(capsys, [*args, str(text)], "cannot read image")
-    assert_user_error(capsys, [*args, str(tmp_path / "missing.png")], "does not exist")
+    assert_user_error(capsys, [*args, str(text)], "cannot read input image")
+    assert_user_error(capsys, [*args, str(tmp_path / "missing.png")], "input image", "does not exist")
     assert_user_error(capsys, ["infer", "--engines", str(tiny_sd15_bundle), "x", "--image", str(text), "--image",
                                str(text), "--image", str(text), "--output", str(tmp_path / "o.png")], "one per image")
     good = tmp_path / "good.png"

@@ -59,6 +59,31 @@ def test_infer_inpaints_like_the_pipeline(route, blend_bundle, unet9_bundle, fil
     assert code == 0 and Image.open(grid).size == (4 * 64, 64), err  # input, mask, two results
 
 
+def test_grid_puts_each_result_beside_its_input_and_mask(blend_bundle, files, tmp_path, capsys) -> None:
+    """One image and mask per result: one grid row per result (input, mask, result), never wrapped by fours."""
+    flipped, mask2 = tmp_path / "flipped.png", tmp_path / "mask2.png"
+    photo = load_image(files["photo"])
+    Image.fromarray(np.asarray(photo)[::-1]).save(flipped)
+    second = np.zeros((64, 64), np.uint8)
+    second[30:60, 5:40] = 255
+    Image.fromarray(second).save(mask2)
+    grid = tmp_path / "grid.png"
+    code, _, err = run(capsys, "infer", "--engines", str(blend_bundle), "a cat", "--num-images", "2", "--image",
+                       str(files["photo"]), "--image", str(flipped), "--mask", str(files["mask"]), "--mask",
+                       str(mask2), "--seed", "1,2", "--grid", "--output", str(grid))
+    assert code == 0, err
+    tiles = np.asarray(Image.open(grid))
+    assert tiles.shape == (2 * 64, 3 * 64, 3)
+    inputs = [fit_image(load_image(path), 64, 64) for path in (files["photo"], flipped)]
+    masks = [fit_mask(load_image(path), 64, 64) for path in (files["mask"], mask2)]
+    results = Pipeline.load(blend_bundle).generate(["a cat"] * 2, seed=[1, 2], images=inputs, masks=masks).images
+    for row in range(2):
+        tile = lambda column: tiles[row * 64:(row + 1) * 64, column * 64:(column + 1) * 64]
+        np.testing.assert_array_equal(tile(0), inputs[row])
+        np.testing.assert_array_equal(tile(1), np.repeat(masks[row][..., None], 3, axis=2))
+        np.testing.assert_array_equal(tile(2), results[row])
+
+
 def test_all_white_mask_runs_with_a_warning(blend_bundle, files, tmp_path, capsys) -> None:
     code, _, err = run(capsys, "infer", "--engines", str(blend_bundle), "a cat", "--image", str(files["photo"]),
                        "--mask", str(files["white"]), "--output", str(tmp_path / "w.png"))
@@ -69,8 +94,9 @@ def test_mask_mistakes_are_one_line(blend_bundle, unet9_bundle, tiny_sd15_bundle
     out = ["--output", str(tmp_path / "x.png")]
     base = ["infer", "--engines", str(blend_bundle), "a cat", "--image", str(files["photo"]), *out]
     assert_user_error(capsys, [*base, "--mask", str(files["black"])], "all black", "nothing to repaint")
-    assert_user_error(capsys, [*base, "--mask", str(files["text"])], "cannot read image")
-    assert_user_error(capsys, [*base, "--mask", str(tmp_path / "missing.png")], "does not exist")
+    assert_user_error(capsys, [*base, "--mask", str(files["text"])], f"cannot read mask {files['text']}")
+    assert_user_error(capsys, [*base, "--mask", str(tmp_path / "missing.png")],
+                      f"mask {tmp_path / 'missing.png'} does not exist")  # the mask, never "input image"
     assert_user_error(capsys, [*base, "--num-images", "3", "--mask", str(files["mask"]), "--mask",
                                str(files["mask"])], "2 --mask inputs for 3 images")
     assert_user_error(capsys, ["infer", "--engines", str(blend_bundle), "a cat", "--mask", str(files["mask"]), *out],

@@ -161,6 +161,8 @@ def test_multicontrol_errors(models, multi_models, control, flipped) -> None:
     """A MultiControlNet takes one map per ControlNet and each setting once or once per ControlNet; one ControlNet
     takes one of each."""
     ours, maps = multi_models[1], [control, flipped]
+    with pytest.raises(UserError, match=r"2 ControlNets: give one control image per ControlNet \(--control-image"):
+        ours.generate([PROMPT], seed=0)  # none at all: plural, never "give its control image"
     with pytest.raises(UserError, match="2 ControlNets: give 2 control images .* not 1$"):
         ours.generate([PROMPT], seed=0, control_images=[control])
     with pytest.raises(UserError, match="not 3$"):  # 3 images: not one per ControlNet, even one per prompt
@@ -219,6 +221,7 @@ def test_cli_multicontrol(multi_models, control, flipped, tmp_path: Path, capsys
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"out-{row}.png")), expected[row])
     capsys.readouterr()
     refused = [(base[:-2], "give 2 control images"), (base + maps[:2], "not 3"),
+               (base[:-4], "2 ControlNets: give one control image per ControlNet"),
                (base + ["--control-scale", "0.8,0.5,0.2"], "3 control scales for 2 ControlNets"),
                (base + ["--control-scale", "0.8,x"], "control-scale 'x' must be a finite number in"),
                (base + ["--control-scale", "0.8,11"], "control-scale 11.0 must be a finite number in"),

@@ -1,6 +1,7 @@
 """Inpainting on tiny checkpoints vs diffusers' StableDiffusion(XL)InpaintPipeline with LCMScheduler, run here with
 the same seeds: the 9-channel inpainting UNet with LCM-LoRA and classifier-free guidance (the LCM guide's route) and
-a 4-channel LCM UNet blending the source outside the mask after each step, for SD1.5 and SDXL; strength 1 (start
+a 4-channel LCM UNet blending the source outside the mask after each step, for SD1.5 and SDXL, and blending under
+classifier-free guidance (a 4-channel base UNet with LCM-LoRA, SD1.5); strength 1 (start
 from noise) and below (drop steps, start from the noised image); one mask for all images and one per image; one
 generator and one per image; `--num-images N` in pieces of the built batch sizes."""
 
@@ -20,10 +21,10 @@ from lcmtrt.runtime.pipeline import Pipeline
 
 PROMPTS = ["an astronaut in a garden, watercolor", "a cup of coffee, oil painting"]
 NEGATIVE = "blurry, low quality"
-# (guidance, negative prompt) per preset: CFG with a negative prompt for the 9-channel LCM-LoRA routes (the guide's
-# guidance 4; SDXL LCM-LoRA's recommended 2), the embedding for the LCM-distilled blend routes
+# (guidance, negative prompt) per preset: CFG with a negative prompt for the LCM-LoRA routes, 9-channel and blending
+# (the guide's guidance 4; SDXL LCM-LoRA's recommended 2), the embedding for the LCM-distilled blend routes
 GUIDANCE = {"tiny-sd15-inpaint": (4.0, NEGATIVE), "tiny-sdxl-inpaint": (2.0, NEGATIVE),
-            "tiny-sd15-blend": (8.0, None), "tiny-sdxl-blend": (8.0, None)}
+            "tiny-sd15-blend": (8.0, None), "tiny-sdxl-blend": (8.0, None), "tiny-sd15-lora-blend": (4.0, NEGATIVE)}
 
 
 @pytest.fixture(scope="module", params=list(GUIDANCE))
@@ -99,22 +100,36 @@ def test_batch_of_two(models, batch: str) -> None:
         assert_images_match(result, expected)
 
 
+# (images, masks, seeds) for three rows cut into pieces: one image and mask, one generator; then per-row generators
+# with one image and mask per row, one shared image with a mask per row, and one shared image and mask
+PIECE_LAYOUTS = {"shared-seed": (1, 1, 0), "per-row": (3, 3, [1, 2, 3]), "shared-image": (1, 3, [1, 2, 3]),
+                 "shared": (1, 1, [1, 2, 3])}
+
+
+@pytest.mark.parametrize("layout", list(PIECE_LAYOUTS))
 @pytest.mark.parametrize("batch_sizes", [(1, 2), (1,)])
-def test_num_images_in_pieces(models, batch_sizes: tuple[int, ...]) -> None:
-    """Three images from one image and one mask, in pieces: the shared VAE samples drawn once, as diffusers."""
+def test_num_images_in_pieces(models, batch_sizes: tuple[int, ...], layout: str) -> None:
+    """Three images in pieces (a one-row piece among them): the shared VAE samples drawn once and, with a generator
+    per row, by the first generator only; every other draw by the row's own generator, as diffusers."""
     name, pipeline, pipe = models
     guidance, negative = GUIDANCE[name]
+    count_images, count_masks, seeds = PIECE_LAYOUTS[layout]
     pipeline = Pipeline(replace(pipeline.bundle, batch_sizes=batch_sizes), pipeline.backend)
-    image, mask = photo("astronaut", pipeline), grey_mask(pipeline, (0.5, 0.5))
-    settings = dict(steps=4, images=[image], masks=[mask], strength=0.8, guidance_scale=guidance,
+    images = [photo(source, pipeline) for source in ("astronaut", "coffee", "chelsea")][:count_images]
+    masks = [grey_mask(pipeline, centre) for centre in ((0.5, 0.5), (0.7, 0.3), (0.3, 0.6))][:count_masks]
+    settings = dict(steps=4, images=images, masks=masks, strength=0.8, guidance_scale=guidance,
                     negative_prompts=[negative] if negative else None)
-    pieces = list(pipeline.generate_pieces(PROMPTS[:1] * 3, seed=0, **settings))
+    pieces = list(pipeline.generate_pieces(PROMPTS[:1] * 3, seed=seeds, **settings))
     assert [len(p.images) for p in pieces] == ([2, 1] if 2 in batch_sizes else [1, 1, 1])
-    images = np.concatenate([p.images for p in pieces])
-    expected = reference(pipe, PROMPTS[:1], [image], [mask], torch.manual_seed(0), 0.8, guidance, negative,
-                         num_images=3)
-    assert_images_match(images, expected)
-    np.testing.assert_array_equal(images, pipeline.generate(PROMPTS[:1] * 3, seed=0, **settings).images)
+    result = np.concatenate([p.images for p in pieces])
+    if isinstance(seeds, int):
+        expected = reference(pipe, PROMPTS[:1], images, masks, torch.manual_seed(seeds), 0.8, guidance, negative,
+                             num_images=3)
+    else:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        expected = reference(pipe, PROMPTS[:1] * 3, images, masks, generators, 0.8, guidance, negative)
+    assert_images_match(result, expected)
+    np.testing.assert_array_equal(result, pipeline.generate(PROMPTS[:1] * 3, seed=seeds, **settings).images)
 
 
 def test_masks_refused_in_one_line(models) -> None:

@@ -125,6 +125,7 @@ def test_mask_mistakes_are_one_line_400s(inpaint_server: Server) -> None:
         assert_openai_error(status, answer, 400, param)
         message = answer["error"]["message"]
         assert "\n" not in message and all(word in message for word in words), (words, message)
+        assert "BytesIO" not in message and " at 0x" not in message, message  # never an object's repr
     status, _, answer = inpaint_server.post_json({"model": "unet9", "prompt": "a cat"})
     assert_openai_error(status, answer, 400, None)
     assert "only inpaints" in answer["error"]["message"] and "/tmp" not in answer["error"]["message"], answer

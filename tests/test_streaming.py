@@ -42,6 +42,39 @@ def test_pieces_equal_one_draw(use_torch: bool, seeds, names: tuple[str, ...], s
         stream.take(1, LATENT, names, 4)
 
 
+INPAINT = ("image_sample_noise", "init_noise", "masked_sample_noise")
+
+
+def per_generator(seeds: list[int], once: frozenset[str], steps: int, use_torch: bool) -> tuple[list, np.ndarray]:
+    """diffusers' inpaint draws with one generator per row: each row draws its own (1, ...) tensors in order, except
+    a draw made once for a shared image, which only the first generator draws and every row shares."""
+    lead = noise._Source(seeds[0], use_torch)
+    shared = {name: lead.randn((1, *LATENT))[0] for name in INPAINT}
+    firsts, steps_noise = [[] for _ in INPAINT], []
+    for row, seed in enumerate(seeds):
+        source = noise._Source(seed, use_torch)
+        for k, name in enumerate(INPAINT):
+            firsts[k].append(shared[name] if name in once and row else source.randn((1, *LATENT))[0])
+        steps_noise.append([source.randn((1, *LATENT))[0] for _ in range(steps - 1)] + [np.zeros(LATENT, np.float32)])
+    return [np.stack(f) for f in firsts], np.stack(steps_noise).swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("use_torch", [True, False])
+@pytest.mark.parametrize("shared_image, shared_mask", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("pieces", PIECES)
+def test_inpaint_pieces_with_per_row_seeds(use_torch: bool, shared_image: bool, shared_mask: bool,
+                                           pieces: tuple[int, ...]) -> None:
+    """A one-row piece of per-row draws keeps its own generator's draws: sharing is the draw's, not the piece's."""
+    seeds = [3, 1, 4, 1, 5, 9, 2]
+    once = frozenset(["image_sample_noise"] * shared_image + ["masked_sample_noise"] * shared_mask)
+    firsts, steps = per_generator(seeds, once, 4, use_torch)
+    stream = noise.NoiseStream(seeds, 7, use_torch, shared_image=shared_image, shared_mask=shared_mask)
+    taken = [stream.take(count, LATENT, INPAINT, 4) for count in pieces]
+    for k, first in enumerate(firsts):
+        np.testing.assert_array_equal(np.concatenate([p[0][k] for p in taken]), first)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in taken], axis=1), steps)
+
+
 def test_only_the_vae_sample_of_a_shared_image_is_drawn_once() -> None:
     """diffusers encodes one shared image once (one VAE sample row) and draws add_noise noise for every row."""
     assert noise.leading_rows(("sample_noise", "noise"), 3, shared_image=True) == (1, 3)

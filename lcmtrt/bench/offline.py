@@ -16,7 +16,7 @@ import numpy as np
 from lcmtrt.bench.plots import sampler_text
 from lcmtrt.errors import UserError
 from lcmtrt.runtime.backends.cpu import BF16_FLAGS, INT8_FLAGS, REPORTED_FLAGS, cpu_info
-from lcmtrt.runtime.conditioning import condition_images
+from lcmtrt.runtime.conditioning import bench_inputs, workload
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
 from lcmtrt.runtime.scheduler import SamplerChoice
@@ -73,7 +73,7 @@ class LcmtrtContender:
         if missing:
             raise UserError(f"--batch {missing} not built into this bundle (it has "
                             f"{list(self.pipeline.bundle.batch_sizes)}); rebuild with `lcmtrt build-engines --batch ...`")
-        self.conditions, self.settings = condition_images(self.pipeline.bundle), settings
+        self.conditions, self.settings = bench_inputs(self.pipeline.bundle), settings
         self.generate(settings.batches[0], settings.steps[0])
         self.first_image_s = time.perf_counter() - start
 
@@ -228,7 +228,7 @@ def fidelity(bundle_dir: str, reference_dir: str, device: str, settings: BenchSe
     same = lambda b: (b.family, b.height, b.width, b.sources.get("model"), b.sources.get("loras"))
     if same(reference_bundle) != same(ours.bundle):
         raise UserError(f"--reference {reference_dir} is not the same model, LoRAs and size as {bundle_dir}")
-    conditions = {**condition_images(ours.bundle), **settings.generation(settings.steps[0])}
+    conditions = {**bench_inputs(ours.bundle), **settings.generation(settings.steps[0])}
     prompts = fidelity_prompts(settings.batches[0])
     mine = ours.generate(prompts, seed=0, **conditions).images
     del ours
@@ -257,6 +257,7 @@ def _environment(bundle: Any, device: str, sampler: SamplerChoice | None = None)
     env = {"backend": bundle.backend, "precision": bundle.precision, "device": device,
            "model": bundle.sources.get("model"), "size": f"{bundle.width}x{bundle.height}",
            "sampler": sampler.name if sampler else bundle.sampler.scheduler,  # what every timed generation runs
+           "workload": workload(bundle),  # a 9-channel inpainting bundle times inpainting, any other text-to-image
            "lcmtrt": lcmtrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
            "python": platform.python_version(), "cpu": cpu_model()}
     if sampler and sampler.eta:
@@ -359,7 +360,7 @@ def format_report(report: dict[str, Any]) -> str:
     ours = report["lcmtrt"]
     env = ours["environment"]
     lines = [f"lcmtrt bench: {env['model']} {env['size']} | {sampler_text(env)} | {env['backend']} {env['precision']} "
-             f"on {env['device']} | {env['cpu']}",
+             f"on {env['device']} | {env['cpu']} | {env.get('workload', 'text-to-image')}",
              f"cold start: load {ours['cold_start']['load_s']:.2f} s, first image {ours['cold_start']['first_image_s']:.2f} s "
              f"({ours['cold_start']['ratio_to_load_plus_warm']:.2f}x load + warm generation); "
              f"peak host memory {ours['peak_host_memory_mb']:.0f} MB"

@@ -33,7 +33,9 @@ def add_infer_command(commands: argparse._SubParsersAction) -> None:
     add_sampler_flags(infer)
     infer.add_argument("--output", type=Path, default=Path("output.png"),
                        help="image path; several images get -0, -1, ... before the suffix")
-    infer.add_argument("--grid", action="store_true", help="save all images as one grid (inputs first)")
+    infer.add_argument("--grid", action="store_true",
+                       help="save all images as one grid (inputs first; with an input per image, one row per image "
+                            "beside its inputs)")
     infer.add_argument("--image", action="append", type=Path,
                        help="image-to-image input: once for all prompts, or once per image")
     infer.add_argument("--mask", action="append", type=Path,
@@ -109,17 +111,29 @@ def _save(image, path: Path) -> None:
             os.unlink(tmp)
 
 
-def grid_image(images):
-    """Images side by side in rows of up to four, like diffusers' make_image_grid."""
+def grid_image(images, cols: int | None = None):
+    """Images side by side in rows of `cols` (default: up to four, like diffusers' make_image_grid)."""
     from PIL import Image
 
     count, height, width = len(images), images[0].shape[0], images[0].shape[1]
-    cols = min(count, 4)
+    cols = cols or min(count, 4)
     rows = -(-count // cols)
     grid = Image.new("RGB", (cols * width, rows * height))
     for i, image in enumerate(images):
         grid.paste(Image.fromarray(image), ((i % cols) * width, (i // cols) * height))
     return grid
+
+
+def grid_tiles(results: list, per_result: list[list], shared: list) -> tuple[list, int | None]:
+    """The grid's tiles and its column count. `per_result` holds input lists given once or once per result;
+    `shared` inputs serve every result. With some input given per result, each result gets its own row beside its
+    inputs; otherwise the inputs come first, then the results, in rows of up to four."""
+    count = len(results)
+    if count == 1 or all(len(tiles) != count for tiles in per_result):
+        return [tile for tiles in per_result for tile in tiles] + shared + results, None
+    rows = [[tiles[i] if len(tiles) == count else tiles[0] for tiles in per_result if tiles] + shared + [result]
+            for i, result in enumerate(results)]
+    return [tile for row in rows for tile in row], len(rows[0])
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -143,8 +157,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.mask and len(args.mask) not in (1, len(prompts)):
         raise UserError(f"{len(args.mask)} --mask inputs for {len(prompts)} images; give one or one per image")
     sources = [load_image(path) for path in args.image or []]
-    masks = [load_image(path) for path in args.mask or []]  # unreadable masks are refused before the bundle loads
-    controls = [load_image(path) for path in args.control_image or []]
+    masks = [load_image(path, "mask") for path in args.mask or []]  # unreadable masks refused before the bundle loads
+    controls = [load_image(path, "control image") for path in args.control_image or []]
     if args.canny:
         controls = [canny_map(image, *args.canny) for image in controls]
     if args.save_control is not None:
@@ -185,7 +199,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     done = time.perf_counter()
     if args.grid:
         masks_shown = [np.repeat(mask[..., None], 3, axis=2) for mask in mask_maps]  # as fitted, before binarising
-        _save(grid_image(inputs + masks_shown + shown + grid), paths(0))
+        # a MultiControlNet's maps are one per ControlNet, shared by every image; other inputs may be per image
+        multi = pipeline.bundle.control_nets > 1
+        tiles, cols = grid_tiles(grid, [inputs, masks_shown] + ([] if multi else [shown]), shown if multi else [])
+        _save(grid_image(tiles, cols), paths(0))
         print(paths(0))
     log.info("%d image(s) %dx%d, seed %s, %s timesteps %s, noise from %s; load %.2f s, generate %.2f s",
              len(prompts), pipeline.bundle.width, pipeline.bundle.height, result.seeds,

@@ -47,6 +47,9 @@ class Preset:
             raise UserError(f"batch sizes {list(self.batch_sizes)} must be distinct positive integers")
         if self.steps < 1:
             raise UserError(f"steps {self.steps} must be at least 1")
+        for flag in ("img2img", "inpaint", "cfg"):  # a string such as "no" would be truthy: refused, not guessed
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"{flag} {getattr(self, flag)!r} must be true or false")
         if self.scheduler not in SAMPLERS:
             raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SAMPLERS)}")
         if self.timesteps is not None and len(self.timesteps) != self.steps:

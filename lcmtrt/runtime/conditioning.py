@@ -26,13 +26,34 @@ def condition_images(bundle: Any) -> dict[str, list[np.ndarray]]:
     return {"adapter_images" if "adapter" in engines else "control_images": [edges] * max(1, bundle.control_nets)}
 
 
+def inpaint_images(bundle: Any) -> dict[str, list[np.ndarray]]:
+    """A 9-channel inpainting bundle only inpaints: warm-up and benchmarks give it a blank image and a mask
+    repainting everything. A blend bundle (a 4-channel UNet) also runs text-to-image, and is timed doing that."""
+    if bundle.inpaint != "unet9":
+        return {}
+    size = (bundle.height, bundle.width)
+    return {"images": [np.zeros((*size, 3), np.uint8)], "masks": [np.full(size, 255, np.uint8)]}
+
+
+def bench_inputs(bundle: Any) -> dict[str, list[np.ndarray]]:
+    """Everything a timed request on `bundle` needs beside the prompt: condition maps, inpainting's image and mask."""
+    return {**condition_images(bundle), **inpaint_images(bundle)}
+
+
+def workload(bundle: Any) -> str:
+    """What bench times on `bundle`, for its report."""
+    return "inpainting (blank image, full mask)" if inpaint_images(bundle) else "text-to-image"
+
+
 def control_inputs(bundle: Bundle, images: Sequence[np.ndarray] | None, rows: int, plan: StepPlan,
                    scale: float | Sequence[float], start: float | Sequence[float],
                    end: float | Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """The control image inputs for every row and each step's ControlNet scale ([steps], or [steps, N] for N
     ControlNets), or None without a ControlNet."""
     nets = bundle.control_nets
-    if not _conditioned(nets > 0, images, bundle.root, "ControlNet", "--controlnet"):
+    missing = (f"this bundle has {nets} ControlNets: give one control image per ControlNet (--control-image, in "
+               "build order)") if nets > 1 else None
+    if not _conditioned(nets > 0, images, bundle.root, "ControlNet", "--controlnet", missing):
         return None
     scales, starts, ends = (_per_net(value, nets, what) for value, what in
                             ((scale, "control scales"), (start, "control starts"), (end, "control ends")))
@@ -81,12 +102,14 @@ def _per_net(value: float | Sequence[float], nets: int, what: str) -> list[float
     return values * nets if len(values) == 1 else values
 
 
-def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, what: str, flag: str) -> bool:
-    """Whether a conditioning the bundle may have (ControlNet, T2I-Adapter) is used; images must match the build."""
+def _conditioned(built: bool, images: Sequence[np.ndarray] | None, root: Path, what: str, flag: str,
+                 missing: str | None = None) -> bool:
+    """Whether a conditioning the bundle may have (ControlNet, T2I-Adapter) is used; images must match the build.
+    `missing` is the error when the bundle needs images and none came (default: give its one control image)."""
     if not built:
         if images is not None:
             raise UserError(f"bundle {root} was built without {what}; build one with {flag}")
         return False
     if images is None:
-        raise UserError(f"this bundle has a {what}: give its control image (--control-image)")
+        raise UserError(missing or f"this bundle has a {what}: give its control image (--control-image)")
     return True

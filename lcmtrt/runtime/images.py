@@ -15,28 +15,29 @@ FITS = ("stretch", "crop")
 MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (Pillow's own bomb limit is 89M, with a warning)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """RGB, EXIF orientation applied; grayscale, palette and alpha images converted like diffusers' load_image."""
+def load_image(path: str | Path, what: str = "input image") -> Image.Image:
+    """RGB, EXIF orientation applied; grayscale, palette and alpha images converted like diffusers' load_image.
+    `what` names the file in errors (input image, mask, control image)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"input image {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 if opened.width * opened.height > MAX_PIXELS:
-                    raise UserError(f"image {path} is {opened.width}x{opened.height}, more than the "
+                    raise UserError(f"{what} {path} is {opened.width}x{opened.height}, more than the "
                                     f"{MAX_PIXELS // 1_000_000} megapixels lcmtrt reads; resize it first")
                 opened.seek(0)  # animated images: the first frame, as diffusers' load_image
                 image = ImageOps.exif_transpose(opened)
                 image = image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"image {path} has more pixels than lcmtrt decodes safely ({MAX_PIXELS // 1_000_000} "
+        raise UserError(f"{what} {path} has more pixels than lcmtrt decodes safely ({MAX_PIXELS // 1_000_000} "
                         "megapixels); resize it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if image.width == 0 or image.height == 0:
-        raise UserError(f"image {path} is empty ({image.width}x{image.height})")
+        raise UserError(f"{what} {path} is empty ({image.width}x{image.height})")
     return image
 
 

@@ -30,17 +30,26 @@ DRAWN_ONCE_PER_SHARED_MASK = frozenset({"masked_sample_noise"})
 FIRST_GENERATOR_ONLY = frozenset({"image_sample_noise", "masked_sample_noise"})
 
 
+def drawn_once(names: Sequence[str], shared_image: bool, shared_mask: bool = False) -> frozenset[str]:
+    """The leading draws made once for the whole run: a shared image's VAE samples (and the masked image's when the
+    mask is shared too). A property of the draw and the inputs' sharing, never of how many rows a piece has."""
+    if not shared_image:
+        return frozenset()
+    return frozenset(name for name in names if name in DRAWN_ONCE_PER_SHARED_IMAGE
+                     or (shared_mask and name in DRAWN_ONCE_PER_SHARED_MASK))
+
+
+def first_generator_only(names: Sequence[str], shared_image: bool, shared_mask: bool = False) -> frozenset[str]:
+    """The draws made once that, with a list of generators, only the first generator draws (FIRST_GENERATOR_ONLY)."""
+    return drawn_once(names, shared_image, shared_mask) & FIRST_GENERATOR_ONLY
+
+
 def leading_rows(names: Sequence[str], rows: int, shared_image: bool, shared_mask: bool = False,
                  skipped: Collection[str] = ()) -> tuple[int, ...]:
-    """How many rows each leading draw of a `rows`-image run has: one for a shared image's VAE samples (and the
-    masked image's when the mask is shared too), none for a draw diffusers skips (`skipped`), else `rows`."""
-    def count(name: str) -> int:
-        if name in skipped:
-            return 0
-        once = name in DRAWN_ONCE_PER_SHARED_IMAGE or (shared_mask and name in DRAWN_ONCE_PER_SHARED_MASK)
-        return 1 if shared_image and once else rows
-
-    return tuple(count(name) for name in names)
+    """How many rows each leading draw of a `rows`-image run has: one for a draw made once (drawn_once), none for a
+    draw diffusers skips (`skipped`), else `rows`."""
+    once = drawn_once(names, shared_image, shared_mask)
+    return tuple(0 if name in skipped else 1 if name in once else rows for name in names)
 
 
 def choose_source() -> str:
@@ -102,12 +111,12 @@ class _Source:
 
 def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leading: tuple[int, ...], steps: int,
          use_torch: bool, names: Sequence[str] = (), lead_seed: int | None = None,
-         draws: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+         draws: int | None = None, first_only: Collection[str] = ()) -> tuple[list[np.ndarray], np.ndarray]:
     """`leading[k]` rows for each leading draw (leading_rows: 1 for a shared image's VAE sample, 0 for a skipped
     draw, whose rows are zeros), broadcast to `rows`, then step noise [steps, rows, *latent_shape] drawn for the
-    first `draws` steps (default: all but the last), zeros after. With a list of seeds, a one-row draw named in
-    FIRST_GENERATOR_ONLY is the first generator's: the
-    run's first seed, `lead_seed` when these rows are a later piece of the run."""
+    first `draws` steps (default: all but the last), zeros after. With a list of seeds, a draw named in `first_only`
+    (first_generator_only) is the first generator's, shared by every row: the run's first seed, `lead_seed` when
+    these rows are a later piece of the run."""
     firsts = [np.zeros((rows, *latent_shape), np.float32) for _ in leading]
     noise = np.zeros((steps, rows, *latent_shape), np.float32)
     draws = steps - 1 if draws is None else draws
@@ -122,7 +131,8 @@ def draw(seeds: int | list[int], rows: int, latent_shape: tuple[int, ...], leadi
     if len(seeds) != rows:
         raise ValueError(f"{len(seeds)} seeds for {rows} rows")
     names = tuple(names) or ("",) * len(leading)
-    lead_only = [count == 1 and name in FIRST_GENERATOR_ONLY for count, name in zip(leading, names)]
+    # explicit, never inferred from a count of 1: a one-row piece of per-row draws also has one row
+    lead_only = [count > 0 and name in first_only for count, name in zip(leading, names)]
     shared = _lead_draws(seeds[0] if lead_seed is None else lead_seed, latent_shape, leading, lead_only, use_torch)
     for row, seed in enumerate(seeds):
         # diffusers draws one (1, ...) tensor per generator, in row order, for each draw; rows never interleave.
@@ -190,7 +200,8 @@ class NoiseStream:
             leading = leading_rows(names, self.rows, self.shared_image, self.shared_mask, self.skipped)
             leading = tuple(min(c, count) for c in leading)  # a piece's share: its rows, one shared row, or none
             return draw(self.seeds[start:start + count], count, latent_shape, leading, steps, self.use_torch,
-                        names, None if start == 0 else self.seeds[0], draws)
+                        names, None if start == 0 else self.seeds[0], draws,
+                        first_generator_only(names, self.shared_image, self.shared_mask))
         if self._names is None:
             self._position(latent_shape, names, draws)
         firsts = []

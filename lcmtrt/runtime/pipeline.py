@@ -18,7 +18,7 @@ from lcmtrt.runtime import noise as noise_source
 from lcmtrt.runtime.backends import Backend, open_backend
 from lcmtrt.bundle import Bundle, load_bundle
 from lcmtrt.errors import RefitError, UserError
-from lcmtrt.runtime.conditioning import adapter_inputs, control_inputs, per_row as _per_row
+from lcmtrt.runtime.conditioning import adapter_inputs, control_inputs, inpaint_images, per_row as _per_row
 from lcmtrt.runtime.cover import cheapest_cover, linear_costs
 from lcmtrt.runtime.embeddings import guidance_embedding
 from lcmtrt.runtime.programs import DEFAULT_MAX_PROGRAMS, Programs
@@ -206,7 +206,8 @@ class Pipeline:
             raise UserError(f"{len(seeds)} seeds given for {rows} images; give one seed or one per image")
         counts = noise_source.leading_rows(leading, rows, *sharing)
         return noise_source.draw(seeds, rows, self.bundle.latent_shape, counts, plan.steps, self.use_torch, leading,
-                                 draws=plan.noise_draws)
+                                 draws=plan.noise_draws, first_only=noise_source.first_generator_only(leading,
+                                                                                                     *sharing[:2]))
 
     def _text_and_guidance_inputs(self, prompts: list[str], negative_prompts: Sequence[str] | None, scales: np.ndarray,
                      cfg: bool) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -356,12 +357,11 @@ class Pipeline:
 
     def runnable(self, settings: GenerationSettings | None) -> GenerationSettings | None:
         """A 9-channel inpainting bundle runs inpainting only: warm-up and timing give it a blank image and a mask
-        repainting everything; any other bundle's settings pass as they are."""
-        if self.bundle.inpaint != "unet9" or (settings is not None and settings.masks is not None):
+        repainting everything (conditioning.inpaint_images); any other bundle's settings pass as they are."""
+        inputs = inpaint_images(self.bundle)
+        if not inputs or (settings is not None and settings.masks is not None):
             return settings
-        size = (self.bundle.height, self.bundle.width)
-        return replace(settings or GenerationSettings(), images=[np.zeros((*size, 3), np.uint8)],
-                       masks=[np.full(size, 255, np.uint8)])
+        return replace(settings or GenerationSettings(), **inputs)
 
     def require_refittable(self) -> None:
         """Refuse a weight swap this bundle or backend cannot take, before any weights are computed."""
@@ -406,8 +406,10 @@ class Pipeline:
         """Seconds each engine takes, run one at a time on the inputs of the last request at this batch size;
         `sampler`: the request's scheduler, eta and timesteps, as generate() takes them."""
         self._require_usable()
-        plan, _ = self._plan(GenerationSettings(steps=steps, **sampler))  # the plan a request of `steps` runs
-        program, buffers = self._store.get(batch, plan, False, False), self._store.buffers(batch, False)
+        s = self.runnable(GenerationSettings(steps=steps, **sampler))  # 9-channel inpainting bundles inpaint
+        plan, _ = self._plan(s)  # the plan a request of `steps` runs
+        program = self._store.get(batch, plan, False, False, s.masks is not None)
+        buffers = self._store.buffers(batch, False)
         timed = self.backend.timed
         times = {"text": timed(buffers.text.run)}
         times.update({f"denoise[{i}]": timed(binding.run) for i, binding in enumerate(program.bindings)})

@@ -140,7 +140,10 @@ def decode_image(data: bytes, param: str, alpha: bool = False) -> Image.Image:
             image = ImageOps.exif_transpose(opened).convert("RGBA" if alpha else "RGB")
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except UnidentifiedImageError:  # Pillow's message names the in-memory file object (a BytesIO repr): say why
+        raise ApiError(400, f"{param} is not a readable image (PNG, JPEG, WebP, ...): no image format recognises "
+                            "its bytes", param=param, code="invalid_image") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ApiError(400, f"{param} is not a readable image (PNG, JPEG, WebP, ...): "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", param=param,
                        code="invalid_image") from None
