@@ -17,6 +17,7 @@ import pytest
 
 from conftest import on_backend
 from lcmtrt.cli.main import main
+from lcmtrt.runtime.backends.cpu import cpu_info
 from lcmtrt.runtime.images import compare_images
 from lcmtrt.runtime.pipeline import Pipeline
 from lcmtrt.runtime.settings import GenerationSettings
@@ -109,8 +110,9 @@ def test_int8_close_to_fp32(int8_bundle: Path, ov_bundle: Path) -> None:
     ours = Pipeline.load(int8_bundle).generate(prompts, seed=3, steps=4).images
     reference = Pipeline.load(ov_bundle).generate(prompts, seed=3, steps=4).images
     close = compare_images(ours, reference)
-    # measured here (Xeon with AMX, bf16 for what is not quantized): PSNR 46.4 dB, max 7, 80.5% within 1/255 (other
-    # prompts and seeds: 45.8-46.4 dB, max 6-7, 78.5-80.5%); bf16 alone gives 53.7 dB, 99.8%
+    # measured (Xeon with AMX, bf16 for what is not quantized): PSNR 46.4 dB, max 7, 80.5% within 1/255 (other
+    # prompts and seeds: 45.8-46.4 dB, max 6-7, 78.5-80.5%); bf16 alone gives 53.7 dB, 99.8%. AMD EPYC Zen 3 (no
+    # VNNI): 42.3 dB without the overflow fix (saturated u8 x s8 pairs), so overflow_fix_for enables it there
     assert close["psnr_db"] >= 43 and close["max_diff"] <= 12 and close["within_1_pct"] >= 70, close
 
 
@@ -126,10 +128,19 @@ def test_bundle_json_records_precision_calibration_and_fidelity(int8_bundle: Pat
     # every engine's compiled precisions, vae_encode too (text-to-image never runs it)
     assert set(manifest["build"]["heavy_op_precisions"]) == set(manifest["engines"]) >= {"vae_encode"}
     assert int8["denoise"]["fake_quantize_ops"] > 0
+    assert int8["denoise"]["overflow_fix"] == openvino_quantize.overflow_fix_for(cpu_info()[1])
     assert set(int8["weight_only"]["engines"]) == {"text", "vae_decode", "vae_encode"}
     fidelity = int8["fidelity"]
     assert fidelity["psnr_db"] > 40 and 0 < fidelity["max_diff"] < 255 and 50 < fidelity["within_1_pct"] < 100
     assert len(openvino_quantize.CALIBRATION_PROMPTS) >= 20
+
+
+def test_overflow_fix_follows_the_int8_dot_products() -> None:
+    """7-bit weights everywhere where u8 x s8 pairs are summed in 16 bits (no VNNI / AMX int8), NNCF's default
+    elsewhere."""
+    fix = openvino_quantize.overflow_fix_for
+    assert fix(frozenset({"avx2", "fma"})) == "enable" and fix(frozenset()) == "enable"
+    assert fix(frozenset({"avx2", "avx512_vnni"})) == fix(frozenset({"avx_vnni"})) == "first_layer_only"
 
 
 def test_calibration_is_deterministic(tiny_sd15_bundle: Path, int8_bundle: Path, tmp_path: Path) -> None:
