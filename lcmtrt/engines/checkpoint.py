@@ -29,6 +29,22 @@ def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
     return config
 
 
+# EulerDiscreteScheduler's options that change its sigmas or timesteps, with their defaults (diffusers 0.3x-0.4x);
+# timestep_spacing is not here: the pipelines' euler-trailing sets it
+EULER_DEFAULTS: dict[str, Any] = {"interpolation_type": "linear", "use_karras_sigmas": False,
+                                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
+                                  "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"}
+
+
+def euler_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """The options of a model's scheduler_config that EulerDiscreteScheduler.from_config(config,
+    timestep_spacing="trailing") would follow and lcmtrt's Euler rows do not: those set to a non-default value."""
+    def default(name: str, value: Any) -> bool:
+        expected = EULER_DEFAULTS[name]
+        return bool(value) is expected if isinstance(expected, bool) else value == expected  # bool | None: None is off
+    return {k: v for k, v in raw.items() if k in EULER_DEFAULTS and not default(k, v)}
+
+
 def vae_precision(checkpoint: Any, precision: str) -> str:
     """SDXL's VAE overflows in fp16 (its config says force_upcast): such a VAE runs in fp32 inside an fp16 bundle,
     as diffusers upcasts it; an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix) keeps fp16."""

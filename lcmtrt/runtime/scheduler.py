@@ -348,6 +348,13 @@ class SamplerChoice:
                             self.timesteps, self.eta)
 
 
+def unfollowed_euler(options: dict[str, object]) -> str:
+    """Why euler-trailing would not be diffusers' Euler for a model whose scheduler config sets `options`."""
+    given = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return (f"this model's scheduler config sets {given}, which diffusers' EulerDiscreteScheduler follows and "
+            "lcmtrt's Euler step does not")
+
+
 def choose_sampler(bundle: Bundle, scheduler: str | None, steps: int | None, timesteps: tuple[int, ...] | None,
                    eta: float | None, original_inference_steps: int | None, inpainting: bool) -> SamplerChoice:
     """The sampler a request runs on `bundle`: the one it names, or the bundle's (its preset's, with that preset's
@@ -362,6 +369,9 @@ def choose_sampler(bundle: Bundle, scheduler: str | None, steps: int | None, tim
     if name != "lcm" and (inpainting or bundle.inpaint == "unet9"):
         raise SettingError("scheduler", f"inpainting runs {{scheduler}} lcm only (its mask blend is LCM's); {name} "
                                         "cannot inpaint")
+    if name == "euler-trailing" and bundle.euler_options:
+        why = unfollowed_euler(bundle.euler_options).replace("{", "{{").replace("}", "}}")  # literal in a template
+        raise SettingError("scheduler", f"{{scheduler}} euler-trailing: {why}; choose another scheduler")
     if name == "euler-trailing" and bundle.scheduler.prediction_type == "v_prediction":
         raise SettingError("scheduler", "{scheduler} euler-trailing: lcmtrt's Euler step takes epsilon or sample "
                                         "predictions, and this model predicts v")
