@@ -149,6 +149,12 @@ def test_missing_model_config_offline_refused(single_file: Path, tmp_path: Path,
     assert "--model-config" in line and "single file" in line
 
 
+def test_absent_model_config_folder_refused(single_file: Path, tmp_path: Path, capsys) -> None:
+    line = _refused(capsys, "--model", str(single_file), "--model-config", "/nonexistent/dir", "--out",
+                    str(tmp_path / "b"))
+    assert "--model-config" in line and "/nonexistent/dir" in line, line
+
+
 def test_wrong_model_config_refused(single_file: Path, tmp_path: Path, capsys) -> None:
     line = _refused(capsys, "--model", str(single_file), "--model-config", "tiny-sdxl-base", "--out",
                     str(tmp_path / "b"))
