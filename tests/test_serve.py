@@ -274,8 +274,8 @@ def test_edit_takes_timesteps_as_comma_separated_or_repeated_form_fields(server:
     assert status == 200, comma
     status, repeated = post_edit(server, [*common, ("timesteps", "999"), ("timesteps", "499")], png_bytes(source))
     assert status == 200, repeated
-    assert main(["-q", "infer", "--engines", str(tiny_sd15_bundle), "a blue fox", "--image", str(tmp_path / "source.png"),
-                 "--strength", "1.0", "--scheduler", "tcd", "--eta", "0.3", "--timesteps", "999,499", "--seed", "3",
+    assert main(["-q", "infer", "--engines", str(tiny_sd15_bundle), "a blue fox", "--image",
+                 str(tmp_path / "source.png"), "--strength", "1.0", "--scheduler", "tcd", "--eta", "0.3", "--timesteps", "999,499", "--seed", "3",
                  "--output", str(tmp_path / "e.png")]) == 0
     expected = np.asarray(Image.open(tmp_path / "e.png"))
     np.testing.assert_array_equal(decoded(comma["data"][0]), expected)

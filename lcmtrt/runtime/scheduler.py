@@ -318,8 +318,9 @@ def img2img_plan(config: SchedulerConfig, steps: int, strength: float, mode: str
     if not 0.0 < strength <= 1.0:
         raise SettingError("strength", f"{{strength}} {strength} must be in (0, 1]")
     if mode == "lcm" and sampler != "lcm":
-        raise SettingError("img2img_mode", "{img2img_mode} lcm is LatentConsistencyModelImg2ImgPipeline's, which runs "
-                                           f"LCMScheduler only; use {{img2img_mode}} classic with {{scheduler}} {sampler}")
+        raise SettingError("img2img_mode", "{img2img_mode} lcm is LatentConsistencyModelImg2ImgPipeline's, which "
+                                           "runs LCMScheduler only; use {img2img_mode} classic with {scheduler} "
+                                           f"{sampler}")
     if mode == "lcm" and timesteps is None:
         return step_plan(config, steps, strength, original_inference_steps)
     full = sampler_plan(config, sampler, steps, timesteps, eta, original_inference_steps)
