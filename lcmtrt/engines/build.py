@@ -21,7 +21,6 @@ from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, euler_options, ex
 from lcmtrt.engines.preset import Preset
 from lcmtrt.engines.staging import Progress, digests, link_or_copy, staged_bundle
 from lcmtrt.errors import UserError
-from lcmtrt.runtime.scheduler import unfollowed_euler
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +121,7 @@ def build_bundle(
             with progress.stage(f"fuse {len(preset.loras)} LoRA(s)"):
                 loras = fuse_loras(checkpoint, preset.loras)
         preset = preset.validate(multiple=8 * max(1, checkpoint.vae_scale_factor // 8))
-        scheduler = scheduler_config(checkpoint.scheduler_config)
-        unfollowed = euler_options(checkpoint.scheduler_config)
-        if preset.scheduler == "euler-trailing" and unfollowed:
-            raise UserError(f"preset {preset.name} runs scheduler euler-trailing, but {unfollowed_euler(unfollowed)}; "
-                            "choose another scheduler in the preset")
+        scheduler = scheduler_config(checkpoint.scheduler_config, preset)
         text = _export_tokenizers(checkpoint, staging)
         mode = guidance_mode(checkpoint, preset)
         if preset.cfg and mode == "embedding":
@@ -166,7 +161,7 @@ def build_bundle(
             inpaint=inpaint_route(checkpoint, preset),
             coeff_columns=COEFF_COLUMNS,  # the general step: every sampler, chosen per request
             sampler=SamplerDefaults(preset.scheduler, preset.eta, preset.timesteps),
-            euler_options=unfollowed,
+            euler_options=euler_options(checkpoint.scheduler_config),
         ), staging, progress)
         with progress.stage("write bundle.json"):
             bundle.build["duration_s"] = round(progress.elapsed, 1)
