@@ -170,6 +170,9 @@ class Bundle:
     inpaint: str | None = None
     coeff_columns: tuple[str, ...] = LCM_COLUMNS  # the coefficient row its graphs take (bundles built before: LCM's)
     sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    # the model's scheduler_config options (non-default) that diffusers' EulerDiscreteScheduler.from_config would
+    # follow and lcmtrt's Euler rows do not (Karras sigmas, ...): euler-trailing is refused on such a bundle
+    euler_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def general(self) -> bool:
@@ -218,6 +221,7 @@ class Bundle:
             **({"embeddings": {k: e.to_json() for k, e in self.embeddings.items()}} if self.embeddings else {}),
             **({"inpaint": self.inpaint} if self.inpaint else {}),
             **({"coeff_columns": list(self.coeff_columns)} if self.general else {}),
+            **({"euler_options": self.euler_options} if self.euler_options else {}),
         }
 
 
@@ -301,6 +305,7 @@ def _parse(root: Path, d: dict[str, Any]) -> Bundle:
         inpaint=d.get("inpaint"),
         coeff_columns=tuple(d.get("coeff_columns", LCM_COLUMNS)),
         sampler=_sampler_defaults(d["defaults"]),
+        euler_options=_mapping(d, "euler_options"),
     )
     _check_coefficients(bundle)
     _check_embeddings(bundle)

@@ -11,14 +11,16 @@ import torch
 from diffusers import LCMScheduler
 
 from lcmtrt.bundle import SchedulerConfig
-from lcmtrt.errors import UserError
+from lcmtrt.errors import SettingError, UserError
 from lcmtrt.runtime.scheduler import (
     COEFF_COLUMNS,
     LCM_TAIL,
     StepPlan,
     alphas_cumprod,
     apply_step,
+    img2img_plan,
     lcm_timesteps,
+    sampler_plan,
     step_plan,
 )
 
@@ -241,15 +243,38 @@ def test_classic_img2img_slice_matches_diffusers() -> None:
     assert_loop_matches(plan, sch, sliced, "epsilon")
 
 
-@pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_negative_prev_timestep_uses_final_alpha(set_alpha_to_one: bool) -> None:
-    """diffusers' `prev_timestep >= 0 else final_alpha_cumprod` branch, reachable only with custom timesteps."""
-    config = SchedulerConfig(set_alpha_to_one=set_alpha_to_one)
-    sch = diffusers_scheduler(config)
-    sch.set_timesteps(timesteps=[500, -1])
-    plan = step_plan(config, 2, timesteps=(500, -1))
-    assert_coeffs_match(sch, plan)
-    assert_loop_matches(plan, sch, sch.timesteps, "epsilon")
+@pytest.mark.parametrize("sampler", ["lcm", "tcd", "euler-trailing"])
+@pytest.mark.parametrize("timesteps", [(999, -5), (500, -1), (1000, 500)])
+def test_every_timestep_is_bounded(sampler: str, timesteps: tuple[int, ...]) -> None:
+    """Each custom timestep indexes alphas_cumprod: a negative one would wrap to the end of the schedule (diffusers
+    wraps too), so every element must lie in [0, num_train_timesteps - 1], for CLI, API and bench alike."""
+    with pytest.raises(SettingError, match=r"in \[0, 999\]") as refused:
+        sampler_plan(SchedulerConfig(), sampler, len(timesteps), timesteps)
+    assert refused.value.api_param == "timesteps" and "--" not in refused.value.api_message()
+
+
+def test_euler_refuses_repeated_timesteps_but_not_unordered_ones() -> None:
+    """diffusers' index_for_timestep takes a repeated timestep's second position: 999,999 would skip a step; an
+    ascending list is what EulerDiscreteScheduler.set_timesteps(timesteps=...) runs as given."""
+    with pytest.raises(SettingError, match="duplicate-free"):
+        sampler_plan(SchedulerConfig(), "euler-trailing", 2, (999, 999))
+    assert sampler_plan(SchedulerConfig(), "euler-trailing", 2, (499, 999)).timesteps.tolist() == [499, 999]
+
+
+@pytest.mark.parametrize("call,cli,api,param", [
+    (lambda c: sampler_plan(c, "euler-trailing", 2, None, 0.5), "--eta applies to", "eta applies to", "eta"),
+    (lambda c: sampler_plan(c, "ddim-trailing", 2, (999, 499)), "--timesteps: DDIM", "timesteps: DDIM", "timesteps"),
+    (lambda c: step_plan(c, 60), "--steps 60 is more", "num_inference_steps 60 is more", "num_inference_steps"),
+    (lambda c: img2img_plan(c, 2, 0.2), "raise --strength or --steps", "raise strength or num_inference_steps",
+     "strength"),
+])
+def test_setting_errors_name_the_flag_or_the_field(call, cli: str, api: str, param: str) -> None:
+    """One shared check, two spellings: infer's flags in str(), the request's fields for the API's 400."""
+    with pytest.raises(SettingError) as refused:
+        call(SchedulerConfig())
+    assert str(refused.value).startswith(cli) or cli in str(refused.value), str(refused.value)
+    assert api in refused.value.api_message() and "--" not in refused.value.api_message()
+    assert refused.value.api_param == param
 
 
 @pytest.mark.parametrize(

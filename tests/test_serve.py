@@ -121,10 +121,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+def multipart(fields: dict[str, str] | list[tuple[str, str]], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart body; `fields` as pairs can repeat a name."""
     boundary = "lcmtrt-test-boundary"
+    pairs = fields.items() if isinstance(fields, dict) else fields
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
+             for k, v in pairs]
     parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
               f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
               for k, (name, data) in files.items()]
@@ -253,6 +255,48 @@ def test_bad_input_gets_status_and_openai_error(server: Server) -> None:
     assert_openai_error(status, answer, 400, None)
     status, _, answer = server.post_json({**GOOD, "seed": 1})  # still serving
     assert status == 200 and len(answer["data"]) == 1
+
+
+def post_edit(server: Server, fields: list[tuple[str, str]], image: bytes) -> tuple[int, dict]:
+    body, kind = multipart([("model", "tiny"), *fields], {"image": ("source.png", image)})
+    status, _, answer = server.request("POST", "/v1/images/edits", body, {"Content-Type": kind})
+    return status, answer
+
+
+def test_edit_takes_timesteps_as_comma_separated_or_repeated_form_fields(server: Server, tiny_sd15_bundle: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    """A multipart edit spells the JSON list timesteps [999, 499] as `-F timesteps=999,499` or as repeated fields:
+    both are infer's --timesteps 999,499 on the same image."""
+    source = np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)
+    (tmp_path / "source.png").write_bytes(png_bytes(source))
+    common = [("prompt", "a blue fox"), ("seed", "3"), ("strength", "1.0"), ("scheduler", "tcd"), ("eta", "0.3")]
+    status, comma = post_edit(server, [*common, ("timesteps", "999,499")], png_bytes(source))
+    assert status == 200, comma
+    status, repeated = post_edit(server, [*common, ("timesteps", "999"), ("timesteps", "499")], png_bytes(source))
+    assert status == 200, repeated
+    assert main(["-q", "infer", "--engines", str(tiny_sd15_bundle), "a blue fox", "--image",
+                 str(tmp_path / "source.png"), "--strength", "1.0", "--scheduler", "tcd", "--eta", "0.3", "--timesteps", "999,499", "--seed", "3",
+                 "--output", str(tmp_path / "e.png")]) == 0
+    expected = np.asarray(Image.open(tmp_path / "e.png"))
+    np.testing.assert_array_equal(decoded(comma["data"][0]), expected)
+    np.testing.assert_array_equal(decoded(repeated["data"][0]), expected)
+    status, answer = post_edit(server, [*common, ("timesteps", "999,-5")], png_bytes(source))
+    assert_openai_error(status, answer, 400, "timesteps")
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("fields,param,start", [
+    ({"scheduler": "lcm", "timesteps": [999, -5]}, "timesteps", "timesteps 999,-5 must be"),
+    ({"scheduler": "euler-trailing", "timesteps": [999, 999]}, "timesteps", "timesteps 999,999 must be"),
+    ({"scheduler": "euler-trailing", "eta": 0.5}, "eta", "eta applies to"),
+    ({"scheduler": "ddim-trailing", "timesteps": [999, 499]}, "timesteps", "timesteps: DDIMScheduler"),
+    ({"num_inference_steps": 3, "timesteps": [999, 499]}, "timesteps", "num_inference_steps 3 and 2 timesteps"),
+])
+def test_scheduler_refusals_name_the_request_field(server: Server, fields: dict, param: str, start: str) -> None:
+    """The shared sampler checks answer a 400 naming the request's field, in its spelling, never infer's flags."""
+    status, _, body = server.post_json({**GOOD, **fields})
+    assert_openai_error(status, body, 400, param)
+    assert body["error"]["message"].startswith(start) and "--" not in body["error"]["message"], body
 
 
 def test_concurrent_requests_are_batched_and_equal_infer(server: Server, pipeline: Pipeline) -> None:

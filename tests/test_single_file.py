@@ -1,7 +1,8 @@
-"""Single-file checkpoints (`--model FILE.safetensors --model-config DIR_OR_ID`): the tiny SD1.5-class base model
-written in the original Stable Diffusion layout (the inverse of diffusers' single_file_utils mapping, checked here
-by running diffusers' own conversion back) builds a bundle whose images equal the diffusers-folder bundle's, and a
-pickle file, a missing config offline and a config of another architecture are each refused in one line."""
+"""Single-file checkpoints (`--model FILE.safetensors --model-config DIR_OR_ID`): the tiny SD1.5- and SDXL-class
+base models written in the original Stable Diffusion layout (the inverse of diffusers' single_file_utils mapping,
+checked here by running diffusers' own conversion back) build bundles whose images equal the diffusers-folder
+bundles', and a pickle file, a missing config offline, an absent config folder and a config of another architecture
+are each refused in one line."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ VAE_ATTENTION = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", 
 def _ldm_unet_key(key: str, layers: int, up_attention_blocks: set[int]) -> str:
     """diffusers UNet key -> original (ldm) key: input/middle/output blocks numbered as diffusers' loader expects."""
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL's
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for new, old in fixed.items():
         if key.startswith(new + "."):
@@ -64,16 +66,52 @@ def _ldm_vae_key(key: str, up_blocks: int) -> str:
     return key
 
 
-def original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three models' weights under the original checkpoint's names (VAE attention as 1x1 convolutions)."""
+OPEN_CLIP = (("self_attn.", "attn."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+             ("mlp.fc2", "mlp.c_proj"))
+
+
+def _open_clip_layout(text_encoder_2, prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder as the original file holds it (OpenCLIP names, q/k/v fused into in_proj, the
+    projection transposed): the inverse of diffusers' convert_open_clip_checkpoint."""
+    fixed = {"embeddings.position_embedding.weight": "positional_embedding",
+             "embeddings.token_embedding.weight": "token_embedding.weight",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    state, fused = {}, {}
+    for key, value in text_encoder_2.state_dict().items():
+        key = key.removeprefix("text_model.")
+        if key == "text_projection.weight":
+            state[prefix + "text_projection"] = value.T
+        elif key in fixed:
+            state[prefix + fixed[key]] = value
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            fused.setdefault((int(m[1]), m[3]), {})[m[2]] = value
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.*)", key):
+            rest = m[2]
+            for new, old in OPEN_CLIP:
+                rest = rest.replace(new, old)
+            state[f"{prefix}transformer.resblocks.{m[1]}.{rest}"] = value
+        elif not key.endswith("position_ids"):
+            raise AssertionError(f"no original-layout name for text encoder 2 key {key}")
+    for (layer, kind), qkv in fused.items():
+        state[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([qkv[c] for c in "qkv"])
+    return state
+
+
+def original_layout(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The models' weights under the original checkpoint's names (VAE attention as 1x1 convolutions); SDXL's two
+    text encoders under conditioner.embedders.0 (CLIP) and .1 (OpenCLIP)."""
     up_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
     state = {"model.diffusion_model." + _ldm_unet_key(k, unet.config.layers_per_block, up_attention): v
              for k, v in unet.state_dict().items()}
     for key, value in vae.state_dict().items():
         name = "first_stage_model." + _ldm_vae_key(key, len(vae.config.up_block_types))
         state[name] = value[:, :, None, None] if "attn_1" in name and value.ndim == 2 else value
+    first = "conditioner.embedders.0.transformer." if text_encoder_2 is not None else "cond_stage_model.transformer."
     for key, value in text_encoder.state_dict().items():
-        state["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = value
+        if not key.endswith("position_ids"):
+            state[first + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    if text_encoder_2 is not None:
+        state.update(_open_clip_layout(text_encoder_2, "conditioner.embedders.1.model."))
     return {k: v.contiguous().clone() for k, v in state.items()}
 
 
@@ -123,6 +161,66 @@ def test_single_file_bundle_equals_folder_bundle(single_file: Path, build_tiny, 
         np.testing.assert_array_equal(a.images, b.images)
 
 
+SDXL = "tiny-sdxl-base"
+
+
+@pytest.fixture(scope="module")
+def sdxl_single_file(lcmtrt_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sdxl-base as one original-layout .safetensors; diffusers' own conversions must give every part back."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from lcmtrt.export.models import resolve_model
+
+    folder = resolve_model(SDXL)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    encoders = (CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"))
+    state = original_layout(unet, vae, *encoders)
+    second = {k: v for k, v in state.items() if k.startswith("conditioner.embedders.1.")}
+    for model, back in ((unet, convert_ldm_unet_checkpoint(state, unet.config)),
+                        (vae, convert_ldm_vae_checkpoint(state, vae.config)),
+                        (encoders[0], convert_ldm_clip_checkpoint(state)),
+                        (encoders[1], convert_open_clip_checkpoint(encoders[1], second,
+                                                                   prefix="conditioner.embedders.1.model."))):
+        # CLIPTextModel's keys lose "text_model." in newer transformers; compare without it on both sides
+        own = {k.removeprefix("text_model."): v for k, v in model.state_dict().items() if "position_ids" not in k}
+        back = {k.removeprefix("text_model."): v for k, v in back.items()}
+        assert back.keys() == own.keys(), sorted(set(back) ^ set(own))[:4]
+        assert all(torch.equal(back[k], v) for k, v in own.items())
+    path = tmp_path_factory.mktemp("single-file-sdxl") / "tiny-sdxl-merge.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_sdxl_single_file_bundle_equals_folder_bundle(sdxl_single_file: Path, build_tiny, tmp_path: Path) -> None:
+    """An SDXL-class file: two text encoders, each converted from its own key prefix, and the UNet's added
+    embeddings; its bundle's images equal the diffusers-folder bundle's for two samplers."""
+    from lcmtrt.engines.build import build_bundle
+    from lcmtrt.engines.preset import load_preset
+    from lcmtrt.export.models import resolve_model
+    from lcmtrt.runtime.pipeline import Pipeline
+
+    preset = load_preset("tiny-sdxl-samplers")
+    assert preset.model == SDXL
+    configs = tmp_path / "configs"  # configs, tokenizers and scheduler only: every weight must come from the file
+    shutil.copytree(resolve_model(SDXL), configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    out = tmp_path / "from-file"
+    build_bundle(replace(preset, model=str(sdxl_single_file), model_config=str(configs)), out,
+                 backend="onnxruntime", precision="fp32")
+    ours, folder = Pipeline.load(out), Pipeline.load(build_tiny("tiny-sdxl-samplers"))
+    assert ours.bundle.family == "sdxl" and any(name.startswith("model:tiny-sdxl-merge")
+                                                for name in ours.bundle.sources["files"])
+    for scheduler, guidance in (("euler-trailing", 1.0), ("tcd", 2.0)):
+        a = ours.generate(["a red fox"], seed=3, steps=2, scheduler=scheduler, guidance_scale=guidance)
+        b = folder.generate(["a red fox"], seed=3, steps=2, scheduler=scheduler, guidance_scale=guidance)
+        np.testing.assert_array_equal(a.images, b.images)
+
+
 def _refused(capsys, *argv: str) -> str:
     code = main(["build-engines", "--preset", "tiny-sd15-samplers", "--backend", "onnxruntime", "--precision",
                  "fp32", *argv])
@@ -147,6 +245,12 @@ def test_missing_model_config_offline_refused(single_file: Path, tmp_path: Path,
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     line = _refused(capsys, "--model", str(single_file), "--out", str(tmp_path / "b"))
     assert "--model-config" in line and "single file" in line
+
+
+def test_absent_model_config_folder_refused(single_file: Path, tmp_path: Path, capsys) -> None:
+    line = _refused(capsys, "--model", str(single_file), "--model-config", "/nonexistent/dir", "--out",
+                    str(tmp_path / "b"))
+    assert "--model-config" in line and "/nonexistent/dir" in line, line
 
 
 def test_wrong_model_config_refused(single_file: Path, tmp_path: Path, capsys) -> None:

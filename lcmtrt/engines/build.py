@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lcmtrt.bundle import COEFF_COLUMNS, MANIFEST, Bundle, EngineSpec, SamplerDefaults, TextConfig
-from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, example_inputs, guidance_mode, inpaint_route,
-                                       scheduler_config, source_info, stage_modules, vae_precision,
+from lcmtrt.engines.checkpoint import (BATCH_AXES, REFITTABLE, euler_options, example_inputs, guidance_mode,
+                                       inpaint_route, scheduler_config, source_info, stage_modules, vae_precision,
                                        zero_empty_negative)
 from lcmtrt.engines.preset import Preset
 from lcmtrt.engines.staging import Progress, digests, link_or_copy, staged_bundle
@@ -121,7 +121,7 @@ def build_bundle(
             with progress.stage(f"fuse {len(preset.loras)} LoRA(s)"):
                 loras = fuse_loras(checkpoint, preset.loras)
         preset = preset.validate(multiple=8 * max(1, checkpoint.vae_scale_factor // 8))
-        scheduler = scheduler_config(checkpoint.scheduler_config)
+        scheduler = scheduler_config(checkpoint.scheduler_config, preset)
         text = _export_tokenizers(checkpoint, staging)
         mode = guidance_mode(checkpoint, preset)
         if preset.cfg and mode == "embedding":
@@ -161,6 +161,7 @@ def build_bundle(
             inpaint=inpaint_route(checkpoint, preset),
             coeff_columns=COEFF_COLUMNS,  # the general step: every sampler, chosen per request
             sampler=SamplerDefaults(preset.scheduler, preset.eta, preset.timesteps),
+            euler_options=euler_options(checkpoint.scheduler_config),
         ), staging, progress)
         with progress.stage("write bundle.json"):
             bundle.build["duration_s"] = round(progress.elapsed, 1)

@@ -20,13 +20,39 @@ log = logging.getLogger("lcmtrt.engines.build")
 EXAMPLE_BATCH = 2  # trace with batch 2 so no reshape is specialised to batch 1
 
 
-def scheduler_config(raw: dict[str, Any]) -> SchedulerConfig:
+def scheduler_config(raw: dict[str, Any], preset: Preset | None = None) -> SchedulerConfig:
+    """The settings lcmtrt's plans take from a model's scheduler_config; options no sampler follows are refused, and
+    a `preset` whose default sampler is euler-trailing on a model with Euler options it would not follow."""
     known = {f.name for f in fields(SchedulerConfig)}
     config = SchedulerConfig(**{k: v for k, v in raw.items() if k in known})
     for flag in ("thresholding", "clip_sample", "rescale_betas_zero_snr"):
         if raw.get(flag):
             raise UserError(f"scheduler option {flag}=true is not supported by lcmtrt's fused LCM step")
+    euler_options(raw, preset)
     return config
+
+
+# EulerDiscreteScheduler's options that change its sigmas or timesteps, with their defaults (diffusers 0.3x-0.4x);
+# timestep_spacing is not here: the pipelines' euler-trailing sets it
+EULER_DEFAULTS: dict[str, Any] = {"interpolation_type": "linear", "use_karras_sigmas": False,
+                                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
+                                  "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"}
+
+
+def euler_options(raw: dict[str, Any], preset: Preset | None = None) -> dict[str, Any]:
+    """The options of a model's scheduler_config that EulerDiscreteScheduler.from_config(config,
+    timestep_spacing="trailing") would follow and lcmtrt's Euler rows do not: those set to a non-default value.
+    A `preset` whose default sampler is euler-trailing is refused on such a model."""
+    from lcmtrt.runtime.scheduler import unfollowed_euler
+
+    def default(name: str, value: Any) -> bool:
+        expected = EULER_DEFAULTS[name]
+        return bool(value) is expected if isinstance(expected, bool) else value == expected  # bool | None: None is off
+    options = {k: v for k, v in raw.items() if k in EULER_DEFAULTS and not default(k, v)}
+    if preset is not None and preset.scheduler == "euler-trailing" and options:
+        raise UserError(f"preset {preset.name} runs scheduler euler-trailing, but {unfollowed_euler(options)}; "
+                        "choose another scheduler in the preset")
+    return options
 
 
 def vae_precision(checkpoint: Any, precision: str) -> str:

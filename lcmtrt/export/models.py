@@ -57,14 +57,15 @@ def quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
-def resolve_model(model: str) -> str:
-    """A tiny model name becomes its offline folder; hub ids, local folders and single files pass through."""
+def resolve_model(model: str, label: str = "model") -> str:
+    """A tiny model name becomes its offline folder; hub ids, local folders and single files pass through; a local
+    path that is not a folder is refused naming `label` (the setting that gave it)."""
     if model in TINY_MODELS or model in TINY_LORAS:
         return str(tiny_checkpoint(model, cache_dir() / "tiny"))
     if is_single_file(model):  # checked (safetensors, present) where it is loaded
         return model
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        raise UserError(f"model folder {model} does not exist")
+        raise UserError(f"{label} folder {model} does not exist")
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
 
 
@@ -120,7 +121,8 @@ def load_checkpoint(model: str, revision: str | None = None, unet: str | None = 
     quiet_libraries()
     path, parts = resolve_model(model), {}
     if is_single_file(model):  # the file's weights; configs, tokenizers and scheduler from the config folder
-        path, parts = load_pipeline_file(model, resolve_model(model_config) if model_config else None, family_of)
+        config = resolve_model(model_config, "--model-config") if model_config else None
+        path, parts = load_pipeline_file(model, config, family_of)
     kwargs = {"revision": revision} if revision else {}
     weights = {**kwargs, **SAFE}  # tokenizers and scheduler configs have no weights
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lcmtrt.bundle import COEFF_COLUMNS, LCM_COLUMNS, SAMPLERS, Bundle, SchedulerConfig
-from lcmtrt.errors import UserError
+from lcmtrt.errors import SettingError, UserError
 
 SIGMA_DATA = np.float32(0.5)  # diffusers' fixed sigma_data for the consistency boundary condition
 # The general columns' values that make the general step LCM's exactly: x / 1, + 0 * eps, + (0 * x + d * 0), and the
@@ -59,22 +59,21 @@ def lcm_timesteps(
     """int64 [steps]: `LCMScheduler.set_timesteps(steps, original_inference_steps=..., strength=...).timesteps`."""
     original = config.original_inference_steps if original_inference_steps is None else original_inference_steps
     if steps < 1:
-        raise UserError(f"--steps {steps} must be at least 1")
+        raise SettingError("steps", f"{{steps}} {steps} must be at least 1")
     if not 0.0 < strength <= 1.0:
-        raise UserError(f"--strength {strength} must be in (0, 1]")
+        raise SettingError("strength", f"{{strength}} {strength} must be in (0, 1]")
     if not 1 <= original <= config.num_train_timesteps:
-        raise UserError(
-            f"original_inference_steps {original} must be between 1 and num_train_timesteps {config.num_train_timesteps}"
-        )
+        raise UserError(f"original_inference_steps {original} must be between 1 and num_train_timesteps "
+                        f"{config.num_train_timesteps}")
     if steps > original:
-        raise UserError(f"--steps {steps} is more than original_inference_steps {original}; use at most {original} steps")
+        raise SettingError("steps", f"{{steps}} {steps} is more than original_inference_steps {original}; use at most "
+                                    f"{original} steps")
     k = config.num_train_timesteps // original  # the LCM skipping step
     origin = np.arange(1, int(original * strength) + 1, dtype=np.int64) * k - 1  # Python float math, as diffusers
     if len(origin) // steps < 1:
-        raise UserError(
-            f"--steps {steps} needs at least {steps} timesteps but original_inference_steps {original} x --strength "
-            f"{strength} leaves {len(origin)}; lower --steps or raise --strength"
-        )
+        raise SettingError("steps", f"{{steps}} {steps} needs at least {steps} timesteps but original_inference_steps "
+                                    f"{original} x {{strength}} {strength} leaves {len(origin)}; lower {{steps}} or "
+                                    "raise {strength}")
     index = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
     return origin[::-1][index]
 
@@ -131,13 +130,7 @@ def step_plan(
     if timesteps is None:
         ts = lcm_timesteps(config, steps, strength, original_inference_steps)
     else:
-        ts = np.asarray(timesteps, dtype=np.int64)
-        # the checks diffusers applies to custom timesteps
-        if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= config.num_train_timesteps:
-            raise UserError(
-                f"timesteps {list(timesteps)} must be a non-empty, strictly descending list "
-                f"below num_train_timesteps {config.num_train_timesteps}"
-            )
+        ts = checked_timesteps(config, "lcm", timesteps)
     acp = alphas_cumprod(config)
     final_alpha = np.float32(1.0) if config.set_alpha_to_one else acp[0]  # diffusers' final_alpha_cumprod
     scaling = np.float32(config.timestep_scaling)
@@ -261,18 +254,20 @@ def _euler_rows(config: SchedulerConfig, ts: np.ndarray) -> tuple[np.ndarray, fl
     return np.stack(rows), float(sigmas.max())
 
 
-def _checked_custom(config: SchedulerConfig, sampler: str, timesteps: tuple[int, ...]) -> np.ndarray:
-    """The custom timesteps diffusers' set_timesteps(timesteps=...) accepts: descending (LCM, TCD) and below
-    num_train_timesteps; DDIMScheduler takes none (its pipelines raise)."""
+def checked_timesteps(config: SchedulerConfig, sampler: str, timesteps: tuple[int, ...]) -> np.ndarray:
+    """The custom timesteps `sampler` runs correctly, each in [0, num_train_timesteps - 1] (an index into
+    alphas_cumprod): strictly descending (LCM, TCD: diffusers' check), or distinct (Euler: diffusers'
+    index_for_timestep finds a repeated timestep's second position first); DDIMScheduler takes none."""
     if sampler == "ddim-trailing":
-        raise UserError("--timesteps: DDIMScheduler.set_timesteps takes no custom timesteps (diffusers' pipelines "
-                        "refuse them); use --steps")
+        raise SettingError("timesteps", "{timesteps}: DDIMScheduler.set_timesteps takes no custom timesteps "
+                                        "(diffusers' pipelines refuse them); use {steps}")
     ts = np.asarray(timesteps, dtype=np.int64)
-    descending = sampler == "euler-trailing" or bool(np.all(np.diff(ts) < 0))
-    if ts.ndim != 1 or len(ts) == 0 or not descending or ts.min() < 0 or ts.max() >= config.num_train_timesteps:
-        raise UserError(f"--timesteps {','.join(map(str, timesteps))} must be a non-empty"
-                        f"{'' if sampler == 'euler-trailing' else ', strictly descending'} list of timesteps in "
-                        f"[0, {config.num_train_timesteps})")
+    euler = sampler == "euler-trailing"
+    ordered = len(np.unique(ts)) == len(ts) if euler else bool(np.all(np.diff(ts) < 0))
+    if ts.ndim != 1 or len(ts) == 0 or not ordered or ts.min() < 0 or ts.max() >= config.num_train_timesteps:
+        raise SettingError("timesteps", f"{{timesteps}} {','.join(map(str, timesteps))} must be a non-empty, "
+                                        f"{'duplicate-free' if euler else 'strictly descending'} list of timesteps "
+                                        f"in [0, {config.num_train_timesteps - 1}]")
     return ts
 
 
@@ -282,21 +277,23 @@ def sampler_plan(config: SchedulerConfig, sampler: str, steps: int, timesteps: t
     """The whole schedule of `sampler` (bundle.SAMPLERS) as set_timesteps(steps) or set_timesteps(timesteps=...)
     makes it; the samplers but LCM use trailing timestep spacing where they have one (TCD's is LCM's)."""
     if sampler not in SAMPLERS:
-        raise UserError(f"--scheduler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        raise SettingError("scheduler", f"{{scheduler}} {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if eta and sampler not in ETA_SAMPLERS:
-        raise UserError(f"--eta applies to {' and '.join(ETA_SAMPLERS)}; {sampler} takes none")
+        raise SettingError("eta", f"{{eta}} applies to {' and '.join(ETA_SAMPLERS)}; {sampler} takes none")
     if not 0.0 <= eta <= 1.0:
-        raise UserError(f"--eta {eta} must be in [0, 1]")
+        raise SettingError("eta", f"{{eta}} {eta} must be in [0, 1]")
     if original_inference_steps is not None and sampler != "lcm":
-        raise UserError(f"--original-inference-steps applies to lcm; diffusers' pipelines never pass it to {sampler}")
+        raise SettingError("original_inference_steps", "{original_inference_steps} applies to lcm; diffusers' "
+                                                        f"pipelines never pass it to {sampler}")
     if sampler == "lcm":
         return step_plan(config, steps, 1.0, original_inference_steps, timesteps)
     if timesteps is not None:
-        ts = _checked_custom(config, sampler, timesteps)
+        ts = checked_timesteps(config, sampler, timesteps)
     elif sampler == "tcd":
         ts = lcm_timesteps(config, steps)  # TCDScheduler's default schedule is LCMScheduler's
     elif steps < 1 or steps > config.num_train_timesteps:
-        raise UserError(f"--steps {steps} must be between 1 and num_train_timesteps {config.num_train_timesteps}")
+        raise SettingError("steps", f"{{steps}} {steps} must be between 1 and num_train_timesteps "
+                                    f"{config.num_train_timesteps}")
     else:
         ratio = config.num_train_timesteps / steps
         ts = np.round(np.arange(config.num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
@@ -318,19 +315,20 @@ def img2img_plan(config: SchedulerConfig, steps: int, strength: float, mode: str
     `classic`: StableDiffusion(XL)Img2ImgPipeline keeps the N-step schedule and drops its first N - int(N*s) steps
     (get_timesteps + set_begin_index), whichever scheduler."""
     if mode not in IMG2IMG_MODES:
-        raise UserError(f"--img2img-mode {mode!r}: choose one of {', '.join(IMG2IMG_MODES)}")
+        raise SettingError("img2img_mode", f"{{img2img_mode}} {mode!r}: choose one of {', '.join(IMG2IMG_MODES)}")
     if not 0.0 < strength <= 1.0:
-        raise UserError(f"--strength {strength} must be in (0, 1]")
+        raise SettingError("strength", f"{{strength}} {strength} must be in (0, 1]")
     if mode == "lcm" and sampler != "lcm":
-        raise UserError(f"--img2img-mode lcm is LatentConsistencyModelImg2ImgPipeline's, which runs LCMScheduler "
-                        f"only; use --img2img-mode classic with --scheduler {sampler}")
+        raise SettingError("img2img_mode", "{img2img_mode} lcm is LatentConsistencyModelImg2ImgPipeline's, which "
+                                           "runs LCMScheduler only; use {img2img_mode} classic with {scheduler} "
+                                           f"{sampler}")
     if mode == "lcm" and timesteps is None:
         return step_plan(config, steps, strength, original_inference_steps)
     full = sampler_plan(config, sampler, steps, timesteps, eta, original_inference_steps)
     kept = min(int(full.steps * strength), full.steps)
     if kept == 0:
-        raise UserError(f"--strength {strength} with {full.steps} steps leaves no step to run "
-                        f"(int({full.steps} x {strength}) = 0); raise --strength or --steps")
+        raise SettingError("strength", f"{{strength}} {strength} with {full.steps} steps leaves no step to run "
+                                       f"(int({full.steps} x {strength}) = 0); raise {{strength}} or {{steps}}")
     return full.sliced(full.steps - kept)
 
 
@@ -352,6 +350,13 @@ class SamplerChoice:
                             self.timesteps, self.eta)
 
 
+def unfollowed_euler(options: dict[str, object]) -> str:
+    """Why euler-trailing would not be diffusers' Euler for a model whose scheduler config sets `options`."""
+    given = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return (f"this model's scheduler config sets {given}, which diffusers' EulerDiscreteScheduler follows and "
+            "lcmtrt's Euler step does not")
+
+
 def choose_sampler(bundle: Bundle, scheduler: str | None, steps: int | None, timesteps: tuple[int, ...] | None,
                    eta: float | None, original_inference_steps: int | None, inpainting: bool) -> SamplerChoice:
     """The sampler a request runs on `bundle`: the one it names, or the bundle's (its preset's, with that preset's
@@ -359,20 +364,25 @@ def choose_sampler(bundle: Bundle, scheduler: str | None, steps: int | None, tim
     defaults = bundle.sampler
     name = scheduler or defaults.scheduler
     if name not in SAMPLERS:
-        raise UserError(f"--scheduler {name!r}: choose one of {', '.join(SAMPLERS)}")
+        raise SettingError("scheduler", f"{{scheduler}} {name!r}: choose one of {', '.join(SAMPLERS)}")
     if name != "lcm" and not bundle.general:
-        raise UserError(f"bundle {bundle.root} was built before samplers and runs LCM only; rebuild it with "
-                        f"`lcmtrt build-engines` to run --scheduler {name}")
+        raise SettingError("scheduler", f"bundle {bundle.root} was built before samplers and runs LCM only; rebuild "
+                                        f"it with `lcmtrt build-engines` to run {{scheduler}} {name}")
     if name != "lcm" and (inpainting or bundle.inpaint == "unet9"):
-        raise UserError(f"inpainting runs --scheduler lcm only (its mask blend is LCM's); {name} cannot inpaint")
+        raise SettingError("scheduler", f"inpainting runs {{scheduler}} lcm only (its mask blend is LCM's); {name} "
+                                        "cannot inpaint")
+    if name == "euler-trailing" and bundle.euler_options:
+        why = unfollowed_euler(bundle.euler_options).replace("{", "{{").replace("}", "}}")  # literal in a template
+        raise SettingError("scheduler", f"{{scheduler}} euler-trailing: {why}; choose another scheduler")
     if name == "euler-trailing" and bundle.scheduler.prediction_type == "v_prediction":
-        raise UserError("--scheduler euler-trailing: lcmtrt's Euler step takes epsilon or sample predictions, and "
-                        "this model predicts v")
+        raise SettingError("scheduler", "{scheduler} euler-trailing: lcmtrt's Euler step takes epsilon or sample "
+                                        "predictions, and this model predicts v")
     own = name == defaults.scheduler  # a preset's eta and timesteps go with its own sampler
     if timesteps is None and steps is None and own:
         timesteps = defaults.timesteps
     if timesteps is not None and steps is not None and steps != len(timesteps):
-        raise UserError(f"--steps {steps} and {len(timesteps)} --timesteps disagree; give one of them")
+        raise SettingError("timesteps", f"{{steps}} {steps} and {len(timesteps)} {{timesteps}} disagree; give one "
+                                        "of them")
     steps = len(timesteps) if timesteps else bundle.default_steps if steps is None else steps
     eta = eta if eta is not None else defaults.eta if own and defaults.eta is not None else 0.0
     return SamplerChoice(name, steps, None if timesteps is None else tuple(int(t) for t in timesteps), float(eta),

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcmtrt.serve.batcher import Batcher, BatcherConfig, BatchStats, Job, QueueFull, Stopped, WorkerDied
 from lcmtrt.bundle import Bundle, load_bundle
-from lcmtrt.errors import UserError
+from lcmtrt.errors import SettingError, UserError
 from lcmtrt.serve.api import ApiError, GenerationRequest, ModelCard, encode_images, prepare_arguments, validated
 from lcmtrt.serve.edits import read_edit, read_form
 from lcmtrt.serve.metrics import ServeMetrics
@@ -287,6 +287,8 @@ async def _generate(state: ServeState, request: Request, body: GenerationRequest
     try:
         try:
             rows = await run_in_threadpool(batcher.pipeline.prepare, **arguments)
+        except SettingError as e:  # named as the request's field, not as infer's flag
+            raise ApiError(400, e.api_message(), param=e.api_param, code="invalid_value") from None
         except UserError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         try:

@@ -4,11 +4,13 @@ before anything is queued. Decoding runs in a worker thread, never on the event 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, get_args, get_origin
 
 from fastapi import Request
 from PIL import Image
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from lcmtrt.serve.api import ApiError, EditRequest, decode_image, openai_mask, validated
@@ -40,8 +42,32 @@ async def read_form(request: Request, max_body_mb: float) -> tuple[EditRequest, 
     if len(masks) > 1 or (masks and not isinstance(masks[0], UploadFile)):
         raise ApiError(400, "send at most one mask, as a file part (a PNG whose transparent pixels are repainted)",
                        param="mask", code="invalid_value")
-    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-    return validated(EditRequest, fields, strict=False), uploads[0], masks[0] if masks else None
+    return validated(EditRequest, form_fields(form), strict=False), uploads[0], masks[0] if masks else None
+
+
+def _list_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields a JSON body gives as a list (timesteps): `list[...]` or `list[...] | None`."""
+    def is_list(annotation: Any) -> bool:
+        return get_origin(annotation) is list or any(is_list(arg) for arg in get_args(annotation))
+    return frozenset(name for name, info in model.model_fields.items() if is_list(info.annotation))
+
+
+FORM_LISTS = _list_fields(EditRequest)
+
+
+def form_fields(form: FormData) -> dict[str, Any]:
+    """The text fields as the JSON body would give them: a list field (timesteps) from comma-separated values,
+    repeated fields, or both (`-F timesteps=999,499` or `-F timesteps=999 -F timesteps=499`); any other field
+    keeps its one value (the last, if repeated)."""
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if not isinstance(value, str):
+            continue
+        if name in FORM_LISTS:
+            fields.setdefault(name, []).extend(part.strip() for part in value.split(","))
+        else:
+            fields[name] = value
+    return fields
 
 
 def decode(image_data: bytes, mask_data: bytes | None) -> tuple[Image.Image, Image.Image | None]:
