@@ -96,6 +96,18 @@ def tiny_sd15_canny_bundle(build_tiny) -> Path:
     return build_tiny("tiny-sd15-canny")
 
 
+@pytest.fixture(scope="session")
+def blend_bundle(build_tiny) -> Path:
+    """Inpainting by blending: a 4-channel LCM UNet (ONNX Runtime)."""
+    return build_tiny("tiny-sd15-blend")
+
+
+@pytest.fixture(scope="session")
+def unet9_bundle(build_tiny) -> Path:
+    """Inpainting with a 9-channel UNet (ONNX Runtime)."""
+    return build_tiny("tiny-sd15-inpaint")
+
+
 def assert_images_match(ours: np.ndarray, reference: np.ndarray) -> None:
     """DESIGN's parity bar: every pixel within 1/255 and at least 99% of them identical."""
     assert ours.shape == reference.shape and ours.dtype == reference.dtype == np.uint8

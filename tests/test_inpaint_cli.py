@@ -16,16 +16,6 @@ from lcmtrt.runtime.inpaint import fit_mask
 from lcmtrt.runtime.pipeline import Pipeline
 
 
-@pytest.fixture(scope="module")
-def blend_bundle(build_tiny) -> Path:
-    return build_tiny("tiny-sd15-blend")
-
-
-@pytest.fixture(scope="module")
-def unet9_bundle(build_tiny) -> Path:
-    return build_tiny("tiny-sd15-inpaint")
-
-
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     """A photo, a mask of another size (80x100, resized like diffusers), an all-black and an all-white mask."""

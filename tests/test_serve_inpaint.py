@@ -22,16 +22,6 @@ SOURCE_SHAPE = (80, 96)  # not the bundles' 64x64: image and mask are fitted ali
 
 
 @pytest.fixture(scope="module")
-def blend_bundle(build_tiny) -> Path:
-    return build_tiny("tiny-sd15-blend")
-
-
-@pytest.fixture(scope="module")
-def unet9_bundle(build_tiny) -> Path:
-    return build_tiny("tiny-sd15-inpaint")
-
-
-@pytest.fixture(scope="module")
 def inpaint_server(blend_bundle: Path, unet9_bundle: Path, tmp_path_factory) -> Server:
     # --batch-ms: a batch of 2 runs as one launch however fast this host ran each size at warm-up
     running = start_server(tmp_path_factory.mktemp("serve-inpaint"), "--engines", f"blend={blend_bundle}",
