@@ -43,10 +43,11 @@ def test_static_ir_per_batch_with_weights_stored_once(ov_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", ["denoise", "vae_decode"])
-def test_group_norms_are_one_op_in_fp32_ir(tiny_sd15_bundle: Path, ov_bundle: Path, stage: str) -> None:
+def test_group_norms_and_upsampling_rewritten_in_fp32_ir(tiny_sd15_bundle: Path, ov_bundle: Path, stage: str) -> None:
     """Each GroupNorm of the ONNX graph (the exporter's InstanceNormalization over [N, G, -1], which ONNX Runtime and
     TensorRT run natively) is one GroupNormalization op in the OpenVINO IR, as in optimum-intel's; only the
-    LayerNorms stay MVN, and no Reshape -> MVN -> Reshape chain is left."""
+    LayerNorms stay MVN, and no Reshape -> MVN -> Reshape chain is left. Each upsampling (Resize -> 3x3 Conv) is
+    four 2x2 convolutions and a DepthToSpace, with no Interpolate left."""
     import onnx
 
     graph = Counter(n.op_type for n in onnx.load(str(tiny_sd15_bundle / "onnx" / f"{stage}.onnx")).graph.node)
@@ -56,6 +57,8 @@ def test_group_norms_are_one_op_in_fp32_ir(tiny_sd15_bundle: Path, ov_bundle: Pa
         assert graph["InstanceNormalization"] > 0 and "GroupNormalization" not in graph
         assert ir["GroupNormalization"] == graph["InstanceNormalization"], (batch, ir)
         assert ir["MVN"] == graph["LayerNormalization"], (batch, ir)
+        assert graph["Resize"] > 0 and ir["Interpolate"] == 0, (batch, ir)
+        assert ir["DepthToSpace"] == graph["Resize"] and ir["Convolution"] == graph["Conv"] + 3 * graph["Resize"]
 
 
 def test_compiled_model_cache_is_used(ov_bundle: Path, lcmtrt_cache: Path) -> None:

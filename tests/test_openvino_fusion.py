@@ -1,5 +1,5 @@
-"""The OpenVINO IR rewrite of the exporter's GroupNorm decomposition (engines/openvino_fusion.py): what it fuses,
-that the result computes the same, and what it leaves alone."""
+"""The OpenVINO IR rewrites (engines/openvino_fusion.py), the exporter's GroupNorm decomposition and the upsampling
+convolutions: what each rewrites, that the result computes the same, and what it leaves alone."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ov = pytest.importorskip("openvino")
 import openvino.opset13 as ops  # noqa: E402
 
-from lcmtrt.engines.openvino_fusion import fuse_group_norms  # noqa: E402
+from lcmtrt.engines.openvino_fusion import _phase_kernel, fold_upsample_convs, fuse_group_norms  # noqa: E402
 
 
 def kinds(model) -> Counter:
@@ -120,3 +120,100 @@ def test_only_a_per_channel_weight_is_folded() -> None:
     assert fuse_group_norms(model) == 1
     assert kinds(model)["Multiply"] == 1  # kept as it was, after the fused op
     np.testing.assert_allclose(run(model, x), expected, rtol=0, atol=2e-5)
+
+
+def upsample_module(channels: int = 6):
+    """diffusers' Upsample2D (nearest 2x, then a 3x3 convolution with bias) followed by a plain 3x3 convolution."""
+    import torch
+
+    class Upsample(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, 5, 3, padding=1)
+            self.after = torch.nn.Conv2d(5, 4, 3, padding=1)  # reads a map that is not an upsample: left alone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.after(self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")))
+
+    return Upsample().eval()
+
+
+def exported_upsample(tmp_path: Path, batch: int, shape: tuple[int, int] = (5, 7)):
+    import torch
+
+    from lcmtrt.export.onnx_export import OPSET
+
+    module = upsample_module()
+    x = torch.randn(2, 6, *shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(tmp_path / "up.onnx"), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+        expected = module(x[:batch]).numpy()
+    model = ov.convert_model(str(tmp_path / "up.onnx"))
+    model.reshape({"x": [batch, 6, *shape]})
+    return model, x[:batch].numpy(), expected
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_upsampling_convolution_becomes_four_phase_convolutions(tmp_path: Path, batch: int) -> None:
+    model, x, expected = exported_upsample(tmp_path, batch)
+    before = kinds(model)
+    assert before["Interpolate"] == 1 and before["Convolution"] == 2
+    unfolded = run(model, x)
+    assert fold_upsample_convs(model) == 1
+    after = kinds(model)
+    assert after["Interpolate"] == 0 and after["DepthToSpace"] == 1 and after["Convolution"] == 2 - 1 + 4
+    kernels = sorted(tuple(op.get_input_shape(1)) for op in model.get_ordered_ops()
+                     if op.get_type_name() == "Convolution")
+    assert kernels == [(4, 5, 3, 3)] + [(5, 6, 2, 2)] * 4  # the later 3x3 convolution is left as it was
+    folded = run(model, x)
+    assert folded.shape == expected.shape
+    np.testing.assert_allclose(folded, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(folded, unfolded, rtol=0, atol=2e-5)
+    assert fold_upsample_convs(model) == 0  # a second batch size's pass finds nothing left
+
+
+def test_folded_upsample_saved_and_read_back(tmp_path: Path) -> None:
+    model, x, expected = exported_upsample(tmp_path, 1)
+    fold_upsample_convs(model)
+    ov.save_model(model, str(tmp_path / "up.xml"), compress_to_fp16=False)
+    again = ov.Core().read_model(str(tmp_path / "up.xml"))
+    assert kinds(again)["DepthToSpace"] == 1 and [p.get_any_name() for p in again.outputs] == ["y"]
+    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
+
+
+def upsample_then_conv(mode: str = "nearest", scale: float = 2.0, kernel: int = 3, stride: int = 1, pad: int = 1,
+                       consumers: int = 1):
+    """Interpolate(x) -> Convolution as a model, varied one way at a time from Upsample2D's pair."""
+    rng = np.random.default_rng(0)
+    x = ops.parameter([1, 3, 4, 4], np.float32, name="x")
+    up = ops.interpolate(x, ops.constant(np.array([scale, scale], np.float32)), mode, "scales",
+                         axes=ops.constant(np.array([2, 3], np.int64)), coordinate_transformation_mode="asymmetric",
+                         nearest_mode="floor")
+    weights = ops.constant(rng.standard_normal((2, 3, kernel, kernel)).astype(np.float32))
+    outputs = [ops.convolution(up, weights, [stride, stride], [pad, pad], [pad, pad], [1, 1])]
+    if consumers == 2:
+        outputs.append(ops.relu(up))
+    return ov.Model(outputs, [x])
+
+
+@pytest.mark.parametrize("case", [
+    dict(mode="linear"),  # bilinear: source pixels are not repeated
+    dict(scale=3.0),  # 3x3 blocks of equal values, not 2x2
+    dict(kernel=1, pad=0),  # a 1x1 convolution gains nothing
+    dict(stride=2),
+    dict(pad=0),  # a different output size
+    dict(consumers=2),  # the upsampled map is needed as it is
+])
+def test_other_upsampling_pairs_are_left_alone(case: dict) -> None:
+    model = upsample_then_conv(**case)
+    before = kinds(model)
+    assert fold_upsample_convs(model) == 0 and kinds(model) == before
+
+
+def test_phase_kernels_sum_the_taps_on_each_source_pixel() -> None:
+    kernel = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)  # rows [0 1 2], [3 4 5], [6 7 8]
+    assert _phase_kernel(kernel, 0, 0)[0, 0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    assert _phase_kernel(kernel, 1, 1)[0, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+    assert _phase_kernel(kernel, 0, 1)[0, 0].tolist() == [[0 + 1, 2], [3 + 4 + 6 + 7, 5 + 8]]

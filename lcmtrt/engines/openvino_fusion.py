@@ -1,13 +1,19 @@
-"""OpenVINO IR rewrite applied when an ONNX graph is converted: each GroupNorm that torch's TorchScript exporter
-decomposed becomes one GroupNormalization op again.
+"""OpenVINO IR rewrites applied when an ONNX graph is converted, each the same arithmetic in fewer or cheaper ops.
 
-The exporter writes `nn.GroupNorm` as Reshape(x, [0, G, -1]) -> InstanceNormalization (unit scale, zero bias) ->
-Reshape(., Shape(x)) -> Mul(weight) -> Add(bias). ONNX Runtime and TensorRT run that form natively, so the ONNX
-graphs keep it (ONNX's GroupNormalization-18 has no ONNX Runtime CPU kernel: it runs as its slower function body).
-OpenVINO converts it to Reshape -> MVN -> Reshape(ShapeOf) -> Multiply -> Add, where optimum-intel's IR (traced from
-torch) holds one GroupNormalization; this rewrite gives lcmtrt's IR the same op. Only exact matches are rewritten:
-the normalisation is the same arithmetic (mean and variance over each group of C/G channels times the spatial axes,
-epsilon inside the square root), so anything else is left as it was.
+GroupNorm. The exporter writes `nn.GroupNorm` as Reshape(x, [0, G, -1]) -> InstanceNormalization (unit scale, zero
+bias) -> Reshape(., Shape(x)) -> Mul(weight) -> Add(bias). ONNX Runtime and TensorRT run that form natively, so the
+ONNX graphs keep it (ONNX's GroupNormalization-18 has no ONNX Runtime CPU kernel: it runs as its slower function
+body). OpenVINO converts it to Reshape -> MVN -> Reshape(ShapeOf) -> Multiply -> Add, where optimum-intel's IR
+(traced from torch) holds one GroupNormalization; `fuse_group_norms` gives lcmtrt's IR the same op. Only exact
+matches are rewritten: the normalisation is the same arithmetic (mean and variance over each group of C/G channels
+times the spatial axes, epsilon inside the square root), so anything else is left as it was.
+
+Upsampling. diffusers' Upsample2D (every UNet and VAE decoder up block but the last) is a nearest 2x Interpolate
+followed by a 3x3 convolution, which spends 9 products per output pixel on a map whose pixels come in 2x2 blocks of
+equal values. `fold_upsample_convs` writes it as four 2x2 convolutions over the map before upsampling, one per output
+phase (row and column parity), each with the 3x3 kernel's taps that land on the same source pixel summed, and a
+DepthToSpace that interleaves their outputs: 4 products per output pixel instead of 9, the same sums in another
+order (measured at sd15-random 256x256 on 2 Zen 3 cores: VAE decode 3.72 -> 3.13 s, denoise step 1163 -> 1105 ms).
 """
 
 from __future__ import annotations
@@ -110,3 +116,70 @@ def _fold_affine(last: Any, scale: np.ndarray, bias: np.ndarray) -> tuple[Any, n
             bias = bias + values
         last = node.output(0)
     return last, scale, bias
+
+
+def fold_upsample_convs(model: Any) -> int:
+    """Rewrite every nearest-2x Interpolate -> 3x3 Convolution pair in the OpenVINO `model` (static shapes) as four
+    2x2 phase convolutions at the input's resolution and a DepthToSpace, in place; returns how many were rewritten."""
+    import openvino.opset12 as ops
+
+    folded = 0
+    for upsample in [op for op in model.get_ordered_ops() if op.get_type_name() == "Interpolate"]:
+        conv = _upsample_conv(upsample)
+        if conv is None:
+            continue
+        kernel = _constant(conv.input_value(1))
+        x = upsample.input_value(0)
+        phases = [ops.convolution(x, ops.constant(_phase_kernel(kernel, row, col)), [1, 1], [1 - row, 1 - col],
+                                  [row, col], [1, 1]) for row in (0, 1) for col in (0, 1)]
+        # channel block row*2+col holds output pixels (2i+row, 2j+col): blocks_first DepthToSpace interleaves them
+        interleaved = ops.depth_to_space(ops.concat(phases, 1), "blocks_first", 2)
+        interleaved.set_friendly_name(conv.get_friendly_name())
+        names = conv.output(0).get_names()
+        conv.output(0).replace(interleaved.output(0))
+        if names:
+            interleaved.output(0).set_names(names)
+        folded += 1
+    if folded:
+        model.validate_nodes_and_infer_types()
+    return folded
+
+
+def _phase_kernel(kernel: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The [O, I, 2, 2] kernel that gives output phase (row, col) of a 3x3 `kernel` over a nearest 2x upsample.
+
+    Output row 2i+row reads upsampled rows 2i+row-1 .. 2i+row+1, i.e. source rows (i-1, i, i) for row 0 and
+    (i, i, i+1) for row 1: the taps on one source row add up (summed in float64, rounded once)."""
+    def fold(k: np.ndarray, phase: int, axis: int) -> np.ndarray:
+        first, middle, last = (np.take(k, tap, axis) for tap in range(3))
+        return np.stack((first, middle + last) if phase == 0 else (first + middle, last), axis)
+
+    return fold(fold(kernel.astype(np.float64), row, 2), col, 3).astype(kernel.dtype)
+
+
+def _upsample_conv(upsample: Any) -> Any | None:
+    """The Convolution that alone reads `upsample` when this is a nearest, integer 2x upsampling of both spatial axes
+    of a static [N, C, H, W] map (source pixel i // 2) and the convolution is 3x3, stride 1, dilation 1, padding 1
+    with constant weights; else None."""
+    attributes = upsample.get_attributes()
+    nearest_floor = (attributes.get("mode") == "nearest" and attributes.get("nearest_mode") == "floor"
+                     and attributes.get("coordinate_transformation_mode") == "asymmetric"
+                     and not attributes.get("antialias") and not any(attributes.get("pads_begin", []))
+                     and not any(attributes.get("pads_end", [])))
+    source, upsampled = upsample.get_input_partial_shape(0), upsample.get_output_partial_shape(0)
+    if not nearest_floor or not (source.is_static and upsampled.is_static) or len(source) != 4:
+        return None
+    (n, c, h, w), (n2, c2, h2, w2) = ([d.get_length() for d in shape] for shape in (source, upsampled))
+    if (n2, c2, h2, w2) != (n, c, 2 * h, 2 * w):
+        return None
+    conv = _single_consumer(upsample.output(0))
+    if conv is None or conv.get_type_name() != "Convolution" or conv.input_value(0) != upsample.output(0):
+        return None
+    kernel = _constant(conv.input_value(1))
+    conv_attributes = conv.get_attributes()
+    if (kernel is None or kernel.ndim != 4 or kernel.shape[2:] != (3, 3) or kernel.dtype.kind != "f"
+            or list(conv_attributes["strides"]) != [1, 1] or list(conv_attributes["dilations"]) != [1, 1]
+            or list(conv_attributes["pads_begin"]) != [1, 1] or list(conv_attributes["pads_end"]) != [1, 1]
+            or str(conv_attributes.get("auto_pad", "explicit")).lower() not in ("explicit", "notset")):
+        return None
+    return conv

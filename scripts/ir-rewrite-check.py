@@ -1,9 +1,9 @@
-"""GroupNorm as one OpenVINO op, measured: op counts of two OpenVINO bundles' IR of the same model (one converted
-before the GroupNorm fusion, one after: engines/openvino_fusion.py), then each engine's time per call, both IRs
-compiled in fp32 in this one process on the same inputs, alternated (before, after, after, before) after a warm-up;
-the ratio is taken per round, then its median.
+"""An OpenVINO IR rewrite measured (engines/openvino_fusion.py: GroupNorm as one op, upsampling convolutions
+folded): op counts of two OpenVINO bundles' IR of the same model (one converted before the rewrite, one after), then
+each engine's time per call, both IRs compiled in fp32 in this one process on the same inputs, alternated (before,
+after, after, before) after a warm-up; the ratio is taken per round, then its median.
 
-usage: python scripts/groupnorm-check.py BEFORE_BUNDLE AFTER_BUNDLE [--rounds N] [--threads N] [--engines E ...]
+usage: python scripts/ir-rewrite-check.py BEFORE_BUNDLE AFTER_BUNDLE [--rounds N] [--threads N] [--engines E ...]
 (--threads 1 measures the arithmetic where other jobs share the cores)
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-KINDS = ("GroupNormalization", "MVN", "Reshape", "ShapeOf")
+KINDS = ("GroupNormalization", "MVN", "Reshape", "ShapeOf", "Interpolate", "Convolution", "DepthToSpace")
 
 
 def counts(xml: Path) -> Counter:
