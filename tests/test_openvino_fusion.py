@@ -201,6 +201,7 @@ def upsample_then_conv(mode: str = "nearest", scale: float = 2.0, kernel: int = 
 @pytest.mark.parametrize("case", [
     dict(mode="linear"),  # bilinear: source pixels are not repeated
     dict(scale=3.0),  # 3x3 blocks of equal values, not 2x2
+    dict(scale=2.1),  # output floor(4 * 2.1) = 8 as for 2x, but source pixel floor(i / 2.1): not 2x2 blocks
     dict(kernel=1, pad=0),  # a 1x1 convolution gains nothing
     dict(stride=2),
     dict(pad=0),  # a different output size

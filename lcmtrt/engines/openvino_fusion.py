@@ -172,6 +172,12 @@ def _upsample_conv(upsample: Any) -> Any | None:
     (n, c, h, w), (n2, c2, h2, w2) = ([d.get_length() for d in shape] for shape in (source, upsampled))
     if (n2, c2, h2, w2) != (n, c, 2 * h, 2 * w):
         return None
+    if str(attributes.get("shape_calculation_mode")) == "scales":
+        # the output is floor(size * scale), so a scale in [2, 2 + 1/size) also doubles the map, but the source pixel
+        # is floor(i / scale): only an exact 2 (and 1 on the other axes) is the pattern
+        scales = _constant(upsample.input_value(2 if upsample.get_type_info().version_id == "opset4" else 1))
+        if scales is None or not np.isin(scales, (1.0, 2.0)).all():
+            return None
     conv = _single_consumer(upsample.output(0))
     if conv is None or conv.get_type_name() != "Convolution" or conv.input_value(0) != upsample.output(0):
         return None
