@@ -96,13 +96,15 @@ def build_bundle(
     workspace_gb: float | None = None,
     refittable: bool = False,
     device: str = "auto",
+    int8_vae: str | None = None,
 ) -> Bundle:
     """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists).
     `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (export/refit.py).
-    `device`: the OpenVINO device the bundle targets (CPU, GPU, NPU, ...)."""
+    `device`: the OpenVINO device the bundle targets (CPU, GPU, NPU, ...). `int8_vae`: what an int8 bundle
+    quantizes of the VAE decoder (openvino_quantize.VAE_DECODE_MODES; default weights only)."""
     from lcmtrt.export.models import load_checkpoint
 
-    target = _resolve_target(backend, precision, device, refittable)
+    target = _resolve_target(backend, precision, device, refittable, int8_vae)
     if preset.loras:  # a missing or damaged LoRA file is refused before minutes of model loading
         from lcmtrt.export.lora import resolve
 
@@ -162,7 +164,7 @@ def build_bundle(
             coeff_columns=COEFF_COLUMNS,  # the general step: every sampler, chosen per request
             sampler=SamplerDefaults(preset.scheduler, preset.eta, preset.timesteps),
             euler_options=euler_options(checkpoint.scheduler_config),
-        ), staging, progress)
+        ), staging, progress, target.int8_vae)
         with progress.stage("write bundle.json"):
             bundle.build["duration_s"] = round(progress.elapsed, 1)
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
@@ -170,13 +172,14 @@ def build_bundle(
     return bundle
 
 
-def _quantized(bundle: Bundle, staging: Path, progress: Progress) -> Bundle:
-    """int8: the staged fp32 IR quantized in place (openvino_quantize.py), its calibration and fidelity recorded in
-    build.int8; then every staged file's digest."""
+def _quantized(bundle: Bundle, staging: Path, progress: Progress, int8_vae: str) -> Bundle:
+    """int8: the staged fp32 IR quantized in place (openvino_quantize.py; `int8_vae`: what of the VAE decoder), its
+    calibration and fidelity recorded in build.int8; then every staged file's digest."""
     if bundle.precision == "int8":
-        from lcmtrt.engines.openvino_quantize import quantize_bundle
+        from lcmtrt.engines.openvino_quantize import Int8Settings, quantize_bundle
 
-        bundle.build["int8"] = quantize_bundle(replace(bundle, root=staging), staging, progress)
+        bundle.build["int8"] = quantize_bundle(replace(bundle, root=staging), staging, progress,
+                                               Int8Settings(vae_decode=int8_vae))
     return replace(bundle, files=digests(staging))
 
 
@@ -210,6 +213,7 @@ class _Target:
     graph_precision: str  # OpenVINO converts fp32 graphs and lowers their precision at compile time
     ort_device: str
     ov_device: str = "CPU"  # OpenVINO's name of the device an OpenVINO bundle targets
+    int8_vae: str = "weights"  # what an int8 bundle quantizes of the VAE decoder
 
 
 def build_devices(backend: str, device: str) -> tuple[str, str]:
@@ -229,7 +233,8 @@ def build_devices(backend: str, device: str) -> tuple[str, str]:
     return "cpu", openvino_build.check_device(device)
 
 
-def _resolve_target(backend: str, precision: str | None, device: str, refittable: bool) -> _Target:
+def _resolve_target(backend: str, precision: str | None, device: str, refittable: bool,
+                    int8_vae: str | None = None) -> _Target:
     """The backend and precisions to build, refusing combinations that cannot work before any model loads."""
     backend = resolve_backend(backend)
     ort_device, device = build_devices(backend, device)
@@ -239,7 +244,22 @@ def _resolve_target(backend: str, precision: str | None, device: str, refittable
                             "--backend onnxruntime")
     precision = resolve_precision(backend, precision, ort_device, device)
     # OpenVINO keeps what needs fp32 in fp32 when it lowers an fp32 graph, so it always gets fp32 graphs
-    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device, device)
+    return _Target(backend, precision, "fp32" if backend == "openvino" else precision, ort_device, device,
+                   resolve_int8_vae(int8_vae, precision))
+
+
+def resolve_int8_vae(int8_vae: str | None, precision: str) -> str:
+    """What an int8 bundle quantizes of the VAE decoder: weights only unless asked; asked of another precision, refused."""
+    if int8_vae is None:
+        return "weights"
+    if precision != "int8":
+        raise UserError(f"--int8-vae sets what an int8 bundle quantizes of the VAE decoder; this build is {precision}: "
+                        "add --precision int8 (and --backend openvino)")
+    from lcmtrt.engines.openvino_quantize import VAE_DECODE_MODES
+
+    if int8_vae not in VAE_DECODE_MODES:
+        raise UserError(f"unknown --int8-vae {int8_vae!r}; choose {' or '.join(VAE_DECODE_MODES)}")
+    return int8_vae
 
 
 def _export_tokenizers(checkpoint: Any, staging: Path) -> tuple[tuple[str, ...], tuple[int, ...], int]:
@@ -268,9 +288,9 @@ def _export_graphs(checkpoint: Any, preset: Preset, scheduler: Any, mode: str, t
     modules = stage_modules(checkpoint, target.graph_precision, scheduler, preset, mode)
     progress.total = progress.done + 2 * len(modules) + 1  # so far, export and build each engine, manifest
     if target.precision == "int8":
-        from lcmtrt.engines.openvino_quantize import int8_stages
+        from lcmtrt.engines.openvino_quantize import Int8Settings, int8_stages
 
-        progress.total += int8_stages(modules)
+        progress.total += int8_stages(modules, Int8Settings(vae_decode=target.int8_vae))
     examples = example_inputs(checkpoint, preset, scheduler, modules)
     graphs = {}
     for name, (module, output_names) in modules.items():
@@ -352,7 +372,7 @@ EXPORT_INFO = ("export_max_abs_error", "graph_precision", "batch_invariant_graph
 
 def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: str | None = None,
                    workspace_gb: float | None = None, device: str = "auto",
-                   batch_sizes: tuple[int, ...] | None = None) -> Bundle:
+                   batch_sizes: tuple[int, ...] | None = None, int8_vae: str | None = None) -> Bundle:
     """Engines for another backend, precision or set of batch sizes from an existing bundle's ONNX graphs (their
     batch axis is dynamic), without exporting again; written atomically like build_bundle."""
     from lcmtrt.bundle import load_bundle
@@ -363,6 +383,7 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
     ort_device, device = build_devices(backend, device)
     precision = resolve_precision(backend, precision or (graph_precision if backend != "openvino" else None),
                                   ort_device, device)
+    int8_vae = resolve_int8_vae(int8_vae, precision)
     wanted = "fp32" if backend == "openvino" else precision
     if graph_precision != wanted:
         raise UserError(f"{source} holds {graph_precision} ONNX graphs but a {backend} {precision} bundle needs "
@@ -376,9 +397,9 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                     "(build-engines --preset/--config) for the full %s image", source, precision, precision)
     progress = Progress(total=len(src.engines) + 2)
     if precision == "int8":
-        from lcmtrt.engines.openvino_quantize import int8_stages
+        from lcmtrt.engines.openvino_quantize import Int8Settings, int8_stages
 
-        progress.total += int8_stages(src.engines)
+        progress.total += int8_stages(src.engines, Int8Settings(vae_decode=int8_vae))
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_bundle(out) as staging:
@@ -406,7 +427,7 @@ def convert_bundle(source: Path, out: Path, backend: str = "auto", precision: st
                            "graph_precision": graph_precision, "converted_from": str(Path(source).resolve())})
         build_info["batch_invariance"] = _batch_invariance(build_info, backend, precision)
         bundle = _quantized(replace(src, root=out, backend=backend, precision=precision, engines=specs,
-                                    build=build_info, batch_sizes=batches), staging, progress)
+                                    build=build_info, batch_sizes=batches), staging, progress, int8_vae)
         with progress.stage("write bundle.json"):
             bundle.build["duration_s"] = round(progress.elapsed, 1)
             (staging / MANIFEST).write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
