@@ -8,13 +8,14 @@
   OpenVINO fuses it), bias correction off.
 - `text`, `vae_decode`, `vae_encode`, `inpaint_encode`: weight-only int8 (`nncf.compress_weights`, INT8_ASYM, per
   output channel), as optimum-intel's hybrid mode does: they run once per image, and static int8 activations in the
-  VAE cost the most pixels (sd15-random's decoder alone: 38 dB from fp32, max 22 levels).
+  VAE cost the most pixels (sd15-random's decoder alone: 38 dB from fp32, max 22 levels). No activation is
+  quantized in their IR, but OpenVINO's CPU plugin runs matrix products with int8 weights through dynamic
+  quantization (u8 activations per group at run time): the text encoder's (fc1 among them) and the VAE's attention
+  projections do run int8 arithmetic; convolutions run in floating point.
 - `vae_decode` with `vae_decode="activations"` (`build-engines --int8-vae activations`): weights and activations int8
   (`nncf.quantize`, preset MIXED: asymmetric activations after SiLU) on the calibration generations' final latents,
-  one per generation, recorded where the calibration skips decoding. ~2x faster decoder on a CPU without VNNI, for
-  those pixels. No activation is quantized in their IR, but OpenVINO's CPU plugin runs matrix products
-  with int8 weights through dynamic quantization (u8 activations per group at run time): the text encoder's (fc1
-  among them) and the VAE's attention projections do run int8 arithmetic; convolutions run in floating point.
+  one per generation (both passes of a CFG bundle's calibration), recorded where the calibration skips decoding;
+  not in the weight-only list then. ~2x faster decoder on a CPU without VNNI, for those pixels.
 - What is not quantized runs at the device's default inference precision (bf16 on CPUs with avx512_bf16 or AMX,
   f32 elsewhere; runtime/backends/openvino.py sets no hint for int8).
 
