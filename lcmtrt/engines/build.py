@@ -100,10 +100,8 @@ def build_bundle(
 ) -> Bundle:
     """Build every engine for `preset` into the bundle folder `out` (replaced atomically when it exists).
     `refittable`: the text and denoise engines keep their LoRA-touchable weights replaceable (export/refit.py).
-    `device`: the OpenVINO device the bundle targets (CPU, GPU, NPU, ...). `int8_vae`: what an int8 bundle
-    quantizes of the VAE decoder (openvino_quantize.VAE_DECODE_MODES; default weights only)."""
+    `device`: OpenVINO's target (CPU, GPU, ...); `int8_vae`: openvino_quantize.VAE_DECODE_MODES (default weights)."""
     from lcmtrt.export.models import load_checkpoint
-
     target = _resolve_target(backend, precision, device, refittable, int8_vae)
     if preset.loras:  # a missing or damaged LoRA file is refused before minutes of model loading
         from lcmtrt.export.lora import resolve
