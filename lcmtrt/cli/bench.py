@@ -143,8 +143,10 @@ def _load_contenders(args: argparse.Namespace, bundle: Any, peers: list[str], se
     try:
         for other in args.also or []:
             other_bundle = load_bundle(other)
-            contenders.append(LcmtrtContender(str(other), "auto", settings,
-                                              f"lcmtrt {other_bundle.backend} {other_bundle.precision}"))
+            name = f"lcmtrt {other_bundle.backend} {other_bundle.precision}"
+            if name in (c.name for c in contenders):  # another bundle of that backend and precision: its own row
+                name += f" ({other})"
+            contenders.append(LcmtrtContender(str(other), "auto", settings, name))
         for peer in peers:
             if peer == "diffusers":
                 log.info("loading the diffusers reference ...")
