@@ -1,9 +1,10 @@
 """An OpenVINO IR rewrite measured (engines/openvino_fusion.py: GroupNorm as one op, upsampling convolutions
 folded): op counts of two OpenVINO bundles' IR of the same model (one converted before the rewrite, one after), then
-each engine's time per call, both IRs compiled in fp32 in this one process on the same inputs, alternated (before,
+each engine's time per call, both IRs compiled at one inference precision (fp32, or bf16 where the CPU has it) in this one process on the same inputs, alternated (before,
 after, after, before) after a warm-up; the ratio is taken per round, then its median.
 
 usage: python scripts/ir-rewrite-check.py BEFORE_BUNDLE AFTER_BUNDLE [--rounds N] [--threads N] [--engines E ...]
+       [--precision f32|bf16]
 (--threads 1 measures the arithmetic where other jobs share the cores)
 """
 
@@ -38,13 +39,13 @@ def timed(request: ov.InferRequest, feeds: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
-def compare(engine: str, before: Path, after: Path, rounds: int, threads: int) -> None:
+def compare(engine: str, before: Path, after: Path, rounds: int, threads: int, precision: str) -> None:
     xmls = {"before": before / f"ov/{engine}.b1.xml", "after": after / f"ov/{engine}.b1.xml"}
     ops = {side: counts(xml) for side, xml in xmls.items()}
     print(f"{engine}: " + "; ".join(f"{k} {ops['before'][k]} -> {ops['after'][k]}" for k in KINDS)
           + f"; all ops {sum(ops['before'].values())} -> {sum(ops['after'].values())}")
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     compiled = {side: core.compile_model(str(xml), "CPU", config) for side, xml in xmls.items()}
     requests = {side: model.create_infer_request() for side, model in compiled.items()}
     feeds = inputs(compiled["before"])
@@ -72,9 +73,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="OpenVINO threads per model (0: its default)")
     parser.add_argument("--engines", nargs="+", default=["denoise", "vae_decode"])
+    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32", help="inference precision of both")
     args = parser.parse_args()
     for engine in args.engines:
-        compare(engine, args.before, args.after, args.rounds, args.threads)
+        compare(engine, args.before, args.after, args.rounds, args.threads, args.precision)
 
 
 if __name__ == "__main__":

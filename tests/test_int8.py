@@ -175,13 +175,15 @@ def test_bench_reports_int8_fidelity(int8_bundle: Path, ov_bundle: Path, tmp_pat
 
 
 def test_bench_keeps_two_bundles_of_one_precision_apart(int8_bundle: Path, int8_vae_bundle: Path, ov_bundle: Path,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, capsys) -> None:
     """Two --also bundles of one backend and precision (weight-only and static int8 VAE) are two rows, not one."""
     report_path = tmp_path / "bench.json"
     assert main(["-q", "bench", "--engines", str(ov_bundle), "--also", str(int8_bundle), "--also", str(int8_vae_bundle),
                  "--iterations", "1", "--warmup", "0", "--batch", "1", "--json", str(report_path)]) == 0
     rows = [k for k in json.loads(report_path.read_text()) if k.startswith("lcmtrt openvino int8")]
     assert rows == ["lcmtrt openvino int8", f"lcmtrt openvino int8 ({int8_vae_bundle})"], rows
+    out = capsys.readouterr().out  # its ratio line names it once, without the precision repeated after the path
+    assert f"vs lcmtrt openvino int8 ({int8_vae_bundle}) " in out and f"({int8_vae_bundle}) (int8)" not in out, out
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])

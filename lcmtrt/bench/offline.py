@@ -407,4 +407,5 @@ def _ratio_label(name: str, environment: dict[str, Any]) -> str:
     precision = environment.get("precision") or environment.get("dtype", "?")
     if precision == "default":
         precision = f"{environment.get('default_precision', '?')} default"
-    return f"vs {name}" if name.endswith(precision) else f"vs {name} ({precision})"
+    named = name.endswith(precision) or name.startswith(f"lcmtrt {environment.get('backend')} {precision} (")
+    return f"vs {name}" if named else f"vs {name} ({precision})"
