@@ -1,7 +1,8 @@
 """An OpenVINO IR rewrite measured (engines/openvino_fusion.py: GroupNorm as one op, upsampling convolutions
 folded): op counts of two OpenVINO bundles' IR of the same model (one converted before the rewrite, one after), then
-each engine's time per call, both IRs compiled at one inference precision (fp32, or bf16 where the CPU has it) in this one process on the same inputs, alternated (before,
-after, after, before) after a warm-up; the ratio is taken per round, then its median.
+each engine's time per call, both IRs compiled at one inference precision (fp32, or bf16 where the CPU has it) in
+this one process on the same inputs, alternated (before, after, after, before) after a warm-up; the ratio is taken
+per round, then its median.
 
 usage: python scripts/ir-rewrite-check.py BEFORE_BUNDLE AFTER_BUNDLE [--rounds N] [--threads N] [--engines E ...]
        [--precision f32|bf16]
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["denoise", "vae_decode"])
     parser.add_argument("--precision", choices=["f32", "bf16"], default="f32", help="inference precision of both")
     args = parser.parse_args()
+    if args.precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        parser.error("this CPU has no bf16 (avx512_bf16 or AMX): OpenVINO would run --precision bf16 in f32")
     for engine in args.engines:
         compare(engine, args.before, args.after, args.rounds, args.threads, args.precision)
 

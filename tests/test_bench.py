@@ -88,6 +88,20 @@ def test_bench_refuses_unbuilt_batch(tiny_sd15_bundle: Path, capsys) -> None:
     assert len(err) == 1 and "not built" in err[0]
 
 
+@pytest.mark.parametrize("spelling", ["same", "dot-slash"])
+def test_bench_refuses_a_bundle_given_twice(tiny_sd15_bundle: Path, tmp_path: Path, capsys, spelling: str) -> None:
+    """Rows are keyed by name, so one bundle twice (--engines and --also, or --also twice) would merge into one row."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd15_bundle, other)
+    again = str(other) if spelling == "same" else f"{tmp_path}/./other/"
+    for flags in (["--also", str(tiny_sd15_bundle)], ["--also", str(other), "--also", again]):
+        assert main(["-q", "bench", "--engines", str(tiny_sd15_bundle), *flags, "--iterations", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "already being benchmarked" in err[0], err
+
+
 def test_bench_times_the_chosen_sampler(tiny_sd15_bundle: Path, tmp_path: Path, capsys,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """--scheduler, --eta and --timesteps: every timed request and every stage timing runs that sampler's plan, and

@@ -139,6 +139,11 @@ def _load_contenders(args: argparse.Namespace, bundle: Any, peers: list[str], se
     from lcmtrt.bench.offline import DiffusersContender, LcmtrtContender, OpenVinoPeerContender
     from lcmtrt.bundle import load_bundle
 
+    seen = [Path(args.engines).resolve()]
+    for other in args.also or []:  # one bundle twice would be one row timed twice (results are keyed by row name)
+        if Path(other).resolve() in seen:
+            raise UserError(f"--also {other} is already being benchmarked; give each bundle once")
+        seen.append(Path(other).resolve())
     contenders: list[Any] = [LcmtrtContender(str(args.engines), args.device, settings)]
     try:
         for other in args.also or []:

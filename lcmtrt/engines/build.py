@@ -341,7 +341,7 @@ def _build_engines(specs: dict[str, EngineSpec], staging: Path, progress: Progre
         for name, spec in specs.items():
             with progress.stage(f"convert {name} to OpenVINO IR ({precision}, batch {list(spec.batch_sizes)})"):
                 files = openvino_build.convert_graph(staging / spec.onnx, staging, name, spec.inputs,
-                                                     spec.batch_sizes)
+                                                     spec.batch_sizes, precision)
                 artifacts[name] = str(files[0].relative_to(staging))
                 if precision not in ("fp32", "int8"):  # int8: measured once quantized (openvino_quantize.py)
                     runs_at[name] = openvino_build.compiled_precisions(files[0], device, precision)
