@@ -26,7 +26,8 @@ def convolution(cin: int, cout: int, size: int, kernel: int, int8: bool, rng: np
         low, high = ops.constant(np.float32(-4)), ops.constant(np.float32(4))
         x_in: object = ops.fake_quantize(x, low, high, low, high, 256)
         bound = np.abs(weights).reshape(cout, -1).max(1).reshape(cout, 1, 1, 1)
-        w = ops.fake_quantize(w, ops.constant(-bound), ops.constant(bound), ops.constant(-bound), ops.constant(bound), 255)
+        low, high = ops.constant(-bound), ops.constant(bound)
+        w = ops.fake_quantize(w, low, high, low, high, 255)
     else:
         x_in = x
     pad = [kernel // 2] * 2

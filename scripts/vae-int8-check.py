@@ -101,7 +101,8 @@ def main() -> None:
             runs_at[precision] = runs_at.get(precision, 0) + 1
     print("int8 decoder's convolutions and matrix products run at", runs_at)
     requests = {side: c.create_infer_request() for side, c in compiled.items()}
-    images = {side: np.concatenate([r.infer({"latents": x})[0].copy() for x in fidelity]) for side, r in requests.items()}
+    images = {side: np.concatenate([r.infer({"latents": x})[0].copy() for x in fidelity])
+              for side, r in requests.items()}
     f = compare_images(images["int8"], images["fp32"])
     print(f"int8 decoder vs fp32 ({len(fidelity)} images): PSNR {f['psnr_db']:.1f} dB, max difference "
           f"{f['max_diff']}/255, {f['within_1_pct']:.1f}% of pixels within 1/255")

@@ -43,22 +43,29 @@ def norms_module():
     return Norms().eval()
 
 
-def exported(tmp_path: Path, batch: int):
-    """The torch GroupNorms exported as lcmtrt exports (TorchScript, opset 17), converted by OpenVINO at a static
-    batch: (model, input, torch's output)."""
+def export_and_convert(module, x, path: Path, batch: int):
+    """`module` exported as lcmtrt exports (TorchScript, opset 17, dynamic batch), converted by OpenVINO at a static
+    `batch`: (model, input, torch's output)."""
     import torch
 
     from lcmtrt.export.onnx_export import OPSET
 
-    module, x = norms_module(), torch.randn(2, 8, 6, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(tmp_path / "norms.onnx"), input_names=["x"], output_names=["y"],
+        torch.onnx.export(module, (x,), str(path), input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, dynamo=False)
         expected = module(x[:batch]).numpy()
-    model = ov.convert_model(str(tmp_path / "norms.onnx"))
-    model.reshape({"x": [batch, 8, 6, 5]})
+    model = ov.convert_model(str(path))
+    model.reshape({"x": [batch, *x.shape[1:]]})
     return model, x[:batch].numpy(), expected
+
+
+def exported(tmp_path: Path, batch: int):
+    """The torch GroupNorms, exported and converted."""
+    import torch
+
+    x = torch.randn(2, 8, 6, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    return export_and_convert(norms_module(), x, tmp_path / "norms.onnx", batch)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -141,18 +148,8 @@ def upsample_module(channels: int = 6):
 def exported_upsample(tmp_path: Path, batch: int, shape: tuple[int, int] = (5, 7)):
     import torch
 
-    from lcmtrt.export.onnx_export import OPSET
-
-    module = upsample_module()
     x = torch.randn(2, 6, *shape, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(tmp_path / "up.onnx"), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, dynamo=False)
-        expected = module(x[:batch]).numpy()
-    model = ov.convert_model(str(tmp_path / "up.onnx"))
-    model.reshape({"x": [batch, 6, *shape]})
-    return model, x[:batch].numpy(), expected
+    return export_and_convert(upsample_module(), x, tmp_path / "up.onnx", batch)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -247,7 +247,8 @@ def _resolve_target(backend: str, precision: str | None, device: str, refittable
 
 
 def resolve_int8_vae(int8_vae: str | None, precision: str) -> str:
-    """What an int8 bundle quantizes of the VAE decoder: weights only unless asked; asked of another precision, refused."""
+    """What an int8 bundle quantizes of the VAE decoder: weights only unless asked; asked of another precision,
+    refused."""
     if int8_vae is None:
         return "weights"
     if precision != "int8":
