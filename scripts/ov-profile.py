@@ -1,0 +1,67 @@
+"""OpenVINO's per-layer profile of one engine of a bundle: where a call's time goes, by runtime node type and kernel.
+
+Compiles `ov/<engine>.b1.xml` with PERF_COUNT at the given inference precision (a bf16 bundle's `bf16`; `default`
+sets no hint, as an int8 bundle runs), runs it on deterministic random inputs (--warmup calls, then --calls timed),
+and prints the last call's per-node times summed by (node type, kernel), then the slowest layout reorders.
+
+usage: python scripts/ov-profile.py BUNDLE [--engine denoise] [--precision bf16|f32|default] [--calls 3] [--top 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--engine", default="denoise")
+    parser.add_argument("--precision", choices=["bf16", "f32", "default"], default="bf16")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--top", type=int, default=20, help="how many (node type, kernel) rows to print")
+    args = parser.parse_args()
+    xml = args.bundle / f"ov/{args.engine}.b1.xml"
+    if not xml.is_file():
+        parser.error(f"{xml} does not exist (an OpenVINO bundle built at batch 1?)")
+    config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES",
+              **({} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision})}
+    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    rng = np.random.default_rng(0)
+    feeds = {port.get_any_name(): rng.random(list(port.get_shape())).astype(port.get_element_type().to_dtype())
+             for port in compiled.inputs}
+    request = compiled.create_infer_request()
+    for _ in range(args.warmup):
+        request.infer(feeds)
+    times = []
+    for _ in range(args.calls):
+        start = time.perf_counter()
+        request.infer(feeds)
+        times.append(time.perf_counter() - start)
+    layers = request.get_profiling_info()
+    total: Counter = Counter()
+    count: Counter = Counter()
+    for layer in layers:
+        key = (layer.node_type, layer.exec_type)
+        total[key] += layer.real_time.total_seconds() * 1e3
+        count[key] += 1
+    print(f"{args.engine} ({args.precision}): call median {statistics.median(times) * 1e3:.1f} ms over {args.calls}; "
+          f"layers of the last call sum to {sum(total.values()):.1f} ms")
+    for (node_type, kernel), ms in total.most_common(args.top):
+        print(f"  {ms:8.1f} ms  {count[node_type, kernel]:4d} x  {node_type:<32} {kernel}")
+    reorders = sorted((layer for layer in layers if layer.node_type == "Reorder"),
+                      key=lambda layer: -layer.real_time.total_seconds())
+    print(f"  reorders: {len(reorders)}, slowest:")
+    for layer in reorders[:5]:
+        print(f"  {layer.real_time.total_seconds() * 1e3:8.1f} ms  {layer.node_name}")
+
+
+if __name__ == "__main__":
+    main()
