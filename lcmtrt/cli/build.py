@@ -34,7 +34,7 @@ def add_build_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--int8-vae", choices=("weights", "activations"),
                        help="with --precision int8, what the VAE decoder gets: weights (default: weight-only int8, as "
                             "optimum-intel's hybrid mode) or activations (weights and activations int8, calibrated "
-                            "on the calibration's final latents: 1.7-2x faster decoding, and more pixels lost)")
+                            "on the calibration's final latents: 1.4-3x faster decoding by CPU, and more pixels lost)")
     build.add_argument("--device", type=device_arg, default="auto",
                        help="the device the engines are built for, in infer's vocabulary (any case): auto (TensorRT's "
                             "GPU; ONNX Runtime's CUDA where usable, else cpu; OpenVINO's CPU), cpu, cuda or gpu, or "
