@@ -88,9 +88,10 @@ def test_bf16_on_onnxruntime_is_refused(tiny_sd15_bundle: Path, tmp_path: Path, 
 def test_bf16_bundle_is_the_fp32_ir_with_fp32_embedding_inputs(tiny_sd15_bundle: Path, ov_bundle: Path,
                                                                  tmp_path: Path, monkeypatch) -> None:
     """What the saved IR says, on any CPU: the fp32 bundle's IR (no per-op marks: measured to change nothing once
-    the embeddings come from the host; GroupNorms fused and upsampling convolutions folded, as fp32's), whose denoise
-    takes the timestep and guidance embeddings as f32 inputs and computes no sinusoid. What really runs in bf16 is
-    read from the compiled model, and checked where bf16 exists."""
+    the embeddings come from the host; GroupNorms fused and upsampling convolutions folded, as fp32's) but for the
+    two rewrites bf16 alone takes: each GEGLU projection as two matrix products, and the VAE's GroupNorms as
+    reductions. Its denoise takes the timestep and guidance embeddings as f32 inputs and computes no sinusoid. What
+    really runs in bf16 is read from the compiled model, and checked where bf16 exists."""
     monkeypatch.setattr(openvino_build, "bf16_supported", lambda device="CPU": True)
     out = tmp_path / "bf16"
     build.convert_bundle(tiny_sd15_bundle, out, backend="openvino", precision="bf16")
@@ -101,10 +102,21 @@ def test_bf16_bundle_is_the_fp32_ir_with_fp32_embedding_inputs(tiny_sd15_bundle:
     model = ov.Core().read_model(str(out / "ov/denoise.b1.xml"))
     kinds = {op.get_type_name() for op in model.get_ordered_ops()}
     assert not kinds & {"Sin", "Cos"}
-    for engine in ("denoise", "vae_decode"):  # the same ops as the fp32 bundle's: GroupNorms fused, upsampling folded
-        ops = [Counter(op.get_type_name() for op in ov.Core().read_model(str(bundle / f"ov/{engine}.b1.xml"))
-                       .get_ordered_ops()) for bundle in (out, ov_bundle)]
-        assert ops[0] == ops[1] and ops[0]["DepthToSpace"] > 0, (engine, ops)
+    models = {engine: [ov.Core().read_model(str(bundle / f"ov/{engine}.b1.xml")) for bundle in (out, ov_bundle)]
+              for engine in ("denoise", "vae_decode")}
+    ops = {engine: [Counter(op.get_type_name() for op in m.get_ordered_ops()) for m in pair]
+           for engine, pair in models.items()}
+    (bf16, fp32) = ops["denoise"]
+    # each transformer block's feed-forward slices its projection (MatMul -> Add) in two; other Slices cut shapes
+    projection_halves = [[op for op in m.get_ordered_ops() if op.get_type_name() == "Slice"
+                          and op.input_value(0).get_node().get_type_name() == "Add"] for m in models["denoise"]]
+    geglu = len(projection_halves[1]) // 2
+    assert geglu > 0 and projection_halves[0] == [] and bf16["Slice"] == fp32["Slice"] - 2 * geglu, ops
+    assert bf16["MatMul"] == fp32["MatMul"] + geglu, ops
+    assert bf16["GroupNormalization"] == fp32["GroupNormalization"] > 0 and bf16["DepthToSpace"] == fp32["DepthToSpace"]
+    (bf16, fp32) = ops["vae_decode"]
+    assert bf16["GroupNormalization"] == 0 < fp32["GroupNormalization"] and bf16["MVN"] == fp32["MVN"], ops
+    assert bf16["Convolution"] == fp32["Convolution"] and bf16["DepthToSpace"] == fp32["DepthToSpace"] > 0, ops
     inputs = {name: port.get_element_type().get_type_name() for port in model.inputs for name in port.get_names()}
     assert inputs["time_embedding"] == inputs["guidance_embedding"] == "f32"
     assert sum(manifest["build"]["heavy_op_precisions"]["denoise"].values()) > 20  # every conv and matmul counted

@@ -1,5 +1,6 @@
-"""The OpenVINO IR rewrites (engines/openvino_fusion.py), the exporter's GroupNorm decomposition and the upsampling
-convolutions: what each rewrites, that the result computes the same, and what it leaves alone."""
+"""The OpenVINO IR rewrites (engines/openvino_fusion.py), the exporter's GroupNorm decomposition, the upsampling
+convolutions, the GEGLU projections and the GroupNorms as reductions: what each rewrites, that the result computes
+the same, and what it leaves alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 ov = pytest.importorskip("openvino")
 import openvino.opset13 as ops  # noqa: E402
 
-from lcmtrt.engines.openvino_fusion import _phase_kernel, fold_upsample_convs, fuse_group_norms  # noqa: E402
+from lcmtrt.engines.openvino_fusion import (_phase_kernel, fold_upsample_convs, fuse_group_norms,  # noqa: E402
+                                           group_norms_as_reductions, split_geglu_projections)
 
 
 def kinds(model) -> Counter:
@@ -215,3 +217,109 @@ def test_phase_kernels_sum_the_taps_on_each_source_pixel() -> None:
     assert _phase_kernel(kernel, 0, 0)[0, 0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
     assert _phase_kernel(kernel, 1, 1)[0, 0].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
     assert _phase_kernel(kernel, 0, 1)[0, 0].tolist() == [[0 + 1, 2], [3 + 4 + 6 + 7, 5 + 8]]
+
+
+def geglu_module(chunks: int = 2):
+    """diffusers' GEGLU (a projection to twice the width, chunked into a value and a gate) and the output projection;
+    with chunks=3 the projection is cut in three, which is not the pattern."""
+    import torch
+
+    class FeedForward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.out = torch.nn.Linear(8, 6 * chunks), torch.nn.Linear(6, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            parts = self.proj(x).chunk(chunks, dim=-1)
+            return self.out(parts[0] * torch.nn.functional.gelu(parts[-1])) + x
+
+    return FeedForward().eval()
+
+
+def exported_geglu(tmp_path: Path, batch: int, chunks: int = 2):
+    import torch
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    return export_and_convert(geglu_module(chunks), x, tmp_path / "geglu.onnx", batch)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_geglu_projection_becomes_two_matrix_products(tmp_path: Path, batch: int) -> None:
+    model, x, expected = exported_geglu(tmp_path, batch)
+    before = kinds(model)
+    assert before["MatMul"] == 2 and before["Slice"] == 2
+    whole = run(model, x)
+    assert split_geglu_projections(model) == 1
+    after = kinds(model)
+    assert after["MatMul"] == 3 and after["Slice"] == 0
+    widths = sorted(op.get_output_partial_shape(0)[2].get_length() for op in model.get_ordered_ops()
+                    if op.get_type_name() == "MatMul")
+    assert widths == [6, 6, 8]  # value and gate halves, then the output projection
+    split = run(model, x)
+    np.testing.assert_allclose(split, expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(split, whole, rtol=0, atol=2e-5)
+    assert split_geglu_projections(model) == 0  # a second batch size's pass finds nothing left
+
+
+def test_geglu_split_saved_and_read_back(tmp_path: Path) -> None:
+    model, x, expected = exported_geglu(tmp_path, 1)
+    split_geglu_projections(model)
+    ov.save_model(model, str(tmp_path / "geglu.xml"), compress_to_fp16=False)
+    again = ov.Core().read_model(str(tmp_path / "geglu.xml"))
+    assert kinds(again)["Slice"] == 0 and [p.get_any_name() for p in again.outputs] == ["y"]
+    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
+
+
+def test_a_projection_cut_in_three_is_left_alone(tmp_path: Path) -> None:
+    model, x, expected = exported_geglu(tmp_path, 1, chunks=3)
+    before = kinds(model)
+    assert split_geglu_projections(model) == 0
+    after = kinds(model)  # the chunk bounds' ShapeOf arithmetic is folded into constants, nothing else changes
+    assert (after["MatMul"], after["Slice"]) == (before["MatMul"], before["Slice"]) == (2, 2)  # first and last third
+    np.testing.assert_allclose(run(model, x), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("elsewhere", ["value", "shape"])
+def test_a_projection_read_elsewhere_too_is_left_alone(elsewhere: str) -> None:
+    """The whole projection is still needed (here as a model output): its value, or its shape beyond the bounds of
+    the two halves (which would keep the whole product computed next to the halves)."""
+    x = ops.parameter([1, 5, 8], np.float32, name="x")
+    projected = ops.add(ops.matmul(x, ops.constant(np.ones((12, 8), np.float32)), False, True),
+                        ops.constant(np.zeros(12, np.float32)))
+    bounds = [ops.constant(np.array([v], np.int64)) for v in (0, 6, 12, 1, -1)]
+    first = ops.slice(projected, bounds[0], bounds[1], bounds[3], bounds[4])
+    second = ops.slice(projected, bounds[1], bounds[2], bounds[3], bounds[4])
+    # a map of the projection's shape: ShapeOf(projection) read by more than the halves' bounds
+    other = ops.relu(projected) if elsewhere == "value" else ops.broadcast(ops.constant(np.float32(1)),
+                                                                            ops.shape_of(projected))
+    model = ov.Model([ops.multiply(first, second), other], [x])
+    assert split_geglu_projections(model) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_group_norms_become_layout_keeping_reductions(tmp_path: Path, batch: int) -> None:
+    model, x, expected = exported(tmp_path, batch)
+    fuse_group_norms(model)
+    assert group_norms_as_reductions(model) == 2
+    after = kinds(model)
+    assert after["GroupNormalization"] == after["MVN"] == 0 and after["ReduceMean"] == 2 * 2 * 2
+    # one pass (E[x^2] - E[x]^2) where MVN takes two: the same value to float32's rounding of these magnitudes
+    np.testing.assert_allclose(run(model, x), expected, rtol=0, atol=2e-5)
+    assert group_norms_as_reductions(model) == 0
+
+
+def test_a_constant_group_normalises_to_its_bias() -> None:
+    """E[x^2] - E[x]^2 of a constant group rounds to a negative number larger than epsilon (for 30.3: NaN unless
+    clamped at 0). Then x * a + b cancels two products near mean * scale / sqrt(eps): a few of their ulps."""
+    x = ops.parameter([1, 4, 3, 3], np.float32, name="x")
+    scale, bias, epsilon, level = 3.0, np.array([0.5, -1.0, 2.0, 0.0], np.float32), 1e-5, 30.3
+    norm = ops.group_normalization(x, ops.constant(np.full(4, scale, np.float32)), ops.constant(bias), 2, epsilon)
+    model = ov.Model([norm], [x])
+    assert group_norms_as_reductions(model) == 1
+    values = np.zeros((1, 4, 3, 3), np.float32)
+    values[0, :2] = level
+    values[0, 2:] = np.random.default_rng(0).standard_normal((2, 3, 3))
+    y = run(model, values)
+    assert np.isfinite(y).all()
+    ulp = np.spacing(np.float32(level * scale / np.sqrt(epsilon)))
+    np.testing.assert_allclose(y[0, :2], np.broadcast_to(bias[:2, None, None], (2, 3, 3)), rtol=0, atol=4 * ulp)

@@ -1,14 +1,16 @@
 """OpenVINO "engines": each ONNX graph converted to OpenVINO IR with static shapes, one IR per built batch size.
 
-fp32 bundles run OpenVINO in fp32 (the parity path). bf16 bundles compile the same fp32 IR with OpenVINO's bf16
-inference precision. What a bf16 image needs kept in fp32 never enters the graph: the sinusoidal timestep and
-guidance embeddings are computed on the host in fp32 and fed as inputs (runtime/embeddings.py). Per-op fp32 marks
-were measured to change nothing once that is so (sd15-random at 256x256: 99.42% of pixels within 1/255 of fp32 with
-marks on the scalar path, norms and tail, 99.37% without), so there are none; the build records, from the compiled
-model, how many convolutions and matrix products really run at each precision. The IR (fp32, bf16, int8) holds
-each GroupNorm as one GroupNormalization op, as optimum-intel's does, and each nearest-2x upsampling convolution as
-four 2x2 convolutions at the source resolution (openvino_fusion.py). int8 bundles start from the same fp32 IR and
-are quantized by NNCF once every graph is converted (openvino_quantize.py).
+fp32 bundles run OpenVINO in fp32 (the parity path). bf16 bundles compile the fp32 IR (with two more rewrites,
+below) with OpenVINO's bf16 inference precision. What a bf16 image needs kept in fp32 never enters the graph: the
+sinusoidal timestep and guidance embeddings are computed on the host in fp32 and fed as inputs
+(runtime/embeddings.py). Per-op fp32 marks were measured to change nothing once that is so (sd15-random at 256x256:
+99.42% of pixels within 1/255 of fp32 with marks on the scalar path, norms and tail, 99.37% without), so there are
+none; the build records, from the compiled model, how many convolutions and matrix products really run at each
+precision. The IR (fp32, bf16, int8) holds each GroupNorm as one GroupNormalization op, as optimum-intel's does, and
+each nearest-2x upsampling convolution as four 2x2 convolutions at the source resolution; bf16 and int8 IR also hold
+each GEGLU projection as two matrix products and the VAE's GroupNorms as layout-keeping reductions
+(openvino_fusion.py). int8 bundles start from that IR and are quantized by NNCF once every graph is converted
+(openvino_quantize.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from pathlib import Path
 
 
 from lcmtrt.bundle import TensorSpec
-from lcmtrt.engines.openvino_fusion import fold_upsample_convs, fuse_group_norms
+from lcmtrt.engines.openvino_fusion import (fold_upsample_convs, fuse_group_norms, group_norms_as_reductions,
+                                           split_geglu_projections)
 from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# measured faster in bf16, and not bit for bit in fp32 (openvino_fusion.py); int8 runs its unquantized ops in bf16 on
+# CPUs with it (the VAE rewrite is 1.10x in f32 too)
+LOW_PRECISION_REWRITES = ("bf16", "int8")
+VAE_ENGINES = ("vae_decode", "vae_encode", "inpaint_encode")  # where GroupNorms are over large maps
 HEAVY_LAYERS = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"}  # runtime layer types
 
 
@@ -127,6 +134,14 @@ def convert_graph(onnx_path: Path, bundle_dir: Path, engine: str, inputs: tuple[
             if folded:
                 log.info("      %s: %d upsampling convolutions as 2x2 phase convolutions at the source resolution",
                          engine, folded)
+        if precision in LOW_PRECISION_REWRITES:
+            split = split_geglu_projections(model)
+            if split:
+                log.info("      %s: %d GEGLU projections as two matrix products each", engine, split)
+            if engine in VAE_ENGINES:
+                reduced = group_norms_as_reductions(model)
+                if reduced:
+                    log.info("      %s: %d GroupNormalizations as layout-keeping reductions", engine, reduced)
         xml = bundle_dir / ir_name(engine, batch)
         first_bin = save_ir(model, xml, first_bin)
         written += [xml, xml.with_suffix(".bin")]
