@@ -1,6 +1,6 @@
 """OpenVINO "engines": each ONNX graph converted to OpenVINO IR with static shapes, one IR per built batch size.
 
-fp32 bundles run OpenVINO in fp32 (the parity path). bf16 bundles compile the fp32 IR (with two more rewrites,
+fp32 bundles run OpenVINO in fp32 (the parity path). bf16 bundles compile the fp32 IR (with one more rewrite,
 below) with OpenVINO's bf16 inference precision. What a bf16 image needs kept in fp32 never enters the graph: the
 sinusoidal timestep and guidance embeddings are computed on the host in fp32 and fed as inputs
 (runtime/embeddings.py). Per-op fp32 marks were measured to change nothing once that is so (sd15-random at 256x256:
@@ -8,9 +8,8 @@ sinusoidal timestep and guidance embeddings are computed on the host in fp32 and
 none; the build records, from the compiled model, how many convolutions and matrix products really run at each
 precision. The IR (fp32, bf16, int8) holds each GroupNorm as one GroupNormalization op, as optimum-intel's does, and
 each nearest-2x upsampling convolution as four 2x2 convolutions at the source resolution; bf16 and int8 IR also hold
-each GEGLU projection as two matrix products and the VAE's GroupNorms as layout-keeping reductions
-(openvino_fusion.py). int8 bundles start from that IR and are quantized by NNCF once every graph is converted
-(openvino_quantize.py).
+each GEGLU projection as two matrix products (openvino_fusion.py). int8 bundles start from that IR and are quantized
+by NNCF once every graph is converted (openvino_quantize.py).
 """
 
 from __future__ import annotations
@@ -23,16 +22,14 @@ from pathlib import Path
 
 
 from lcmtrt.bundle import TensorSpec
-from lcmtrt.engines.openvino_fusion import (fold_upsample_convs, fuse_group_norms, group_norms_as_reductions,
-                                           split_geglu_projections)
+from lcmtrt.engines.openvino_fusion import fold_upsample_convs, fuse_group_norms, split_geglu_projections
 from lcmtrt.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # measured faster in bf16, and not bit for bit in fp32 (openvino_fusion.py); int8 runs its unquantized ops in bf16 on
-# CPUs with it (the VAE rewrite is 1.10x in f32 too)
+# CPUs with it
 LOW_PRECISION_REWRITES = ("bf16", "int8")
-VAE_ENGINES = ("vae_decode", "vae_encode", "inpaint_encode")  # where GroupNorms are over large maps
 HEAVY_LAYERS = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"}  # runtime layer types
 
 
@@ -113,7 +110,7 @@ def ir_name(engine: str, batch: int) -> str:
 def convert_graph(onnx_path: Path, bundle_dir: Path, engine: str, inputs: tuple[TensorSpec, ...],
                   batch_sizes: tuple[int, ...], precision: str) -> list[Path]:
     """Write ov/<engine>.b<batch>.xml/.bin for each batch size (fp32, bf16 and int8: GroupNorm chains fused,
-    upsampling convolutions folded, openvino_fusion.py);
+    upsampling convolutions folded; bf16 and int8: GEGLU projections split; openvino_fusion.py);
     identical weight files are hard-linked, so the weights are stored once. Returns the files written."""
     import openvino as ov
 
@@ -138,10 +135,6 @@ def convert_graph(onnx_path: Path, bundle_dir: Path, engine: str, inputs: tuple[
             split = split_geglu_projections(model)
             if split:
                 log.info("      %s: %d GEGLU projections as two matrix products each", engine, split)
-            if engine in VAE_ENGINES:
-                reduced = group_norms_as_reductions(model)
-                if reduced:
-                    log.info("      %s: %d GroupNormalizations as layout-keeping reductions", engine, reduced)
         xml = bundle_dir / ir_name(engine, batch)
         first_bin = save_ir(model, xml, first_bin)
         written += [xml, xml.with_suffix(".bin")]

@@ -15,17 +15,10 @@ phase (row and column parity), each with the 3x3 kernel's taps that land on the 
 DepthToSpace that interleaves their outputs: 4 products per output pixel instead of 9, the same sums in another
 order (README, Benchmarks: sd15-random 256x256 on 2 Zen 3 cores, VAE decode 1.23x, one denoise step 1.08x).
 
-Two more for bf16 and int8 bundles only (each changes fp32 results in the last bits, and fp32 gains nothing):
-
-GEGLU. A transformer block's feed-forward projects to 2x its width and chunks the result into a value and a gate;
-OpenVINO's CPU plugin runs that chunk as a reference VariadicSplit (bf16: 2.7% of a denoise step on a Xeon with
-AMX). `split_geglu_projections` writes the projection as two matrix products, one per half of its columns.
-
-GroupNorm in the VAE. In bf16 the CPU plugin runs convolutions channels-last and a GroupNormalization as Reshape ->
-MVN on the planar layout, so each norm sits between two layout reorders (a fifth of a bf16 VAE decode on that Xeon).
-`group_norms_as_reductions` writes it with ops that keep any layout: per-channel means of x and x*x over the spatial
-axes (accumulated in f32), their group averages, and x * a + b with per-channel a = scale / sqrt(var + eps) and
-b = bias - mean * a.
+GEGLU, for bf16 and int8 bundles only (fp32 results change in the last bits, and an fp32 step gains nothing: 0.99x).
+A transformer block's feed-forward projects to 2x its width and chunks the result into a value and a gate; OpenVINO's
+CPU plugin runs that chunk as a reference VariadicSplit (bf16: 2.7% of a denoise step on a Xeon with AMX).
+`split_geglu_projections` writes the projection as two matrix products, one per half of its columns.
 """
 
 from __future__ import annotations
@@ -207,19 +200,20 @@ def split_geglu_projections(model: Any) -> int:
     """Rewrite every constant-weight MatMul -> Add(bias) whose output is read only by two Slices taking its first and
     second half along the last axis (and by the shape arithmetic that computes their bounds) as two MatMul -> Add,
     one per half, in the OpenVINO `model` (static shapes), in place; returns how many were rewritten."""
-    import openvino.opset13 as ops
+    import openvino.opset12 as ops
 
     split = 0
     for add in [op for op in model.get_ordered_ops() if op.get_type_name() == "Add"]:
         match = _geglu(add)
         if match is None:
             continue
-        x, weight, bias, transpose_b, (first, second) = match
+        whole, weight, bias, transpose_b, (first, second) = match
         half = bias.size // 2
         halves = []
-        for part in (slice(0, half), slice(half, 2 * half)):
+        for role, part in (("value", slice(0, half)), ("gate", slice(half, 2 * half))):
             w = weight[part] if transpose_b else weight[:, part]
-            product = ops.matmul(x, ops.constant(np.ascontiguousarray(w)), False, transpose_b)
+            product = ops.matmul(whole.input_value(0), ops.constant(np.ascontiguousarray(w)), False, transpose_b)
+            product.set_friendly_name(f"{whole.get_friendly_name()}/{role}")  # named in per-layer profiles
             halves.append(ops.add(product, ops.constant(np.ascontiguousarray(bias[..., part]))))
         for sliced, replacement in zip((first, second), halves):
             replacement.set_friendly_name(sliced.get_friendly_name())
@@ -231,7 +225,7 @@ def split_geglu_projections(model: Any) -> int:
 
 
 def _geglu(add: Any) -> tuple[Any, np.ndarray, np.ndarray, bool, tuple[Any, Any]] | None:
-    """(x, weight, bias, transpose_b, (first-half Slice, second-half Slice)) when `add` is the pattern
+    """(the MatMul, its weight, the bias, transpose_b, (first-half Slice, second-half Slice)) when `add` is the pattern
     split_geglu_projections rewrites; else None."""
     inputs = [add.input_value(i) for i in range(2)]
     products = [i for i in inputs if i.get_node().get_type_name() == "MatMul"]
@@ -267,7 +261,7 @@ def _geglu(add: Any) -> tuple[Any, np.ndarray, np.ndarray, bool, tuple[Any, Any]
     if first is None or second is None or not all(
             r.get_type_name() == "ShapeOf" and _feeds_only(r.output(0), slices) for r in others):
         return None
-    return product.input_value(0), weight, bias, bool(attributes["transpose_b"]), (first, second)
+    return product, weight, bias, bool(attributes["transpose_b"]), (first, second)
 
 
 def _static_value(output: Any, depth: int = 8) -> np.ndarray | None:
@@ -304,51 +298,3 @@ def _feeds_only(output: Any, ends: list[Any], depth: int = 8) -> bool:
                 _feeds_only(o, ends, depth - 1) for o in node.outputs()):
             return False
     return True
-
-
-def group_norms_as_reductions(model: Any) -> int:
-    """Rewrite every GroupNormalization of a static [N, C, ...] tensor in the OpenVINO `model` with layout-keeping
-    reductions (module docstring), in place; returns how many were rewritten."""
-    import openvino.opset13 as ops
-
-    rewritten = 0
-    for norm in [op for op in model.get_ordered_ops() if op.get_type_name() == "GroupNormalization"]:
-        x = norm.input_value(0)
-        shape = x.get_partial_shape()
-        scale, bias = _constant(norm.input_value(1)), _constant(norm.input_value(2))
-        if not shape.is_static or len(shape) < 3 or scale is None or bias is None:
-            continue
-        dims = [d.get_length() for d in shape]
-        channels, groups = dims[1], int(norm.get_attributes()["num_groups"])
-        dtype = x.get_element_type().to_dtype()
-        spatial = ops.constant(np.arange(2, len(dims), dtype=np.int64))
-        mean = _group_mean(ops.reduce_mean(x, spatial, False), channels, groups)
-        square_mean = _group_mean(ops.reduce_mean(ops.multiply(x, x), spatial, False), channels, groups)
-        # E[x^2] - E[x]^2 can round below 0 where the group is constant
-        variance = ops.maximum(ops.subtract(square_mean, ops.multiply(mean, mean)), ops.constant(np.zeros((), dtype)))
-        epsilon = ops.constant(np.array(norm.get_attributes()["epsilon"], dtype))
-        factor = ops.divide(ops.constant(scale.reshape(1, channels).astype(dtype)),
-                            ops.sqrt(ops.add(variance, epsilon)))
-        shift = ops.subtract(ops.constant(bias.reshape(1, channels).astype(dtype)), ops.multiply(mean, factor))
-        per_channel = ops.constant(np.array([0, channels] + [1] * (len(dims) - 2), np.int64))
-        out = ops.add(ops.multiply(x, ops.reshape(factor, per_channel, True)), ops.reshape(shift, per_channel, True))
-        out.set_friendly_name(norm.get_friendly_name())
-        names = norm.output(0).get_names()
-        norm.output(0).replace(out.output(0))
-        if names:
-            out.output(0).set_names(names)
-        rewritten += 1
-    if rewritten:
-        model.validate_nodes_and_infer_types()
-    return rewritten
-
-
-def _group_mean(per_channel: Any, channels: int, groups: int) -> Any:
-    """[N, C] per-channel values -> each channel's group mean, [N, C]."""
-    import openvino.opset13 as ops
-
-    size = channels // groups
-    grouped = ops.reshape(per_channel, ops.constant(np.array([0, groups, size], np.int64)), True)
-    mean = ops.reduce_mean(grouped, ops.constant(np.array([2], np.int64)), True)
-    spread = ops.multiply(mean, ops.constant(np.ones((1, 1, size), per_channel.get_element_type().to_dtype())))
-    return ops.reshape(spread, ops.constant(np.array([0, channels], np.int64)), True)
