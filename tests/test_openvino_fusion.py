@@ -27,6 +27,12 @@ def run(model, x: np.ndarray) -> np.ndarray:
     return compiled.create_infer_request().infer({0: x})[0]
 
 
+def reread(model, xml: Path):
+    """`model` saved as lcmtrt saves IR (no fp16 compression) and read back."""
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return ov.Core().read_model(str(xml))
+
+
 def norms_module():
     """GroupNorms as diffusers uses them: with and without affine, on a 4-D map and on a 3-D [N, C, L] tensor."""
     import torch
@@ -85,16 +91,6 @@ def test_exported_group_norms_become_one_op_each(tmp_path: Path, batch: int) -> 
     np.testing.assert_allclose(fused, expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(fused, unfused, rtol=0, atol=2e-5)
     assert fuse_group_norms(model) == 0  # nothing left to fuse: a second batch size's pass is a no-op
-
-
-def test_saved_and_read_back(tmp_path: Path) -> None:
-    model, x, expected = exported(tmp_path, 1)
-    fuse_group_norms(model)
-    ov.save_model(model, str(tmp_path / "norms.xml"), compress_to_fp16=False)
-    again = ov.Core().read_model(str(tmp_path / "norms.xml"))
-    assert kinds(again)["GroupNormalization"] == 2
-    assert [p.get_any_name() for p in again.outputs] == ["y"]
-    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
 
 
 def chain(shape: list[int], target: list[int], axes: list[int], variance: bool = True, mode: str = "inside_sqrt",
@@ -171,15 +167,6 @@ def test_upsampling_convolution_becomes_four_phase_convolutions(tmp_path: Path, 
     np.testing.assert_allclose(folded, expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(folded, unfolded, rtol=0, atol=2e-5)
     assert fold_upsample_convs(model) == 0  # a second batch size's pass finds nothing left
-
-
-def test_folded_upsample_saved_and_read_back(tmp_path: Path) -> None:
-    model, x, expected = exported_upsample(tmp_path, 1)
-    fold_upsample_convs(model)
-    ov.save_model(model, str(tmp_path / "up.xml"), compress_to_fp16=False)
-    again = ov.Core().read_model(str(tmp_path / "up.xml"))
-    assert kinds(again)["DepthToSpace"] == 1 and [p.get_any_name() for p in again.outputs] == ["y"]
-    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
 
 
 def upsample_then_conv(mode: str = "nearest", scale: float = 2.0, kernel: int = 3, stride: int = 1, pad: int = 1,
@@ -261,15 +248,6 @@ def test_geglu_projection_becomes_two_matrix_products(tmp_path: Path, batch: int
     assert split_geglu_projections(model) == 0  # a second batch size's pass finds nothing left
 
 
-def test_geglu_split_saved_and_read_back(tmp_path: Path) -> None:
-    model, x, expected = exported_geglu(tmp_path, 1)
-    split_geglu_projections(model)
-    ov.save_model(model, str(tmp_path / "geglu.xml"), compress_to_fp16=False)
-    again = ov.Core().read_model(str(tmp_path / "geglu.xml"))
-    assert kinds(again)["Slice"] == 0 and [p.get_any_name() for p in again.outputs] == ["y"]
-    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
-
-
 def test_a_projection_cut_in_three_is_left_alone(tmp_path: Path) -> None:
     model, x, expected = exported_geglu(tmp_path, 1, chunks=3)
     before = kinds(model)
@@ -294,3 +272,16 @@ def test_a_projection_read_elsewhere_too_is_left_alone(elsewhere: str) -> None:
                                                                             ops.shape_of(projected))
     model = ov.Model([ops.multiply(first, second), other], [x])
     assert split_geglu_projections(model) == 0
+
+
+@pytest.mark.parametrize("exported_model, rewrite, kind, count", [
+    (exported, fuse_group_norms, "GroupNormalization", 2),
+    (exported_upsample, fold_upsample_convs, "DepthToSpace", 1),
+    (exported_geglu, split_geglu_projections, "Slice", 0),
+], ids=["group_norms", "upsampling", "geglu"])
+def test_rewritten_ir_saved_and_read_back(tmp_path: Path, exported_model, rewrite, kind: str, count: int) -> None:
+    model, x, expected = exported_model(tmp_path, 1)
+    assert rewrite(model) > 0
+    again = reread(model, tmp_path / "rewritten.xml")
+    assert kinds(again)[kind] == count and [p.get_any_name() for p in again.outputs] == ["y"]
+    np.testing.assert_allclose(run(again, x), expected, rtol=0, atol=2e-5)
