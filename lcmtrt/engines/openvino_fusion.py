@@ -230,7 +230,7 @@ def _geglu(add: Any) -> tuple[Any, np.ndarray, np.ndarray, bool, tuple[Any, Any]
     inputs = [add.input_value(i) for i in range(2)]
     products = [i for i in inputs if i.get_node().get_type_name() == "MatMul"]
     biases = [_constant(i) for i in inputs if i.get_node().get_type_name() == "Constant"]
-    if len(products) != 1 or len(biases) != 1 or len(products[0].get_target_inputs()) != 1:
+    if len(products) != 1 or len(biases) != 1 or _single_consumer(products[0]) is None:
         return None
     product, bias = products[0].get_node(), biases[0]
     weight = _constant(product.input_value(1))
