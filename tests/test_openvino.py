@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,39 @@ def test_compiled_model_cache_is_used(ov_bundle: Path, lcmtrt_cache: Path) -> No
     before = {p: p.stat().st_mtime_ns for p in blobs}
     Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
     assert {p: p.stat().st_mtime_ns for p in blobs} == before  # read back, not compiled again
+
+
+def test_cache_prune_removes_least_recently_used_first(tmp_path: Path) -> None:
+    from lcmtrt.runtime.backends.openvino import prune_cache
+
+    blobs = {}
+    for age, name in enumerate(["newest", "kept", "middle", "oldest"]):
+        blobs[name] = tmp_path / f"{name}.blob"
+        blobs[name].write_bytes(b"x" * 1000)
+        os.utime(blobs[name], (1e9 - age * 100, 1e9 - age * 100))
+    (tmp_path / "notes.txt").write_bytes(b"x" * 5000)  # not OpenVINO's: neither counted nor removed
+    os.utime(blobs["kept"], (1e9 - 1000, 1e9 - 1000))  # the oldest of all, but the caller wrote it
+    removed = prune_cache(tmp_path, 2000, keep={blobs["kept"]})
+    assert removed == [blobs["oldest"], blobs["middle"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.blob", "newest.blob", "notes.txt"]
+    assert prune_cache(tmp_path, 2000, keep=set()) == []  # already under the bound
+
+
+def test_cache_is_bounded(ov_bundle: Path, tmp_path: Path, monkeypatch, caplog, capsys) -> None:
+    monkeypatch.setenv("LCMTRT_CACHE", str(tmp_path))
+    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", "0")
+    stale = tmp_path / "openvino" / "0123.blob"  # another bundle's, long unused
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 4096)
+    os.utime(stale, (1e9, 1e9))
+    with caplog.at_level(logging.INFO, logger="lcmtrt"):
+        Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
+    ours = list(stale.parent.glob("*.blob"))
+    assert not stale.exists() and ours, ours  # the bundle's own blobs stay, however small the bound
+    assert "least recently used" in caplog.text
+    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", "lots")
+    assert main(["-q", "infer", "--engines", str(ov_bundle), "a cat", "--output", str(tmp_path / "x.png")]) == 2
+    assert "LCMTRT_OPENVINO_CACHE_GB='lots' is not a number of GiB" in last_error_line(capsys)
 
 
 def test_bf16_refused_without_bf16_hardware(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -1,11 +1,14 @@
 """OpenVINO backend: one compiled model per (engine, batch) from the bundle's static-shape IR, one infer request per
 binding with every input and output set to a host buffer once (shared memory: a run copies nothing in or out).
 
-Compiled models go through OpenVINO's model cache, so a second load of the same bundle skips compilation.
+Compiled models go through OpenVINO's model cache, so a second load of the same bundle skips compilation. OpenVINO
+never evicts from it, and every rebuilt bundle adds blobs of its own (GBs for a bf16 SD1.5 at 512x512), so after each
+compilation the least recently used blobs are removed until the cache fits $LCMTRT_OPENVINO_CACHE_GB (16 by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,12 +29,49 @@ log = logging.getLogger(__name__)
 # device's default precision (bf16 on CPUs with avx512_bf16 or AMX, f32 elsewhere), whatever the build host had
 INFERENCE_PRECISION: dict[str, str | None] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 REBUILD = "rebuild it with `lcmtrt build-engines --backend openvino`"
+CACHE_LIMIT_GB = 16.0  # default bound on the compiled-model cache; $LCMTRT_OPENVINO_CACHE_GB overrides it
+_written_blobs: set[Path] = set()  # cache blobs this process's compilations wrote: its pruning never removes them
 
 
 def cache_dir() -> Path:
     """OpenVINO's compiled-model cache, beside the tiny checkpoints ($LCMTRT_CACHE or ~/.cache/lcmtrt)."""
     root = os.environ.get("LCMTRT_CACHE") or Path.home() / ".cache" / "lcmtrt"
     return Path(root) / "openvino"
+
+
+def cache_limit_bytes() -> int:
+    """The compiled-model cache's bound, from $LCMTRT_OPENVINO_CACHE_GB (a number of GiB) or CACHE_LIMIT_GB."""
+    raw = os.environ.get("LCMTRT_OPENVINO_CACHE_GB", "")
+    try:
+        gb = float(raw) if raw else CACHE_LIMIT_GB
+    except ValueError:
+        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} is not a number of GiB") from None
+    if gb < 0:
+        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} is negative")
+    return int(gb * 2**30)
+
+
+def prune_cache(folder: Path, limit: int, keep: set[Path]) -> list[Path]:
+    """Remove the least recently used compiled blobs (by access or write time, whichever is later) until the folder's
+    blobs total at most `limit` bytes, never one in `keep`; returns what it removed. A blob another process has
+    open or mapped stays readable to it: removing a file only unlinks its name."""
+    blobs = []
+    for path in folder.glob("*.blob"):
+        with contextlib.suppress(FileNotFoundError):  # another process may prune at the same time
+            stat = path.stat()
+            blobs.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
+    total = sum(size for _, size, _ in blobs)
+    removed = []
+    for _, size, path in sorted(blobs):
+        if total <= limit:
+            break
+        if path in keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def openvino_version() -> str:
@@ -85,9 +125,11 @@ class OpenVinoBackend:
         self.core = ov.Core()
         self.ov_device = openvino_device(device, bundle.build.get("ov_device", "CPU"), self.core.available_devices)
         self.config = compile_config(bundle.precision)
-        if cache:
-            cache_dir().mkdir(parents=True, exist_ok=True)
-            self.config["CACHE_DIR"] = str(cache_dir())
+        self.cache_limit = cache_limit_bytes() if cache else 0
+        self.cache_folder = cache_dir() if cache else None
+        if self.cache_folder:
+            self.cache_folder.mkdir(parents=True, exist_ok=True)
+            self.config["CACHE_DIR"] = str(self.cache_folder)
         self.compiled: dict[tuple[str, int], ov.CompiledModel] = {}
         self.device = f"{self.ov_device} (openvino {bundle.precision})"
         for spec in bundle.engines.values():  # a damaged bundle fails at load, not at the first request
@@ -103,12 +145,23 @@ class OpenVinoBackend:
         if key not in self.compiled:
             if batch not in self.bundle.engines[engine].batch_sizes:
                 raise ValueError(f"engine {engine} was built for batch sizes {self.bundle.engines[engine].batch_sizes}")
+            before = set(self.cache_folder.glob("*.blob")) if self.cache_folder else set()
             try:  # from the path, so a cached blob is imported without reading the IR
                 self.compiled[key] = self.core.compile_model(str(self._ir(engine, batch)), self.ov_device, self.config)
             except RuntimeError as e:
                 raise UserError(f"OpenVINO cannot compile {engine} (batch {batch}) from {self.bundle.root}: "
                                 f"{str(e).strip().splitlines()[-1]}; {REBUILD}") from None
+            if self.cache_folder:
+                self._prune(set(self.cache_folder.glob("*.blob")) - before)
         return self.compiled[key]
+
+    def _prune(self, written: set[Path]) -> None:
+        """Bound the cache after a compilation; the blobs this process has written stay (a server's other bundles')."""
+        _written_blobs.update(written)
+        removed = prune_cache(self.cache_folder, self.cache_limit, keep=_written_blobs)
+        if removed:
+            log.info("OpenVINO cache %s: removed %d least recently used compiled models to stay under %.1f GiB "
+                     "($LCMTRT_OPENVINO_CACHE_GB)", self.cache_folder, len(removed), self.cache_limit / 2**30)
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> HostBuffer:
         return HostBuffer(np.zeros(tuple(shape), np.dtype(dtype)))
