@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the first round is a warm-up)")
     channels, size, groups = args.channels, args.size, args.groups
     rng = np.random.default_rng(0)
     gamma = (rng.random(channels) + 0.5).astype(np.float32)

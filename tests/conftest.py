@@ -15,6 +15,7 @@ def lcmtrt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("lcmtrt-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("LCMTRT_CACHE", str(cache))
+    mp.delenv("LCMTRT_OPENVINO_CACHE_GB", raising=False)  # the developer's own bound is not the tests'
     yield cache
     mp.undo()
 

@@ -75,33 +75,90 @@ def test_cache_prune_removes_least_recently_used_first(tmp_path: Path) -> None:
     from lcmtrt.runtime.backends.openvino import prune_cache
 
     blobs = {}
-    for age, name in enumerate(["newest", "kept", "middle", "oldest"]):
+    for age, name in enumerate(["newest", "kept", "read", "middle", "oldest"]):
         blobs[name] = tmp_path / f"{name}.blob"
         blobs[name].write_bytes(b"x" * 1000)
         os.utime(blobs[name], (1e9 - age * 100, 1e9 - age * 100))
     (tmp_path / "notes.txt").write_bytes(b"x" * 5000)  # not OpenVINO's: neither counted nor removed
-    os.utime(blobs["kept"], (1e9 - 1000, 1e9 - 1000))  # the oldest of all, but the caller wrote it
-    removed = prune_cache(tmp_path, 2000, keep={blobs["kept"]})
+    os.utime(blobs["kept"], (1e9 - 1000, 1e9 - 1000))  # the oldest of all, but the caller uses it
+    os.utime(blobs["read"], (1e9 - 200, 1e9 - 2000))  # written first of all, read after "middle" was
+    removed = prune_cache(tmp_path, 3000, keep={blobs["kept"]})
     assert removed == [blobs["oldest"], blobs["middle"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.blob", "newest.blob", "notes.txt"]
-    assert prune_cache(tmp_path, 2000, keep=set()) == []  # already under the bound
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.blob", "newest.blob", "notes.txt", "read.blob"]
+    assert prune_cache(tmp_path, 3000, keep=set()) == []  # already under the bound
 
 
-def test_cache_is_bounded(ov_bundle: Path, tmp_path: Path, monkeypatch, caplog, capsys) -> None:
-    monkeypatch.setenv("LCMTRT_CACHE", str(tmp_path))
-    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", "0")
-    stale = tmp_path / "openvino" / "0123.blob"  # another bundle's, long unused
-    stale.parent.mkdir()
+def test_cache_prune_skips_blobs_it_may_not_remove(tmp_path: Path, monkeypatch, caplog) -> None:
+    from lcmtrt.runtime.backends.openvino import prune_cache
+
+    for age, name in enumerate(["new", "shared", "old"]):
+        (tmp_path / f"{name}.blob").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / f"{name}.blob", (1e9 - age * 100, 1e9 - age * 100))
+    unlink = Path.unlink
+
+    def another_users(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "old.blob":
+            raise PermissionError(1, "Operation not permitted")
+        unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", another_users)
+    with caplog.at_level(logging.WARNING, logger="lcmtrt"):
+        assert prune_cache(tmp_path, 2000, keep=set()) == [tmp_path / "shared.blob"]  # the next oldest instead
+    assert "1 blobs could not be removed: old.blob (Operation not permitted)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.blob", "old.blob"]
+
+
+def stale_blob(cache: Path) -> Path:
+    """Another bundle's compiled model, long unused."""
+    stale = cache / "openvino" / "0123.blob"
+    stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"x" * 4096)
     os.utime(stale, (1e9, 1e9))
+    return stale
+
+
+def test_cache_is_bounded(ov_bundle: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    from lcmtrt.runtime.backends import openvino as backend
+
+    monkeypatch.setenv("LCMTRT_CACHE", str(tmp_path))
+    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", "1e-9")  # one byte: all but what is in use goes
+    monkeypatch.setattr(backend, "_blobs_in_use", set())
+    stale = stale_blob(tmp_path)
     with caplog.at_level(logging.INFO, logger="lcmtrt"):
         Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
-    ours = list(stale.parent.glob("*.blob"))
+    ours = set(stale.parent.glob("*.blob"))
     assert not stale.exists() and ours, ours  # the bundle's own blobs stay, however small the bound
-    assert "least recently used" in caplog.text
-    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", "lots")
+    assert "removed 1 least recently used compiled models" in caplog.text
+    # A new process (nothing written by it) imports them from the cache: in use, so they stay too.
+    monkeypatch.setattr(backend, "_blobs_in_use", set())
+    stale = stale_blob(tmp_path)
+    Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
+    assert not stale.exists() and set(stale.parent.glob("*.blob")) == ours
+
+
+@pytest.mark.parametrize("value, cached, stale_stays", [("inf", True, True), ("0", False, True)])
+def test_cache_unbounded_or_off(ov_bundle: Path, tmp_path: Path, monkeypatch, value: str, cached: bool,
+                                stale_stays: bool) -> None:
+    monkeypatch.setenv("LCMTRT_CACHE", str(tmp_path))
+    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", value)
+    stale = stale_blob(tmp_path)
+    Pipeline.load(ov_bundle).generate(["a cat"], seed=0, steps=1)
+    assert stale.exists() == stale_stays
+    assert (len(list(stale.parent.glob("*.blob"))) > 1) == cached
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lots", "LCMTRT_OPENVINO_CACHE_GB='lots' is not a number of GiB"),
+    ("nan", "LCMTRT_OPENVINO_CACHE_GB='nan' must be 0 (no cache), a positive number of GiB or inf"),
+    ("-1", "LCMTRT_OPENVINO_CACHE_GB='-1' must be 0 (no cache), a positive number of GiB or inf")])
+def test_cache_bound_refused(ov_bundle: Path, tmp_path: Path, monkeypatch, capsys, value: str, message: str) -> None:
+    monkeypatch.setenv("LCMTRT_OPENVINO_CACHE_GB", value)
     assert main(["-q", "infer", "--engines", str(ov_bundle), "a cat", "--output", str(tmp_path / "x.png")]) == 2
-    assert "LCMTRT_OPENVINO_CACHE_GB='lots' is not a number of GiB" in last_error_line(capsys)
+    assert message in last_error_line(capsys)
+    pytest.importorskip("fastapi")
+    # serve refuses it before it listens, not when the model's worker loads
+    assert main(["-q", "serve", "--engines", str(ov_bundle), "--host", "256.0.0.1"]) == 2
+    assert message in last_error_line(capsys)
 
 
 def test_bf16_refused_without_bf16_hardware(tiny_sd15_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -69,6 +69,10 @@ def load_models(config: ServeConfig) -> ServeState:
                             f"{list(bundle.batch_sizes)})")
         cards[name] = ModelCard(name, bundle)
         _warn_batch_invariance(name, bundle, resolve_device(bundle, config.device))  # refuses a device it lacks
+        if bundle.backend == "openvino":
+            from lcmtrt.runtime.backends.openvino import cache_limit_bytes
+
+            cache_limit_bytes()  # a bad $LCMTRT_OPENVINO_CACHE_GB fails the command, not the model's worker later
 
         def load(bundle=bundle, name=name) -> Pipeline:
             started = time.perf_counter()

@@ -3,13 +3,15 @@ binding with every input and output set to a host buffer once (shared memory: a 
 
 Compiled models go through OpenVINO's model cache, so a second load of the same bundle skips compilation. OpenVINO
 never evicts from it, and every rebuilt bundle adds blobs of its own (GBs for a bf16 SD1.5 at 512x512), so after each
-compilation the least recently used blobs are removed until the cache fits $LCMTRT_OPENVINO_CACHE_GB (16 by default).
+compilation the least recently used blobs are removed until the cache fits $LCMTRT_OPENVINO_CACHE_GB (16 by default;
+0 turns the cache off, inf leaves it unbounded); the blobs this process wrote or imported are never removed by it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 INFERENCE_PRECISION: dict[str, str | None] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": None}
 REBUILD = "rebuild it with `lcmtrt build-engines --backend openvino`"
 CACHE_LIMIT_GB = 16.0  # default bound on the compiled-model cache; $LCMTRT_OPENVINO_CACHE_GB overrides it
-_written_blobs: set[Path] = set()  # cache blobs this process's compilations wrote: its pruning never removes them
+_blobs_in_use: set[Path] = set()  # cache blobs this process wrote or imported: its pruning never removes them
 
 
 def cache_dir() -> Path:
@@ -39,39 +41,66 @@ def cache_dir() -> Path:
     return Path(root) / "openvino"
 
 
-def cache_limit_bytes() -> int:
-    """The compiled-model cache's bound, from $LCMTRT_OPENVINO_CACHE_GB (a number of GiB) or CACHE_LIMIT_GB."""
+def cache_limit_bytes() -> int | None:
+    """The compiled-model cache's bound in bytes, from $LCMTRT_OPENVINO_CACHE_GB (GiB; `inf`: unbounded, None) or
+    CACHE_LIMIT_GB; 0 turns the cache off (the backend then sets no CACHE_DIR)."""
     raw = os.environ.get("LCMTRT_OPENVINO_CACHE_GB", "")
     try:
         gb = float(raw) if raw else CACHE_LIMIT_GB
     except ValueError:
-        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} is not a number of GiB") from None
-    if gb < 0:
-        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} is negative")
-    return int(gb * 2**30)
+        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} is not a number of GiB (0 turns the cache off, inf leaves "
+                        f"it unbounded)") from None
+    if math.isnan(gb) or gb < 0:
+        raise UserError(f"LCMTRT_OPENVINO_CACHE_GB={raw!r} must be 0 (no cache), a positive number of GiB or inf")
+    return None if math.isinf(gb) else 0 if gb == 0 else max(1, int(gb * 2**30))
 
 
 def prune_cache(folder: Path, limit: int, keep: set[Path]) -> list[Path]:
     """Remove the least recently used compiled blobs (by access or write time, whichever is later) until the folder's
-    blobs total at most `limit` bytes, never one in `keep`; returns what it removed. A blob another process has
-    open or mapped stays readable to it: removing a file only unlinks its name."""
+    blobs total at most `limit` bytes, never one in `keep`; returns what it removed. Best effort: a blob it may not
+    remove (a read-only or shared cache) is skipped with a warning. A blob another process has open or mapped stays
+    readable to it: removing a file only unlinks its name."""
     blobs = []
     for path in folder.glob("*.blob"):
-        with contextlib.suppress(FileNotFoundError):  # another process may prune at the same time
+        with contextlib.suppress(OSError):  # gone meanwhile (another process pruned it) or unreadable: not counted
             stat = path.stat()
             blobs.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
     total = sum(size for _, size, _ in blobs)
-    removed = []
+    removed, refused = [], []
     for _, size, path in sorted(blobs):
         if total <= limit:
             break
         if path in keep:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            refused.append(f"{path.name} ({e.strerror})")
+            continue
         total -= size
-        removed.append(path)
+    if refused:
+        log.warning("OpenVINO cache %s is over its bound, but %d blobs could not be removed: %s", folder,
+                    len(refused), ", ".join(refused[:3]) + (", ..." if len(refused) > 3 else ""))
     return removed
+
+
+def mapped_blobs(folder: Path) -> set[Path]:
+    """The cache blobs this process has mapped: OpenVINO maps the blob a compiled model was imported from (Linux's
+    /proc/self/maps; elsewhere none are known, and only the blobs a compilation wrote count as in use)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    prefix = f"{folder.resolve()}{os.sep}"  # the kernel lists resolved paths; a removed file ends in " (deleted)"
+    blobs = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+        if len(fields) == 6 and fields[5].startswith(prefix) and fields[5].endswith(".blob"):
+            blobs.add(Path(fields[5]))
+    return blobs
 
 
 def openvino_version() -> str:
@@ -126,7 +155,7 @@ class OpenVinoBackend:
         self.ov_device = openvino_device(device, bundle.build.get("ov_device", "CPU"), self.core.available_devices)
         self.config = compile_config(bundle.precision)
         self.cache_limit = cache_limit_bytes() if cache else 0
-        self.cache_folder = cache_dir() if cache else None
+        self.cache_folder = cache_dir().resolve() if cache and self.cache_limit != 0 else None
         if self.cache_folder:
             self.cache_folder.mkdir(parents=True, exist_ok=True)
             self.config["CACHE_DIR"] = str(self.cache_folder)
@@ -156,11 +185,18 @@ class OpenVinoBackend:
         return self.compiled[key]
 
     def _prune(self, written: set[Path]) -> None:
-        """Bound the cache after a compilation; the blobs this process has written stay (a server's other bundles')."""
-        _written_blobs.update(written)
-        removed = prune_cache(self.cache_folder, self.cache_limit, keep=_written_blobs)
+        """Bound the cache after a compilation. The blobs this process wrote or imported stay (a server's other
+        bundles' too), and are touched: their times say when they were last used, whatever the mount's atime."""
+        in_use = written | mapped_blobs(self.cache_folder)
+        for path in in_use - _blobs_in_use:
+            with contextlib.suppress(OSError):  # another user's blob in a shared cache: its times stay
+                os.utime(path)
+        _blobs_in_use.update(in_use)
+        if self.cache_limit is None:
+            return
+        removed = prune_cache(self.cache_folder, self.cache_limit, keep=_blobs_in_use)
         if removed:
-            log.info("OpenVINO cache %s: removed %d least recently used compiled models to stay under %.1f GiB "
+            log.info("OpenVINO cache %s: removed %d least recently used compiled models to stay under %g GiB "
                      "($LCMTRT_OPENVINO_CACHE_GB)", self.cache_folder, len(removed), self.cache_limit / 2**30)
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype | str) -> HostBuffer:
